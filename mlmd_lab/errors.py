@@ -1,0 +1,32 @@
+"""Exceptions with one-line messages that name the problem and the fix.
+
+Every expected failure (bad file, unreachable server, wrong units) raises a subclass of
+:class:`MLMDError`; the CLI prints its message on one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+
+class MLMDError(Exception):
+    """Base class of all expected mlmd_lab failures; ``str(err)`` is a complete, actionable sentence."""
+
+
+class InputFileError(MLMDError):
+    """A file cannot be read as the data it claims to be (corrupt, truncated, wrong format, no forces)."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        self.fix = fix
+        message = f"{self.path}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class UnitsError(MLMDError):
+    """A unit name is unknown or missing where the data carry no units."""
+
+
+class DatabaseError(MLMDError):
+    """The database cannot be reached, the URI is malformed, or the embedded server failed."""
