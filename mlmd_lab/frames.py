@@ -27,7 +27,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 #: Precision of the content hash: values are rounded to these before hashing, so a frame read back from a
 #: text export (extxyz, input.data) hashes like the original. Å, eV, eV/Å, eV/Å³.
-HASH_DECIMALS = {"positions": 6, "cell": 6, "energy": 6, "forces": 5, "stress": 7}
+HASH_DECIMALS = {"positions": 6, "cell": 6, "energy": 6, "forces": 5}
 
 
 @dataclass
@@ -116,9 +116,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def content_hash(atoms: Atoms, signature_id: str = "") -> str:
-    """SHA-256 (hex) of a frame's content: species, positions, cell, pbc, energy, forces, stress and the
-    settings-signature id. Values are rounded (:data:`HASH_DECIMALS`), so text round-trips hash equal.
+def content_hash(atoms: Atoms) -> str:
+    """SHA-256 (hex) identifying a labelled frame: species, pbc, positions, cell, energy and forces.
+
+    Values are rounded (:data:`HASH_DECIMALS`), so a frame read back from a text export hashes like the
+    original. Stress and metadata (settings, source) are deliberately left out: the same geometry with the
+    same energy and forces is the same calculation, whether or not a format kept its stress or settings,
+    so re-ingesting an export (n2p2 has no stress, none of the data formats has run settings) adds nothing.
     """
     h = hashlib.sha256()
     h.update(np.asarray(atoms.numbers, dtype=np.int64).tobytes())
@@ -126,11 +130,10 @@ def content_hash(atoms: Atoms, signature_id: str = "") -> str:
     for key, arr in (("positions", atoms.positions), ("cell", atoms.cell.array)):
         h.update(_rounded(arr, HASH_DECIMALS[key]))
     res = results_of(atoms)
-    for key in ("energy", "forces", "stress"):
+    for key in ("energy", "forces"):
         h.update(key.encode())
         if res.get(key) is not None:
             h.update(_rounded(res[key], HASH_DECIMALS[key]))
-    h.update(signature_id.encode())
     return h.hexdigest()
 
 

@@ -1,0 +1,199 @@
+"""``mlmd-lab`` command line: the same functions as the notebook API.
+
+Expected failures print one line (``mlmd-lab: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlmd_lab.errors import MLMDError
+
+QUERY_KEYS = ("elements", "exclusive", "formula", "tags", "limit")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except MLMDError as err:
+        print(f"mlmd-lab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlmd-lab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlmd-lab", description=__doc__.splitlines()[0])
+    p.add_argument("--uri", help="MongoDB URI (default: $MLMD_MONGODB_URI, else the embedded server)")
+    p.add_argument("--database", default="mlmd", help="database name (default: mlmd)")
+    p.add_argument("--data-dir", help="embedded server folder (default: $MLMD_DATA_DIR or the user data folder)")
+    sub = p.add_subparsers(title="commands")
+
+    demo = sub.add_parser("demo", help="the main job: ingest the sample runs and show what the database holds")
+    demo.add_argument("--samples", help="folder of sample data (default: ../shared/external, else a bundled example)")
+    demo.set_defaults(func=cmd_demo)
+
+    ing = sub.add_parser("ingest", help="ingest every recognised run file below PATH")
+    ing.add_argument("paths", nargs="+", metavar="PATH")
+    ing.add_argument("--units", help="energy,length units of unit-less formats (n2p2), e.g. Ha,Bohr")
+    ing.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE",
+                     help="settings to declare for data without run settings, e.g. code=cp2k xc=SCAN")
+    ing.add_argument("--tags", nargs="*", default=[])
+    ing.add_argument("--last-only", action="store_true", help="keep only the last ionic step of each run")
+    ing.add_argument("--allow-unfinished", action="store_true", help="keep complete steps of unfinished runs")
+    ing.add_argument("--workers", type=int, help="parser processes (default: automatic)")
+    ing.add_argument("--no-progress", action="store_true")
+    ing.set_defaults(func=cmd_ingest)
+
+    q = sub.add_parser("query", help="find frames and summarise or export them")
+    _query_args(q)
+    q.add_argument("--export", metavar="FILE", help="write the frames (format from --format)")
+    q.add_argument("--format", choices=("extxyz", "n2p2", "deepmd"), default="extxyz")
+    q.add_argument("--export-units", default="eV,Angstrom", help="units of an n2p2 export (default eV,Angstrom)")
+    q.set_defaults(func=cmd_query)
+
+    sub.add_parser("summary", help="what the database holds").set_defaults(func=cmd_summary)
+
+    comp = sub.add_parser("compatible", help="can two data sets be mixed? (each a query: key=value ...)")
+    comp.add_argument("--a", nargs="+", required=True, metavar="KEY=VALUE")
+    comp.add_argument("--b", nargs="+", required=True, metavar="KEY=VALUE")
+    comp.set_defaults(func=cmd_compatible)
+
+    srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
+    srv.add_argument("action", choices=("start", "stop", "status"))
+    srv.set_defaults(func=cmd_server)
+    return p
+
+
+def _query_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--elements", nargs="*", help="element symbols")
+    q.add_argument("--exclusive", action="store_true", help="only frames made of these elements (any subset)")
+    q.add_argument("--formula", help="reduced formula, e.g. H2O")
+    q.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. code=vasp xc=PBE")
+    q.add_argument("--tags", nargs="*")
+    q.add_argument("--limit", type=int)
+
+
+def _connect(args: argparse.Namespace):
+    from mlmd_lab.db import connect
+
+    return connect(args.uri, args.database, data_dir=args.data_dir)
+
+
+def parse_value(text: str) -> Any:
+    """'520' → 520, '0.05' → 0.05, 'true' → True, 'none' → None, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_pairs(pairs: list[str]) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MLMDError(f"expected KEY=VALUE, got {pair!r}")
+        out[key] = parse_value(value)
+    return out
+
+
+def query_spec(pairs: list[str]) -> dict[str, Any]:
+    """``elements=Ti,O formula=TiO2 xc=PBE`` → ``db.frames`` keyword arguments (other keys: settings)."""
+    raw = parse_pairs(pairs)
+    spec: dict[str, Any] = {}
+    settings = {}
+    for key, value in raw.items():
+        if key in ("elements", "tags"):
+            spec[key] = str(value).replace(",", " ").split()
+        elif key in QUERY_KEYS:
+            spec[key] = value
+        else:
+            settings[key] = value
+    if settings:
+        spec["settings"] = settings
+    return spec
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    report = db.ingest(args.paths, units=args.units, settings=parse_pairs(args.settings) or None,
+                       tags=args.tags, last_only=args.last_only, allow_unfinished=args.allow_unfinished,
+                       workers=args.workers, progress=not args.no_progress)
+    print(report)
+    return 1 if report.failed and not (report.added or report.skipped) else 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    frames = db.frames(elements=args.elements, exclusive=args.exclusive, formula=args.formula,
+                       settings=parse_pairs(args.settings) or None, tags=args.tags, limit=args.limit)
+    print(frames.summary())
+    if args.export:
+        if args.format == "extxyz":
+            frames.to_extxyz(args.export)
+        elif args.format == "n2p2":
+            from mlmd_lab.units import parse_units
+
+            energy, length = parse_units(args.export_units)
+            frames.to_n2p2(args.export, energy_unit=energy, length_unit=length)
+        else:
+            frames.to_deepmd(args.export)
+        print(f"wrote {len(frames)} frames to {args.export} ({args.format})")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    print(_connect(args).summary())
+    return 0
+
+
+def cmd_compatible(args: argparse.Namespace) -> int:
+    report = _connect(args).compatible(query_spec(args.a), query_spec(args.b))
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from mlmd_lab.db import EmbeddedServer
+
+    server = EmbeddedServer(args.data_dir)
+    if args.action == "start":
+        info = server.pin()
+        print(f"embedded database running: {info.uri} (pid {info.pid}, data in {server.data_dir}); "
+              "stop it with: mlmd-lab server stop")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else f"no embedded server running for {server.data_dir}")
+    else:
+        info = server.status()
+        print(json.dumps({"running": info is not None, "data_dir": str(server.data_dir),
+                          **({"uri": info.uri, "pid": info.pid, "clients": server.clients()} if info else {})}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mlmd_lab.demo import run_demo
+
+    run_demo(_connect(args), samples=Path(args.samples) if args.samples else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Can two data sets be mixed? Setting conflicts and reference-energy shifts between FrameSets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlmd_lab.frames import results_of
+from mlmd_lab.frameset import FrameSet
+from mlmd_lab.settings import Conflict, compare_signatures
+
+
+@dataclass
+class ReferenceShift:
+    """Energy offset of set B relative to set A (eV): per element, or per atom on shared structures.
+
+    ``method`` is ``"shared structures"`` (exact: the same geometries computed in both sets) or
+    ``"regression"`` (per-element energies fitted by least squares in each set; this includes real
+    differences between the sets' structures, so treat it as an estimate).
+    """
+
+    per_element: dict[str, float]
+    method: str
+    n_shared_structures: int = 0
+    undetermined: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompatibilityReport:
+    """Result of ``db.compatible(a, b)``: ``ok`` is False when any conflict is an error."""
+
+    conflicts: list[Conflict]
+    shift: ReferenceShift | None
+    signatures_a: int
+    signatures_b: int
+
+    @property
+    def ok(self) -> bool:
+        return not any(c.severity == "error" for c in self.conflicts)
+
+    def __str__(self) -> str:
+        head = "compatible" if self.ok else "NOT compatible"
+        lines = [f"{head}: {len(self.conflicts)} conflict(s) between {self.signatures_a} and "
+                 f"{self.signatures_b} settings signature(s)"]
+        lines += [f"  [{c.severity}] {c.key}: {c.a!r} vs {c.b!r} — {c.message}" for c in self.conflicts]
+        if self.shift and self.shift.per_element:
+            vals = ", ".join(f"{el} {v:+.4f}" for el, v in self.shift.per_element.items())
+            lines.append(f"  reference-energy shift B−A (eV/atom, {self.shift.method}): {vals}")
+        if self.shift and self.shift.undetermined:
+            lines.append(f"  shift undetermined for: {', '.join(self.shift.undetermined)}")
+        return "\n".join(lines)
+
+
+def compare_sets(a: FrameSet, b: FrameSet) -> CompatibilityReport:
+    """Compare every settings signature of ``a`` with every one of ``b`` (and each set with itself)."""
+    sigs_a, sigs_b = a.signatures(), b.signatures()
+    elements = sorted(_species(a) & _species(b))
+    conflicts: list[Conflict] = []
+    seen: set[tuple[Any, ...]] = set()
+    pairs = [(x, y) for x in sigs_a.values() for y in sigs_b.values()]
+    pairs += _within(sigs_a) + _within(sigs_b)
+    for x, y in pairs:
+        for c in compare_signatures(x, y, elements=elements or None):
+            key = (c.key, repr(c.a), repr(c.b))
+            if key not in seen:
+                seen.add(key)
+                conflicts.append(c)
+    return CompatibilityReport(conflicts, reference_shift(a, b), len(sigs_a), len(sigs_b))
+
+
+def _species(frames: FrameSet) -> set[str]:
+    return {s for f in frames for s in f.get_chemical_symbols()}
+
+
+def _within(sigs: dict[str, dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    vals = list(sigs.values())
+    return [(vals[i], vals[j]) for i in range(len(vals)) for j in range(i + 1, len(vals))]
+
+
+def reference_shift(a: FrameSet, b: FrameSet) -> ReferenceShift | None:
+    """Per-element energy shift of B relative to A (eV per atom of that element).
+
+    Uses frames with identical structures in both sets when there are any (exact); otherwise fits
+    ``E = Σ_el n_el μ_el`` in each set and reports ``μ_B − μ_A`` for shared elements whose μ is
+    determined by both sets' compositions (a single stoichiometry, e.g. only water, cannot separate
+    μ_H from μ_O: those elements are listed as undetermined).
+    """
+    shared = _shared_structures(a, b)
+    if shared:
+        diffs = np.array([(eb - ea) / n for ea, eb, n in shared])
+        els = sorted(_species(a))
+        # same geometry in both: one per-atom offset; reported per element only if one element
+        value = float(np.median(diffs))
+        return ReferenceShift({"per_atom" if len(els) > 1 else els[0]: value}, "shared structures", len(shared))
+    fit_a, fit_b = _fit_mu(a), _fit_mu(b)
+    if fit_a is None or fit_b is None:
+        return None
+    (mu_a, det_a), (mu_b, det_b) = fit_a, fit_b
+    common = sorted(set(mu_a) & set(mu_b))
+    per = {el: mu_b[el] - mu_a[el] for el in common if det_a[el] and det_b[el]}
+    return ReferenceShift(per, "regression", 0, [el for el in common if el not in per])
+
+
+def _structure_key(atoms) -> tuple:
+    return (tuple(atoms.numbers), np.round(atoms.positions, 4).tobytes(), np.round(atoms.cell.array, 4).tobytes())
+
+
+def _shared_structures(a: FrameSet, b: FrameSet) -> list[tuple[float, float, int]]:
+    index = {}
+    for f in a:
+        e = results_of(f).get("energy")
+        if e is not None:
+            index[_structure_key(f)] = e
+    out = []
+    for f in b:
+        e = results_of(f).get("energy")
+        key = _structure_key(f)
+        if e is not None and key in index:
+            out.append((index[key], e, len(f)))
+    return out
+
+
+def _fit_mu(frames: FrameSet) -> tuple[dict[str, float], dict[str, bool]] | None:
+    """Least-squares per-element energies and, per element, whether the compositions determine it."""
+    rows, energies = [], []
+    els = sorted(_species(frames))
+    if not els:
+        return None
+    for f in frames:
+        e = results_of(f).get("energy")
+        if e is None:
+            continue
+        symbols = f.get_chemical_symbols()
+        rows.append([symbols.count(el) for el in els])
+        energies.append(e)
+    if not rows:
+        return None
+    X, y = np.asarray(rows, float), np.asarray(energies)
+    mu, *_ = np.linalg.lstsq(X, y, rcond=None)
+    # element k is determined iff the unit vector e_k lies in the row space of X
+    _, s, vt = np.linalg.svd(X, full_matrices=False)
+    basis = vt[s > s.max() * 1e-10]
+    determined = {el: bool(np.linalg.norm(basis.T @ basis[:, k]) > 1 - 1e-8) for k, el in enumerate(els)}
+    return dict(zip(els, mu.tolist(), strict=True)), determined

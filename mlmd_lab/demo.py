@@ -1,0 +1,88 @@
+"""The main job on embedded defaults: fill the database with sample runs and show what it holds."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+#: Sample folders of ``../shared/external`` and the units of the unit-less ones.
+SAMPLE_UNITS = {
+    "vasp": None,
+    "qe": None,
+    "deepmd-water": ("eV", "Angstrom"),
+    "n2p2/H2O_RPBE-D3": ("Ha", "Bohr"),
+    "n2p2/Cu2S_PBE": ("eV", "Angstrom"),
+}
+
+
+def find_samples() -> Path | None:
+    """``$MLMD_SAMPLE_DATA``, else ``../shared/external`` beside the working folder or the source tree."""
+    env = os.environ.get("MLMD_SAMPLE_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [Path.cwd() / ".." / "shared" / "external",
+                   Path(__file__).resolve().parents[2] / "shared" / "external"]
+    for c in candidates:
+        if (c / "vasp").is_dir() or (c / "qe").is_dir():
+            return c.resolve()
+    return None
+
+
+def bundled_example(folder: Path, n_frames: int = 24, seed: int = 0) -> Path:
+    """Write a tiny labelled data set (rattled fcc Cu and Cu3Au cells, ASE's EMT potential) as extxyz.
+
+    EMT is a toy potential, not DFT: it exists so a fresh machine without sample runs can exercise the
+    whole pipeline. Returns the file path.
+    """
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n_frames):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+        if i % 2:
+            atoms.symbols[::4] = "Au"
+        atoms.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        atoms.set_cell(atoms.cell * (1 + 0.02 * rng.standard_normal()), scale_atoms=True)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                   "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    path = folder / "cu_au_emt.extxyz"
+    write(path, frames, format="extxyz")
+    return path
+
+
+def run_demo(db, samples: Path | None = None) -> None:
+    """Ingest the samples (or the bundled example) into ``db`` and print the report, summary and queries."""
+    print(f"database: {db!r}")
+    samples = samples or find_samples()
+    if samples is None:
+        print("no sample runs found (../shared/external): using the bundled EMT example")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = bundled_example(Path(tmp))
+            print(db.ingest(path, settings={"code": "ase-emt"}, tags=["example"], progress=False))
+    else:
+        print(f"sample runs: {samples}")
+        for sub, units in SAMPLE_UNITS.items():
+            if (samples / sub).exists():
+                print(f"\n== ingest {sub}" + (f" (units {units[0]}, {units[1]})" if units else ""))
+                print(db.ingest(samples / sub, units=units, tags=["sample"], progress=False))
+    print("\n== what the database holds")
+    print(db.summary())
+    for formula in ("H2O", "Cu2S", "Cu3Au"):
+        n = db.count(formula=formula)
+        if n:
+            print(f"\n== db.frames(formula={formula!r}): {n} frames")
+            print(db.frames(formula=formula, limit=2000).summary())
+            break
+    if samples is not None and db.count(formula="H2O", settings={"code": "vasp"}) and db.count(formula="H2O"):
+        print("\n== can VASP water be mixed with the water sets of unknown settings (DeePMD, n2p2)?")
+        print(db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
+                            {"formula": "H2O", "settings": {"code": None}}))

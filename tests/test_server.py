@@ -1,0 +1,112 @@
+"""Embedded server lifecycle: one server per data folder, shared by processes, stopped cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import ROOT
+
+from mlmd_lab.db.server import EmbeddedServer
+
+CLIENT = """
+import sys, time, json
+import mlmd_lab
+db = mlmd_lab.connect(data_dir=sys.argv[1], database="shared")
+db.mongo.hits.insert_one({"pid": __import__("os").getpid()})
+print(json.dumps({"port": db.server.ensure_running(register=False).port}), flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def run_clients(data_dir, n, hold):
+    procs = [subprocess.Popen([sys.executable, "-c", CLIENT, str(data_dir), str(hold)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    return procs
+
+
+@pytest.mark.slow
+def test_concurrent_processes_share_one_server_which_stops_after_the_last(tmp_path):
+    procs = run_clients(tmp_path, 4, hold=1.0)
+    ports = [json.loads(p.stdout.readline())["port"] for p in procs]
+    assert len(set(ports)) == 1, f"several servers started: {ports}"
+    server = EmbeddedServer(tmp_path)
+    info = server.status()
+    assert info is not None and info.port == ports[0]
+    assert 1 <= len(server.clients()) <= 4
+    for p in procs:
+        assert p.wait(60) == 0
+    # the last client to exit stopped the server
+    deadline = time.time() + 30
+    while psutil.pid_exists(info.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not psutil.pid_exists(info.pid) or psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE
+    assert server.status() is None
+    # data persisted: a new server on the same folder sees all four writes
+    import mlmd_lab
+
+    db = mlmd_lab.connect(data_dir=tmp_path, database="shared")
+    try:
+        assert db.mongo.hits.count_documents({}) == 4
+    finally:
+        db.close()
+        db.server.release()
+
+
+@pytest.mark.slow
+def test_killed_client_does_not_keep_server_alive(tmp_path):
+    victim = run_clients(tmp_path, 1, hold=60)[0]
+    json.loads(victim.stdout.readline())
+    server = EmbeddedServer(tmp_path)
+    info = server.status()
+    victim.kill()
+    victim.wait()
+    assert server.clients() == []  # dead lease pruned
+    survivor = run_clients(tmp_path, 1, hold=0.1)[0]
+    assert json.loads(survivor.stdout.readline())["port"] == info.port  # reused
+    assert survivor.wait(60) == 0
+    deadline = time.time() + 30
+    while server.status() is not None and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.status() is None
+
+
+def test_pin_and_stop(tmp_path):
+    server = EmbeddedServer(tmp_path)
+    info = server.pin()
+    try:
+        assert server.status() == info
+        again = EmbeddedServer(tmp_path).ensure_running(register=False)
+        assert again == info  # reused, not restarted
+    finally:
+        assert server.stop() is True
+    assert server.status() is None and not psutil.pid_exists(info.pid) or \
+        psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE
+    assert server.stop() is False
+
+
+def test_stale_state_file_is_replaced(tmp_path):
+    (tmp_path).mkdir(exist_ok=True)
+    (tmp_path / "server.json").write_text(json.dumps({"pid": 999999, "host": os.uname().nodename,
+                                                       "port": 1, "started": 0.0}))
+    server = EmbeddedServer(tmp_path)
+    assert server.status() is None
+    info = server.pin()
+    try:
+        assert info.pid != 999999
+    finally:
+        server.stop()
+
+
+def test_unwritable_data_dir_message(tmp_path):
+    from mlmd_lab.errors import DatabaseError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DatabaseError, match="MLMD_DATA_DIR"):
+        EmbeddedServer(blocker / "sub").ensure_running()
