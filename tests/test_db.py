@@ -256,7 +256,10 @@ def test_every_vasp_and_qe_file_ingests_with_ase_values(db):
             a = hits[0]
             assert a.get_potential_energy() == pytest.approx(ref.get_potential_energy(), abs=1e-9)
             np.testing.assert_allclose(a.get_forces(), ref.get_forces(), atol=1e-9)
-            np.testing.assert_allclose(a.get_stress(), ref.get_stress(), atol=1e-12)
+            if "stress" in ref.calc.results:
+                np.testing.assert_allclose(a.get_stress(), ref.get_stress(), atol=1e-12)
+            else:  # QE run 03 printed no stress
+                assert "stress" not in a.calc.results
 
 
 def test_settings_captured_in_calculation_documents(samples_db):
@@ -275,7 +278,7 @@ def test_settings_captured_in_calculation_documents(samples_db):
     assert len(qe) == 2
     qsig = samples_db.signature(qe[0]["signature_id"])
     assert qsig["code"] == "qe" and qsig["xc"] == "PBE"
-    assert qsig["encut"] == pytest.approx(110 * 13.605693122994, rel=1e-6)  # ecutwfc 110 Ry
+    assert qsig["encut"] == pytest.approx(110 * 13.605693122994, abs=0.01)  # ecutwfc 110 Ry, kept to 0.01 eV
 
 
 def test_unit_conversion_n2p2_hartree_bohr(samples_db):
