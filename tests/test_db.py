@@ -343,8 +343,16 @@ def test_compatible_flags_settings_and_unknowns(samples_db):
     assert same.shift.method == "shared structures" and same.shift.per_element["per_atom"] == 0.0
     unknown = db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
                             {"formula": "H2O", "settings": {"code": None}})
-    assert unknown.conflicts and all(c.severity == "warning" for c in unknown.conflicts)
     assert "unknown" in str(unknown)
+    # the second set mixes DeePMD water (about -156 eV/atom) with n2p2 RPBE water (about -694 eV/atom)
+    assert not unknown.ok
+    assert [c.key for c in unknown.conflicts if c.severity == "error"] == ["energy_reference"]
+    assert all(c.severity == "warning" for c in unknown.conflicts if c.key != "energy_reference")
+    assert unknown.shift.undetermined == ["H", "O"]
+    assert unknown.shift.per_composition["H2O"] < -100  # per-atom offset of the shared composition
+    one_source = db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
+                               {"formula": "H2O", "query": {"source_path": {"$regex": "deepmd"}}})
+    assert one_source.ok and one_source.shift.per_composition["H2O"] == pytest.approx(-156.0 + 4.73, abs=1.0)
 
 
 def test_reference_shift_from_shared_structures_and_regression():

@@ -25,6 +25,8 @@ class ReferenceShift:
     method: str
     n_shared_structures: int = 0
     undetermined: list[str] = field(default_factory=list)
+    #: median energy per atom of B minus that of A for each reduced formula present in both (eV/atom)
+    per_composition: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -49,7 +51,10 @@ class CompatibilityReport:
             vals = ", ".join(f"{el} {v:+.4f}" for el, v in self.shift.per_element.items())
             lines.append(f"  reference-energy shift B−A (eV/atom, {self.shift.method}): {vals}")
         if self.shift and self.shift.undetermined:
-            lines.append(f"  shift undetermined for: {', '.join(self.shift.undetermined)}")
+            lines.append(f"  per-element shift undetermined for: {', '.join(self.shift.undetermined)}")
+        if self.shift and self.shift.per_composition:
+            vals = ", ".join(f"{f} {v:+.4f}" for f, v in self.shift.per_composition.items())
+            lines.append(f"  energy per atom B−A for shared compositions (eV/atom, median): {vals}")
         return "\n".join(lines)
 
 
@@ -67,7 +72,34 @@ def compare_sets(a: FrameSet, b: FrameSet) -> CompatibilityReport:
             if key not in seen:
                 seen.add(key)
                 conflicts.append(c)
+    for name, frames in (("first", a), ("second", b)):
+        conflicts += _mixed_references(frames, name)
     return CompatibilityReport(conflicts, reference_shift(a, b), len(sigs_a), len(sigs_b))
+
+
+#: Spread of the median energy per atom between sources of one composition that signals different
+#: energy references (eV/atom): far above physical differences between structures of one composition.
+REFERENCE_SPREAD = 1.0
+
+
+def _mixed_references(frames: FrameSet, name: str) -> list[Conflict]:
+    """An error for each composition whose sources (calculations) disagree on the energy zero."""
+    by_comp: dict[str, dict[str, list[float]]] = {}
+    for f in frames:
+        e = results_of(f).get("energy")
+        if e is not None:
+            comp = f.get_chemical_formula("hill", empirical=True)
+            by_comp.setdefault(comp, {}).setdefault(f.info.get("calc_id", "?"), []).append(e / len(f))
+    out = []
+    for comp, sources in by_comp.items():
+        medians = {k: float(np.median(v)) for k, v in sources.items()}
+        lo, hi = min(medians.values()), max(medians.values())
+        if hi - lo > REFERENCE_SPREAD:
+            out.append(Conflict("energy_reference", round(lo, 4), round(hi, 4), "error",
+                                f"In the {name} set, {comp} frames from {len(medians)} sources differ by "
+                                f"{hi - lo:.2f} eV/atom in their median energy: they use different energy "
+                                "references (code, pseudopotentials or units); select one source or check units."))
+    return out
 
 
 def _species(frames: FrameSet) -> set[str]:
@@ -100,7 +132,18 @@ def reference_shift(a: FrameSet, b: FrameSet) -> ReferenceShift | None:
     (mu_a, det_a), (mu_b, det_b) = fit_a, fit_b
     common = sorted(set(mu_a) & set(mu_b))
     per = {el: mu_b[el] - mu_a[el] for el in common if det_a[el] and det_b[el]}
-    return ReferenceShift(per, "regression", 0, [el for el in common if el not in per])
+    ea, eb = _per_atom_by_composition(a), _per_atom_by_composition(b)
+    per_comp = {c: float(np.median(eb[c]) - np.median(ea[c])) for c in sorted(set(ea) & set(eb))}
+    return ReferenceShift(per, "regression", 0, [el for el in common if el not in per], per_comp)
+
+
+def _per_atom_by_composition(frames: FrameSet) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for f in frames:
+        e = results_of(f).get("energy")
+        if e is not None:
+            out.setdefault(f.get_chemical_formula("hill", empirical=True), []).append(e / len(f))
+    return out
 
 
 def _structure_key(atoms) -> tuple:
