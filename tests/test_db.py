@@ -444,3 +444,50 @@ def test_frameset_summary(samples_db):
     s = samples_db.frames(formula="Cu2S").summary()
     assert s.frames == 21 and s.elements == ["Cu", "S"] and s.compositions == {"Cu2S": 21}
     assert s.energy_per_atom_range[0] < s.energy_per_atom_range[1] < 0
+
+
+def test_bad_run_files_against_real_server(db, tmp_path):
+    """Every bad input of the issue, made from the real VASP/QE files, in one tree with good files."""
+    vasp, qe = external("vasp"), external("qe")
+    md = (vasp / "vasprun.h2o.md.xml").read_text(encoding="latin-1")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "vasprun.truncated.xml").write_text(md[: len(md) // 3], encoding="latin-1")  # cut inside step 1
+    second_end = md.index("</calculation>", md.index("</calculation>") + 1) + len("</calculation>")
+    (bad / "vasprun.unfinished.xml").write_text(md[:second_end] + "\n", encoding="latin-1")  # 2 of 3 steps
+    (bad / "vasprun.corrupt.xml").write_text(md.replace("<calculation>", "<calculation><<<", 1), encoding="latin-1")
+    import re
+
+    (bad / "vasprun.noforces.xml").write_text(re.sub(r'<varray name="forces" >.*?</varray>', "", md, flags=re.S),
+                                              encoding="latin-1")
+    (bad / "vasprun.empty.xml").write_bytes(b"")
+    (bad / "vasprun.binary.xml").write_bytes(bytes(range(128, 256)) * 40)
+    shutil.copy(qe / "01.out", bad / "vasprun.isqe.xml")  # not what its name says
+    out = (qe / "01.out").read_text()
+    (bad / "cut.out").write_text(out[: out.index("Forces acting on atoms")])
+    (bad / "noforces.out").write_text(re.sub(r"Forces acting on atoms.*?Total force", "Total force", out, flags=re.S))
+    good = tmp_path / "good"
+    good.mkdir()
+    shutil.copy(vasp / "vasprun.Ge.vdw.xml", good / "vasprun.xml")
+    shutil.copy(qe / "01.out", good / "01.out")
+    shutil.copy(qe / "01.in", good / "01.in")
+
+    report = db.ingest(tmp_path, progress=False)
+    failed = {p.split("/")[-1]: reason for p, reason in report.failed}
+    assert set(failed) == {"vasprun.truncated.xml", "vasprun.unfinished.xml", "vasprun.corrupt.xml",
+                           "vasprun.noforces.xml", "vasprun.empty.xml", "vasprun.binary.xml",
+                           "vasprun.isqe.xml", "cut.out", "noforces.out"}, failed
+    assert "2 complete ionic steps" in failed["vasprun.unfinished.xml"]
+    assert "forces" in failed["vasprun.noforces.xml"] and "forces" in failed["noforces.out"]
+    assert "empty" in failed["vasprun.empty.xml"]
+    assert "Quantum ESPRESSO" in failed["vasprun.isqe.xml"]
+    assert report.added == 2 and report.calculations_added == 2
+    # nothing of a failed file is in the database
+    assert db.calculations_collection.count_documents({}) == 2
+    assert db.frames_collection.count_documents({}) == 2
+    assert all("/bad/" not in c["sources"][0] for c in db.calculations())
+    # an unfinished run can be kept on request: its complete steps, marked unfinished
+    kept = db.ingest(bad / "vasprun.unfinished.xml", allow_unfinished=True, progress=False)
+    assert kept.added == 2 and kept.failed == []
+    calc = db.calculations({"sources": str(bad / "vasprun.unfinished.xml")})[0]
+    assert calc["finished"] is False and calc["n_frames"] == 2

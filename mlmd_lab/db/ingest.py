@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+from pymongo import UpdateOne
 from pymongo.errors import BulkWriteError
 
 from mlmd_lab.db.documents import frame_document, mongo_safe
@@ -253,7 +254,7 @@ class Ingestor:
         report = IngestReport()
         self.rollback_abandoned()
         sources, report.ignored = discover(paths)
-        todo = self._skip_known(sources, report)
+        todo, copies = self._skip_known(sources, report)
         total_bytes = sum(size for *_, size in todo)
         report.bytes_read = total_bytes
         if workers is None:
@@ -272,12 +273,17 @@ class Ingestor:
             bar(1)
         if pending:
             self._write(pending, report)
+        self._record_copies(copies, report)
         bar(0, close=True)
         report.seconds = time.perf_counter() - t0
         return report
 
     def _skip_known(self, sources: list[tuple[Path, str]], report: IngestReport):
-        """Hash sources; drop those whose content is already complete in the database (recording the path)."""
+        """Hash sources; return those to parse and the copies (same content and format as another source).
+
+        Sources whose content is already complete in the database are counted as skipped and their path
+        is added to the calculation's ``sources``.
+        """
         hashed = []
         for path, fmt in sources:
             try:
@@ -286,23 +292,41 @@ class Ingestor:
                 report.failed.append((str(path), f"cannot read: {err.strerror}"))
                 continue
             hashed.append((path, fmt, digest, size))
-        complete: set[str] = set()
         ids = [h for *_, h, _ in hashed]
+        complete: dict[str, int] = {}
         for i in range(0, len(ids), 5000):
-            complete.update(d["_id"] for d in self.db.calculations_collection.find(
-                {"_id": {"$in": ids[i:i + 5000]}, "status": "complete"}, {"_id": 1}))
-        todo, seen = [], set()
+            for d in self.db.calculations_collection.find(
+                    {"_id": {"$in": ids[i:i + 5000]}, "status": "complete"}, {"n_frames": 1}):
+                complete[d["_id"]] = int(d.get("n_frames", 0))
+        todo, copies, first = [], [], {}
         for path, fmt, digest, size in hashed:
-            if digest in complete or digest in seen:
-                self.db.calculations_collection.update_one({"_id": digest}, {"$addToSet": {"sources": str(path)}})
-                report.calculations_skipped += 1
-                if digest in complete:
-                    doc = self.db.calculations_collection.find_one({"_id": digest}, {"n_frames": 1})
-                    report.skipped += int((doc or {}).get("n_frames", 0))
+            if digest in complete:
+                copies.append((digest, path, None))
+            elif (digest, fmt) in first:
+                copies.append((digest, path, first[digest, fmt]))
+            else:
+                first[digest, fmt] = path
+                todo.append((path, fmt, digest, size))
+        return todo, copies
+
+    def _record_copies(self, copies: list[tuple[str, Path, Path | None]], report: IngestReport) -> None:
+        """Account for sources whose content was ingested (now or before) from another path."""
+        if not copies:
+            return
+        failed = dict(report.failed)
+        calcs = self.db.calculations_collection
+        ops = []
+        for digest, path, original in copies:
+            if original is not None and str(original) in failed:
+                report.failed.append((str(path), f"identical to {original}, which failed: {failed[str(original)]}"))
                 continue
-            seen.add(digest)
-            todo.append((path, fmt, digest, size))
-        return todo
+            ops.append(UpdateOne({"_id": digest, "status": "complete"}, {"$addToSet": {"sources": str(path)}}))
+            report.calculations_skipped += 1
+        if ops:
+            calcs.bulk_write(ops, ordered=False)
+        n_frames = {d["_id"]: d.get("n_frames", 0) for d in calcs.find(
+            {"_id": {"$in": list({c[0] for c in copies})}}, {"n_frames": 1})}
+        report.skipped += sum(int(n_frames.get(d, 0)) for d, p, _ in copies if str(p) not in dict(report.failed))
 
     def _parse_all(self, todo, options: _Options, workers: int) -> Iterator[_Parsed | tuple[str, str]]:
         if workers <= 1 or len(todo) <= 1:
