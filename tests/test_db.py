@@ -323,6 +323,9 @@ def test_queries(samples_db):
         db.frames(elements=["Xx"])
     with pytest.raises(MLMDError, match="formula"):
         db.frames(formula="H2O)")
+    with pytest.raises(MLMDError, match="unknown settings key"):
+        db.frames(settings={"functional": "PBE"})
+    assert len(db.frames(settings={"pseudopotentials.O": "PAW_PBE O 08Apr2002"})) == 4  # water ×3, Ti-O-Ti
 
 
 def test_summary(samples_db):

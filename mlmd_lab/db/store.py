@@ -254,7 +254,13 @@ class Database:
         return self.frames_collection.count_documents(self.frame_query(**criteria))
 
     def _signature_ids(self, settings: dict[str, Any]) -> list[str]:
-        return self.signatures_collection.distinct("_id", {k: v for k, v in settings.items()})
+        from mlmd_lab.settings import SIGNATURE_KEYS
+
+        unknown = [k for k in settings if k.split(".")[0] not in SIGNATURE_KEYS]
+        if unknown:
+            raise MLMDError(f"unknown settings key(s) {', '.join(map(repr, unknown))}: "
+                            f"use signature keys {', '.join(SIGNATURE_KEYS)}")
+        return self.signatures_collection.distinct("_id", dict(settings))
 
     def signature(self, signature_id: str) -> dict[str, Any] | None:
         """The normalised settings signature with this id."""
