@@ -13,9 +13,10 @@ Three collections:
     ``cell`` (Å, 9 floats), ``pbc``, and the per-atom arrays as compact binary.
 
 Per-atom arrays (numbers, positions, forces, magmoms) are stored as BSON binary of little-endian
-float64 / uint8 bytes: 2.2× smaller than BSON arrays of doubles and 10× faster to decode
-(``benchmarks/bench_storage.py`` measures it). Scalars and small vectors stay plain BSON so they can be
-queried and read by any MongoDB tool.
+float64 / uint8 bytes: against BSON arrays of doubles, documents are 1.8× smaller for 192 atoms (1.25× for
+8), the array round trip is 12× faster and a server insert+find of 2,000 documents 11× faster; zlib on top
+saves only 5 % on full-precision floats and is 9× slower (``benchmarks/bench_storage.py``). Scalars and small
+vectors stay plain BSON so they can be queried and read by any MongoDB tool.
 """
 
 from __future__ import annotations

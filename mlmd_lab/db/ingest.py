@@ -345,9 +345,9 @@ class Ingestor:
     def _write(self, batch: list[_Parsed], report: IngestReport) -> None:
         calcs = self.db.calculations_collection
         frames = self.db.frames_collection
-        for parsed in batch:
-            for sig_id, sig in parsed.signatures.items():
-                self.db.signatures_collection.update_one({"_id": sig_id}, {"$setOnInsert": sig}, upsert=True)
+        signatures = {sig_id: sig for parsed in batch for sig_id, sig in parsed.signatures.items()}
+        self.db.signatures_collection.bulk_write(
+            [UpdateOne({"_id": k}, {"$setOnInsert": v}, upsert=True) for k, v in signatures.items()], ordered=False)
         ids = [p.calc_doc["_id"] for p in batch]
         calcs.delete_many({"_id": {"$in": ids}, "status": {"$ne": "complete"}})
         calcs.insert_many([{**p.calc_doc, "status": "writing", "owner": self.owner} for p in batch])

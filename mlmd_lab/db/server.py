@@ -106,6 +106,9 @@ class EmbeddedServer:
         """Drop this process's lease; stop the server if no live client (and no pin) remains."""
         if self._lease is None or not self._lease.name.startswith(f"{os.getpid()}-"):
             return
+        if not self.data_dir.exists():  # folder removed (e.g. a temporary one): nothing left to release
+            self._lease = None
+            return
         with self._locked():
             self._lease.unlink(missing_ok=True)
             self._lease = None

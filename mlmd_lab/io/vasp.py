@@ -22,13 +22,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import ase.io
+import numpy as np
+from ase import Atoms
+from ase.units import GPa
 
 from mlmd_lab.errors import InputFileError
-from mlmd_lab.frames import Calculation, labelled_atoms, results_of
+from mlmd_lab.frames import Calculation, labelled_atoms
 from mlmd_lab.settings import UNKNOWN_VDW, kspacing_from_divisions, normalise_prec, normalise_signature
 
 _HEAD = 4096
+_VASP_EVTOJ = 1.60217733e-19  # VASP's eV→J (constant.F), as ASE's reader uses for the PV term
 _FIX_REWRITE = "re-copy the file from the run directory"
 
 #: VASP GGA tag → canonical functional (exchange part for the vdW-DF family).
@@ -191,11 +194,39 @@ def _atominfo(elem: ET.Element) -> dict[str, Any]:
 # passes over the file
 
 
-def _read_head(path: Path, open_: Callable[[], IO[bytes]]) -> dict[str, Any]:
-    """Settings from the head of the file (everything before the first ``<calculation>``)."""
+def _head_element(settings: dict[str, Any], elem: ET.Element) -> None:
+    """Store a top-level element that precedes the ionic steps (generator, incar, kpoints, ...)."""
+    if elem.tag == "generator":
+        settings["generator"] = {k: " ".join(str(v).split()) for k, v in _items(elem).items()}
+    elif elem.tag == "incar":
+        settings["incar"] = _items(elem)
+    elif elem.tag == "kpoints":
+        settings["kpoints"] = _kpoints(elem)
+    elif elem.tag == "parameters":
+        settings["parameters"] = _flatten_parameters(elem)
+    elif elem.tag == "atominfo":
+        settings["atominfo"] = _atominfo(elem)
+
+
+def _is_truncation(err: ET.ParseError) -> bool:
+    # expat: 3 no element found (EOF inside elements), 5 unclosed token, 6 partial character
+    return getattr(err, "code", None) in (3, 5, 6)
+
+
+def _scan_steps(
+    path: Path, open_: Callable[[], IO[bytes]]
+) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
+    """The one streaming pass over the file: the settings of its head (see :func:`_head_element`), then
+    the ionic steps. Per ``<calculation>``: SCF-step count, last SCF energies,
+    the ``<energy>`` block, cell (``basis``, Å), fractional positions, forces (eV/Å) and stress (kBar, as
+    written), and whether it closed; plus an error if the XML ends early (``"truncated"``) or is
+    malformed (message). Each step's elements are freed as soon as they are read, so memory stays flat
+    for long MD runs."""
     settings: dict[str, Any] = {}
+    steps: list[dict[str, Any]] = []
     depth = 0
-    with open_() as fh:
+    cur: dict[str, Any] | None = None
+    with _lean_source(open_) as fh:
         try:
             for event, elem in ET.iterparse(fh, events=("start", "end")):
                 if event == "start":
@@ -204,88 +235,83 @@ def _read_head(path: Path, open_: Callable[[], IO[bytes]]) -> dict[str, Any]:
                         raise InputFileError(path, f"is XML with root element <{elem.tag}>, not a "
                                              "vasprun.xml", "pass the vasprun.xml written by VASP")
                     if depth == 2 and elem.tag == "calculation":
-                        return settings
-                    continue
-                depth -= 1
-                if depth != 1:
-                    continue
-                if elem.tag == "generator":
-                    settings["generator"] = {k: " ".join(str(v).split()) for k, v in _items(elem).items()}
-                elif elem.tag == "incar":
-                    settings["incar"] = _items(elem)
-                elif elem.tag == "kpoints":
-                    settings["kpoints"] = _kpoints(elem)
-                elif elem.tag == "parameters":
-                    settings["parameters"] = _flatten_parameters(elem)
-                elif elem.tag == "atominfo":
-                    settings["atominfo"] = _atominfo(elem)
-                elem.clear()
-        except ET.ParseError as err:
-            if _is_truncation(err):
-                raise InputFileError(path, "ends before the first ionic step was written "
-                                     "(truncated or unfinished run: 0 complete ionic steps)",
-                                     _FIX_REWRITE) from None
-            raise InputFileError(path, f"is not well-formed XML ({err})", _FIX_REWRITE) from None
-    raise InputFileError(path, "contains no ionic step (<calculation>)",
-                         "pass the vasprun.xml of a finished run")
-
-
-def _is_truncation(err: ET.ParseError) -> bool:
-    # expat: 3 no element found (EOF inside elements), 5 unclosed token, 6 partial character
-    return getattr(err, "code", None) in (3, 5, 6)
-
-
-def _scan_steps(path: Path, open_: Callable[[], IO[bytes]]) -> tuple[list[dict[str, Any]], str | None]:
-    """Per ``<calculation>``: number of SCF steps, forces/energy present, closed; plus an error if the XML
-    ends early (``"truncated"``) or is malformed (message)."""
-    steps: list[dict[str, Any]] = []
-    depth = 0
-    cur: dict[str, Any] | None = None
-    last_scf: dict[str, float] = {}
-    with open_() as fh:
-        try:
-            for event, elem in ET.iterparse(fh, events=("start", "end")):
-                if event == "start":
-                    depth += 1
-                    if depth == 2 and elem.tag == "calculation":
-                        cur = {"n_scf": 0, "forces": False, "energy": None, "scf_energy": None,
-                               "volume": None, "closed": False}
+                        cur = {"n_scf": 0, "forces": None, "stress": None, "energy": None, "last_scf": {},
+                               "scf_energy": None, "volume": None, "basis": None, "positions": None,
+                               "closed": False}
                         steps.append(cur)
                     continue
                 depth -= 1
                 if cur is None:
+                    if depth == 1:
+                        if not steps:
+                            _head_element(settings, elem)
+                        elem.clear()
                     continue
                 if depth == 2:  # a child of <calculation> ended
-                    if elem.tag == "scstep":
+                    tag = elem.tag
+                    if tag == "scstep":
                         cur["n_scf"] += 1
-                        last_scf = {c.get("name"): _scalar(c.text or "", "float") for c in elem.iter("i")}
-                        cur["scf_energy"] = last_scf.get("e_fr_energy")
-                    elif elem.tag == "varray" and elem.get("name") == "forces":
-                        cur["forces"] = len(elem) > 0
-                    elif elem.tag == "energy":
-                        cur["energy"] = {c.get("name"): _scalar(c.text or "", "float")
-                                         for c in elem.iter("i")}
-                    elif elem.tag == "structure":
+                        energy = elem.find("energy")
+                        if energy is not None:
+                            cur["last_scf"] = {c.get("name"): _scalar(c.text or "", "float") for c in energy}
+                            cur["scf_energy"] = cur["last_scf"].get("e_fr_energy")
+                    elif tag == "varray" and elem.get("name") in ("forces", "stress"):
+                        cur[elem.get("name")] = _varray(elem) if len(elem) else None
+                    elif tag == "energy":
+                        cur["energy"] = {c.get("name"): _scalar(c.text or "", "float") for c in elem.iter("i")}
+                    elif tag == "structure":
                         vol = elem.find("crystal/i[@name='volume']")
                         cur["volume"] = float(vol.text) if vol is not None and vol.text else None
+                        basis = elem.find("crystal/varray[@name='basis']")
+                        pos = elem.find("varray[@name='positions']")
+                        cur["basis"] = _varray(basis) if basis is not None else None
+                        cur["positions"] = _varray(pos) if pos is not None else None
                     elem.clear()
                 elif depth == 1 and elem.tag == "calculation":
                     cur["closed"] = True
                     elem.clear()
                     cur = None
         except ET.ParseError as err:
-            return steps, ("truncated" if _is_truncation(err) else str(err))
-    return steps, None
+            return settings, steps, ("truncated" if _is_truncation(err) else str(err))
+    return settings, steps, None
 
 
-def _cut_after_steps(open_: Callable[[], IO[bytes]], n: int) -> bytes:
-    """The file's bytes up to the end of the ``n``-th ``</calculation>``, closed with ``</modeling>``."""
+#: Blocks of a vasprun.xml that mlmd_lab does not use and that are most of its bytes (eigenvalues,
+#: densities of states, projections). Removing them before parsing halves the XML work; files above
+#: :data:`_STRIP_MAX_BYTES` are streamed unmodified instead, to keep memory flat.
+_UNUSED_BLOCKS = re.compile(rb"<(eigenvalues|dos|projected)>.*?</\1>", re.S)
+_STRIP_MAX_BYTES = 256 * 2**20
+
+
+def _lean_source(open_: Callable[[], IO[bytes]]) -> IO[bytes]:
+    """The file for parsing: in memory without unused blocks if small enough, else the open file."""
     with open_() as fh:
-        data = fh.read()
-    pos = 0
-    for _ in range(n):
-        pos = data.index(b"</calculation>", pos) + len(b"</calculation>")
-    return data[:pos] + b"\n</modeling>\n"
+        data = fh.read(_STRIP_MAX_BYTES + 1)
+    if len(data) > _STRIP_MAX_BYTES:
+        return open_()
+    return io.BytesIO(_UNUSED_BLOCKS.sub(b"", data))
+
+
+def _varray(elem: ET.Element) -> np.ndarray:
+    """``<varray>`` of ``<v>`` rows → float array (rows, columns)."""
+    rows = [v.text or "" for v in elem]
+    return np.array(" ".join(rows).split(), dtype=float).reshape(len(rows), -1)
+
+
+def _frame_from_step(symbols: list[str], st: dict[str, Any], pstress: float, step: int) -> Atoms:
+    """Labelled frame of one ionic step, with exactly the arithmetic of ASE's ``vasp-xml`` reader
+    (``ase.io.vasp.atoms_from_step``): energy = e_fr_energy − PV + (e_0 − e_fr of the last SCF step)."""
+    cell = st["basis"]
+    atoms = Atoms(symbols, cell=cell, pbc=True)
+    atoms.set_scaled_positions(st["positions"])
+    free_energy = st["energy"]["e_fr_energy"] - pstress * 1e-22 / _VASP_EVTOJ * np.linalg.det(cell)
+    scf = st["last_scf"]
+    energy = free_energy + (scf["e_0_energy"] - scf["e_fr_energy"])
+    stress = None
+    if st["stress"] is not None:
+        stress = (st["stress"] * (-0.1 * GPa)).reshape(9)[[0, 4, 8, 5, 2, 1]]
+    return labelled_atoms(atoms.get_chemical_symbols(), atoms.positions, cell, True, energy=energy,
+                          free_energy=free_energy, forces=st["forces"], stress=stress, info={"step": step})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,10 +514,14 @@ def read_vasprun(
         fix = "read it with mlmd_lab.io.espresso.read_pw_output" if "pw.x" in what else "pass a vasprun.xml"
         raise InputFileError(p, f"is {what}, not a VASP vasprun.xml", fix)
 
-    settings = _read_head(p, open_)
-    steps, problem = _scan_steps(p, open_)
+    settings, steps, problem = _scan_steps(p, open_)
     if problem is not None and problem != "truncated":
         raise InputFileError(p, f"is not well-formed XML ({problem})", _FIX_REWRITE)
+    if not steps:
+        if problem == "truncated":
+            raise InputFileError(p, "ends before the first ionic step was written "
+                                 "(truncated or unfinished run: 0 complete ionic steps)", _FIX_REWRITE)
+        raise InputFileError(p, "contains no ionic step (<calculation>)", "pass the vasprun.xml of a finished run")
     complete = [s for s in steps if s["closed"]]
     finished = problem is None
     warnings: list[str] = []
@@ -502,22 +532,13 @@ def read_vasprun(
             raise InputFileError(p, msg, "pass allow_unfinished=True to read the complete steps"
                                  if complete else _FIX_REWRITE)
         warnings.append(msg)
-        source: Any = io.BytesIO(_cut_after_steps(open_, len(complete)))
-        images = ase.io.read(source, index=":", format="vasp-xml")
-    else:
-        with open_() as fh:
-            images = ase.io.read(fh, index=":", format="vasp-xml")
-    if len(images) != len(complete):
-        raise InputFileError(p, f"ASE read {len(images)} ionic steps where the file has {len(complete)}",
-                             "report this file to the mlmd_lab developers")
-
     version = settings.get("generator", {}).get("version") or None
     nelm = _tag(settings, "NELM", 60)
     pstress = float(_tag(settings, "PSTRESS", 0.0) or 0.0)
+    symbols = settings.get("atominfo", {}).get("elements") or []
     frames = []
     dispersion = []
-    for i, (atoms, st) in enumerate(zip(images, complete, strict=True)):
-        res = results_of(atoms)
+    for i, st in enumerate(complete):
         converged = not (isinstance(nelm, int) and st["n_scf"] >= nelm)
         if not converged:
             warnings.append(f"ionic step {i}: SCF not converged "
@@ -526,17 +547,16 @@ def read_vasprun(
         if isinstance(e_calc, float) and isinstance(st["scf_energy"], float):
             pv = pstress * 1e-22 / 1.602176634e-19 * (st["volume"] or 0.0)  # kBar·Å³ → eV
             dispersion.append(e_calc - pv - st["scf_energy"])
-        if res.get("forces") is None:
+        if st["forces"] is None:
             warnings.append(f"ionic step {i}: no forces in the file, step dropped")
             continue
-        frame = labelled_atoms(
-            atoms.get_chemical_symbols(), atoms.positions, atoms.cell.array, atoms.pbc,
-            energy=res.get("energy"), free_energy=res.get("free_energy"), forces=res["forces"],
-            stress=res.get("stress"), magmoms=res.get("magmoms"),
-            info={"step": i, "converged": converged},
-        )
-        if atoms.constraints:
-            frame.set_constraint(atoms.constraints)
+        if st["basis"] is None or st["positions"] is None or not st["energy"] or not st["last_scf"]:
+            raise InputFileError(p, f"ionic step {i} lacks its structure or energies", _FIX_REWRITE)
+        if len(symbols) != len(st["positions"]):
+            raise InputFileError(p, f"ionic step {i} has {len(st['positions'])} positions for "
+                                 f"{len(symbols)} atoms in <atominfo>", _FIX_REWRITE)
+        frame = _frame_from_step(symbols, st, pstress, i)
+        frame.info["converged"] = converged
         frames.append(frame)
     if not frames:
         raise InputFileError(p, f"has no forces in any of its {len(complete)} ionic steps",
@@ -546,7 +566,7 @@ def read_vasprun(
     disp = [d for d in dispersion if abs(d) > 1e-6]
     if disp:
         settings["dispersion_energy_per_step"] = [round(d, 8) for d in dispersion]
-    signature = vasp_signature(settings, images[0].cell.array, version, dispersion_detected=bool(disp))
+    signature = vasp_signature(settings, complete[0]["basis"], version, dispersion_detected=bool(disp))
     if signature["vdw"] == UNKNOWN_VDW:
         warnings.append("the ionic-step energies contain a classical van der Waals term, but vasprun.xml "
                         "does not record IVDW; set signature['vdw'] from the INCAR")
