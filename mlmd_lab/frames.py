@@ -105,10 +105,11 @@ def results_of(atoms: Atoms) -> dict[str, Any]:
 
 def canonical_json(data: Any) -> str:
     """JSON with sorted keys and no whitespace: the byte string that settings hashes are taken of."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=json_default)
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps`` default: numpy arrays and scalars as Python values."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):

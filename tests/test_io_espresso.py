@@ -218,7 +218,7 @@ def test_png_and_garbage_and_vasprun(tmp_path):
     with pytest.raises(InputFileError, match="PNG image, not a Quantum ESPRESSO pw.x output"):
         read_pw_output(bad)
     bad.write_bytes(np.random.default_rng(1).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    with pytest.raises(InputFileError, match="binary data, not a Quantum ESPRESSO"):
+    with pytest.raises(InputFileError, match="binary \\(non-text\\) data, not a Quantum ESPRESSO"):
         read_pw_output(bad)
     vasprun = (EXTERNAL / "vasp" / "vasprun.Ge.vdw.xml").resolve()
     if vasprun.is_file():

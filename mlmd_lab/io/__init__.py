@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
 
 from mlmd_lab.errors import InputFileError
@@ -47,23 +48,22 @@ def describe_content(head: bytes) -> str:
     """A few words on what bytes look like, for 'this file is not what its name says' messages."""
     if not head:
         return "an empty file"
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive"
+    for magic, what in ((b"\x89PNG", "a PNG image"), (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive")):
+        if head.startswith(magic):
+            return what
     if b"Program PWSCF" in head:
         return "a Quantum ESPRESSO pw.x output"
-    if b"<modeling>" in head:
+    if b"<modeling" in head:
         return "a VASP vasprun.xml"
-    if head.lstrip().startswith(b"<"):
-        return "an XML/HTML document"
+    if re.search(rb"[\x00-\x08\x0e-\x1f]", head[:4096]):
+        return "binary (non-text) data"
+    xml = head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<")
     try:
-        head.decode("utf-8")
+        head[:4096].decode("utf-8")
     except UnicodeDecodeError:
-        return "binary (non-UTF-8) data"
-    return "text"
+        if not xml:
+            return "non-UTF-8 binary data"
+    return "an XML document of another kind" if xml else "text of another kind"
 
 
 def detect_format(path: str | os.PathLike) -> str | None:

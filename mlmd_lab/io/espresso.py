@@ -27,6 +27,7 @@ from ase.io.espresso import read_fortran_namelist
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import Calculation, labelled_atoms, results_of
+from mlmd_lab.io import describe_content
 from mlmd_lab.settings import UNKNOWN_VDW, kspacing_from_divisions, normalise_signature
 
 _FIX_REWRITE = "re-copy the file from the run directory"
@@ -87,22 +88,6 @@ def _read_bytes(path: Path) -> bytes:
                 pass
             data = b"".join(chunks)
     return data
-
-
-def _describe(head: bytes) -> str:
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if b"<modeling" in head:
-        return "a VASP vasprun.xml"
-    if re.search(rb"[\x00-\x08\x0e-\x1f]", head[:4096]):
-        return "binary data"
-    try:
-        head[:4096].decode("utf-8")
-    except UnicodeDecodeError:
-        return "non-UTF-8 binary data"
-    return "text without a 'Program PWSCF' header"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -468,7 +453,7 @@ def read_pw_output(
     if not data:
         raise InputFileError(p, "is a gzip file that decompresses to nothing", _FIX_REWRITE)
     if not is_pw_output(data[:16384]):
-        what = _describe(data[:16384])
+        what = describe_content(data[:16384])
         fix = "read it with mlmd_lab.io.vasp.read_vasprun" if "vasprun" in what else "pass a pw.x output"
         raise InputFileError(p, f"is {what}, not a Quantum ESPRESSO pw.x output", fix)
     text = data.decode("utf-8", errors="replace")

@@ -34,7 +34,7 @@ from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict, per_atom_pro
 from ase.io.formats import string2index
 
 from mlmd_lab.errors import InputFileError
-from mlmd_lab.frames import labelled_atoms, results_of
+from mlmd_lab.frames import json_default, labelled_atoms, results_of
 
 __all__ = ["read_extxyz", "write_extxyz"]
 
@@ -228,7 +228,7 @@ def _encode_info(info: dict[str, Any], skip: set[str]) -> list[str]:
                 payload = json.dumps(
                     value.tolist() if isinstance(value, np.ndarray) else value,
                     ensure_ascii=False,
-                    default=_json_default,
+                    default=json_default,
                 )
             except (TypeError, ValueError):
                 warnings.warn(f"extxyz: info[{key!r}] is not JSON-serialisable; left out", stacklevel=3)
@@ -243,14 +243,6 @@ def _encode_info(info: dict[str, Any], skip: set[str]) -> list[str]:
                 continue
         parts.append(text)
     return parts
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
 def _num(value: Any) -> str:

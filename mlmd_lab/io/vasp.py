@@ -28,6 +28,7 @@ from ase.units import GPa
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import Calculation, labelled_atoms
+from mlmd_lab.io import describe_content
 from mlmd_lab.settings import UNKNOWN_VDW, kspacing_from_divisions, normalise_prec, normalise_signature
 
 _HEAD = 4096
@@ -80,27 +81,6 @@ def _opener(path: Path) -> Callable[[], IO[bytes]]:
     if magic == b"\x1f\x8b":
         return lambda: io.BufferedReader(_LenientGzip(path))
     return lambda: open(path, "rb")
-
-
-def _describe(head: bytes) -> str:
-    if head.startswith(b"\x89PNG"):
-        return "a PNG image"
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith(b"PK\x03\x04"):
-        return "a zip archive"
-    if b"Program PWSCF" in head:
-        return "a Quantum ESPRESSO pw.x output"
-    if re.search(rb"[\x00-\x08\x0e-\x1f]", head):
-        return "binary (non-text) data"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        if not head.lstrip().startswith(b"<"):
-            return "non-UTF-8 binary data"
-    if head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
-        return "an XML document other than vasprun.xml"
-    return "text that is not XML"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -510,7 +490,7 @@ def read_vasprun(
     if not head:
         raise InputFileError(p, "is a gzip file that decompresses to nothing", _FIX_REWRITE)
     if b"<modeling" not in head:
-        what = _describe(head)
+        what = describe_content(head)
         fix = "read it with mlmd_lab.io.espresso.read_pw_output" if "pw.x" in what else "pass a vasprun.xml"
         raise InputFileError(p, f"is {what}, not a VASP vasprun.xml", fix)
 
