@@ -83,12 +83,6 @@ class IngestReport:
             lines.append(f"  ... {len(self.warnings) - 20} more warnings")
         return "\n".join(lines)
 
-    def merge(self, other: IngestReport) -> None:
-        for name in ("added", "skipped", "calculations_added", "calculations_skipped", "ignored", "bytes_read"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.failed += other.failed
-        self.warnings += other.warnings
-
 
 @dataclass
 class _Parsed:
@@ -314,19 +308,21 @@ class Ingestor:
         if not copies:
             return
         failed = dict(report.failed)
-        calcs = self.db.calculations_collection
-        ops = []
+        recorded = []
         for digest, path, original in copies:
             if original is not None and str(original) in failed:
                 report.failed.append((str(path), f"identical to {original}, which failed: {failed[str(original)]}"))
-                continue
-            ops.append(UpdateOne({"_id": digest, "status": "complete"}, {"$addToSet": {"sources": str(path)}}))
-            report.calculations_skipped += 1
-        if ops:
-            calcs.bulk_write(ops, ordered=False)
-        n_frames = {d["_id"]: d.get("n_frames", 0) for d in calcs.find(
-            {"_id": {"$in": list({c[0] for c in copies})}}, {"n_frames": 1})}
-        report.skipped += sum(int(n_frames.get(d, 0)) for d, p, _ in copies if str(p) not in dict(report.failed))
+            else:
+                recorded.append((digest, path))
+        if not recorded:
+            return
+        calcs = self.db.calculations_collection
+        calcs.bulk_write([UpdateOne({"_id": d, "status": "complete"}, {"$addToSet": {"sources": str(p)}})
+                          for d, p in recorded], ordered=False)
+        n_frames = {d["_id"]: int(d.get("n_frames", 0)) for d in calcs.find(
+            {"_id": {"$in": list({d for d, _ in recorded})}}, {"n_frames": 1})}
+        report.calculations_skipped += len(recorded)
+        report.skipped += sum(n_frames.get(d, 0) for d, _ in recorded)
 
     def _parse_all(self, todo, options: _Options, workers: int) -> Iterator[_Parsed | tuple[str, str]]:
         if workers <= 1 or len(todo) <= 1:

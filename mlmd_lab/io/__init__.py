@@ -44,6 +44,20 @@ def read_head(path: str | os.PathLike, size: int = _HEAD_BYTES) -> bytes:
         return b""
 
 
+#: The fix named for a file that is empty, truncated or corrupt.
+FIX_RECOPY = "re-copy the file from the run directory"
+
+
+def require_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; raises InputFileError if it is not an existing, non-empty file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(p, "does not exist or is not a file", "check the path")
+    if p.stat().st_size == 0:
+        raise InputFileError(p, "is empty (0 bytes)", FIX_RECOPY)
+    return p
+
+
 def describe_content(head: bytes) -> str:
     """A few words on what bytes look like, for 'this file is not what its name says' messages."""
     if not head:
@@ -117,8 +131,8 @@ def read(
     if fmt is None:
         raise InputFileError(p, f"not a recognised input ({describe_content(read_head(p))})",
                              f"name it like one of {', '.join(FORMATS)} or pass format=")
-    if not p.is_dir() and p.stat().st_size == 0:
-        raise InputFileError(p, "the file is empty (0 bytes)", "re-copy it from where the run wrote it")
+    if not p.is_dir():
+        require_file(p)
     parsed = parse_units(units)
     if fmt == "vasp":
         from mlmd_lab.io.vasp import read_vasprun

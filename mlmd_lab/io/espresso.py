@@ -27,10 +27,10 @@ from ase.io.espresso import read_fortran_namelist
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import Calculation, labelled_atoms, results_of
-from mlmd_lab.io import describe_content
+from mlmd_lab.io import FIX_RECOPY, describe_content, require_file
 from mlmd_lab.settings import UNKNOWN_VDW, kspacing_from_divisions, normalise_signature
 
-_FIX_REWRITE = "re-copy the file from the run directory"
+_FIX_REWRITE = FIX_RECOPY
 _INPUT_SUFFIXES = (".in", ".pwi", ".inp")
 
 #: QE functional names (short names and the long "SLA PW PBX PBC" form) → (canonical xc, vdW or None).
@@ -444,11 +444,7 @@ def read_pw_output(
     Raises:
         InputFileError: empty, not a pw.x output, truncated (unless ``allow_unfinished``), no forces.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(p, "does not exist or is not a file", "check the path")
-    if p.stat().st_size == 0:
-        raise InputFileError(p, "is empty (0 bytes)", _FIX_REWRITE)
+    p = require_file(path)
     data = _read_bytes(p)
     if not data:
         raise InputFileError(p, "is a gzip file that decompresses to nothing", _FIX_REWRITE)

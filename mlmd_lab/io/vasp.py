@@ -28,12 +28,12 @@ from ase.units import GPa
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import Calculation, labelled_atoms
-from mlmd_lab.io import describe_content
+from mlmd_lab.io import FIX_RECOPY, describe_content, require_file
 from mlmd_lab.settings import UNKNOWN_VDW, kspacing_from_divisions, normalise_prec, normalise_signature
 
 _HEAD = 4096
 _VASP_EVTOJ = 1.60217733e-19  # VASP's eV→J (constant.F), as ASE's reader uses for the PV term
-_FIX_REWRITE = "re-copy the file from the run directory"
+_FIX_REWRITE = FIX_RECOPY
 
 #: VASP GGA tag → canonical functional (exchange part for the vdW-DF family).
 GGA_TAGS = {
@@ -479,11 +479,7 @@ def read_vasprun(
     Raises:
         InputFileError: empty, not a vasprun.xml, malformed or truncated XML, no forces.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(p, "does not exist or is not a file", "check the path")
-    if p.stat().st_size == 0:
-        raise InputFileError(p, "is empty (0 bytes)", _FIX_REWRITE)
+    p = require_file(path)
     open_ = _opener(p)
     with open_() as fh:
         head = fh.read(_HEAD)
