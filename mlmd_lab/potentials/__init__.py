@@ -1,0 +1,18 @@
+"""Behler–Parrinello neural-network potentials in JAX, exactly compatible with n2p2.
+
+Main entry points: :class:`HDNNP` (``from_n2p2``, ``create``, ``to_n2p2``, ``predict``, ``calculator``),
+:func:`generate_symmetry_functions` (a sound default symmetry-function set), :class:`SymmetryFunction`.
+"""
+
+from mlmd_lab.potentials.model import HDNNP, ExtrapolationWarning
+from mlmd_lab.potentials.symfunc import SymmetryFunction
+
+__all__ = ["HDNNP", "ExtrapolationWarning", "SymmetryFunction", "generate_symmetry_functions"]
+
+
+def __getattr__(name):
+    if name == "generate_symmetry_functions":
+        from mlmd_lab.potentials.defaults import generate_symmetry_functions
+
+        return generate_symmetry_functions
+    raise AttributeError(name)

@@ -1,0 +1,386 @@
+"""High-dimensional neural-network potential (Behler–Parrinello, second generation), n2p2-compatible.
+
+E = sum_i E_{el(i)}(scaled G_i), with per-element networks. With n2p2's normalisation keys the networks
+work in normalised energy units: E_model = (sum_i out_i) / conv_energy + N mean_energy + sum_i offset_el(i),
+where E_model is in the potential's own energy unit (the unit of its training data; n2p2 files carry none,
+so the caller names it). Forces are -dE/dr by automatic differentiation; the virial and stress come from the
+same gradient with respect to the pair vectors.
+
+At the boundaries everything is in ASE units (eV, Å, eV/Å, eV/Å³); inside, the potential's own units.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms
+
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials import n2p2_files
+from mlmd_lab.potentials.cutoff import cutoff_code
+from mlmd_lab.potentials.descriptors import DescriptorPlan, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.n2p2_files import N2P2Settings
+from mlmd_lab.potentials.neighbours import Graph, NeighbourBuilder
+from mlmd_lab.potentials.network import apply, flatten, init_layers, layer_sizes, unflatten
+from mlmd_lab.potentials.symfunc import SymmetryFunction, sort_elements, sort_symmetry_functions
+from mlmd_lab.units import energy_factor, length_factor
+
+jax.config.update("jax_enable_x64", True)
+
+
+class ExtrapolationWarning(UserWarning):
+    """Symmetry functions outside the range seen in training: the prediction is an extrapolation."""
+
+
+@dataclass
+class HDNNP:
+    """An n2p2-style HDNNP.
+
+    Attributes:
+        elements: elements by atomic number.
+        functions: {element: symmetry functions in n2p2 order} (model length unit).
+        networks: {element: [(W, b), ...]} float64 numpy arrays.
+        scaling_stats: {element: (n_sf, 4) array of [min, max, mean, sigma] of each raw function}.
+        settings: the ``input.nn`` settings (cutoff, scaling type, architecture, normalisation, offsets).
+        energy_unit, length_unit: the potential's own units (names from :mod:`mlmd_lab.units`).
+        dtype: "float64" (exact) or "float32" (faster; symmetry functions and networks in single precision).
+    """
+
+    elements: tuple[str, ...]
+    functions: dict[str, tuple[SymmetryFunction, ...]]
+    networks: dict[str, list]
+    scaling_stats: dict[str, np.ndarray]
+    settings: N2P2Settings
+    energy_unit: str = "eV"
+    length_unit: str = "Angstrom"
+    dtype: str = "float64"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_n2p2(cls, path: str | Path, energy_unit: str = "eV", length_unit: str = "Angstrom",
+                  dtype: str = "float64") -> HDNNP:
+        """Read n2p2's ``input.nn``, ``scaling.data`` and ``weights.NNN.data`` from a folder.
+
+        n2p2 files carry no units: ``energy_unit`` and ``length_unit`` name those the potential was trained
+        in (e.g. "Ha" and "Bohr" for n2p2's H2O example), as accepted by :mod:`mlmd_lab.units`.
+        """
+        folder = Path(path)
+        settings = n2p2_files.read_input_nn(folder / "input.nn")
+        functions = sort_symmetry_functions(settings.symmetry_functions)
+        for element in settings.elements:
+            if element not in functions:
+                raise MLMDError(f"{folder / 'input.nn'}: element {element} has no symmetry functions")
+        n_sf = [len(functions[e]) for e in settings.elements]
+        tables = n2p2_files.read_scaling(folder / "scaling.data", n_sf) if settings.scaling != "none" else [
+            np.zeros((n, 4)) for n in n_sf]
+        networks = {}
+        for element, n in zip(settings.elements, n_sf, strict=True):
+            sizes = layer_sizes(n, settings.hidden)
+            weights_file = n2p2_files.weights_path(folder, element)
+            try:
+                networks[element] = unflatten(n2p2_files.read_weights(weights_file), sizes)
+            except MLMDError as err:
+                raise MLMDError(f"{weights_file}: {err}") from None
+        energy_factor(energy_unit), length_factor(length_unit)  # validate names early
+        return cls(elements=settings.elements, functions=functions, networks=networks,
+                   scaling_stats=dict(zip(settings.elements, tables, strict=True)), settings=settings,
+                   energy_unit=energy_unit, length_unit=length_unit, dtype=dtype)
+
+    @classmethod
+    def create(cls, elements: Sequence[str], functions: Sequence[SymmetryFunction] | None = None, *,
+               cutoff: float = 6.0, hidden: Sequence[int] = (25, 25), activations: str = "ttl",
+               cutoff_type: int | str = "poly2", cutoff_alpha: float = 0.0, scaling: str = "scalesigma",
+               atom_energy: dict[str, float] | None = None, seed: int = 0) -> HDNNP:
+        """A new, untrained potential in eV and Å.
+
+        Without ``functions``, a symmetry-function set is generated from the elements and ``cutoff`` (Å) by
+        :func:`mlmd_lab.potentials.defaults.generate_symmetry_functions`. Scaling statistics start neutral
+        (mean 0, sigma 1, range unbounded) until :meth:`fit_scaling` sets them from data.
+        """
+        elements = sort_elements(elements)
+        if functions is None:
+            from mlmd_lab.potentials.defaults import generate_symmetry_functions
+
+            functions = generate_symmetry_functions(elements, cutoff)
+        by_element = sort_symmetry_functions(functions)
+        missing = [e for e in elements if e not in by_element]
+        if missing:
+            raise MLMDError(f"no symmetry functions for element(s) {missing}")
+        if len(activations) != len(hidden) + 1:
+            raise MLMDError(f"activations {activations!r} needs {len(hidden) + 1} codes (hidden layers + output)")
+        settings = N2P2Settings(elements=elements, symmetry_functions=list(functions),
+                                cutoff_type=cutoff_code(cutoff_type), cutoff_alpha=float(cutoff_alpha),
+                                scaling=scaling, hidden=tuple(int(h) for h in hidden), activations=activations,
+                                atom_energy=dict(atom_energy or {}))
+        rng = np.random.default_rng(seed)
+        networks = {e: init_layers(layer_sizes(len(by_element[e]), hidden), rng, activations) for e in elements}
+        stats = {e: _neutral_stats(len(by_element[e])) for e in elements}
+        return cls(elements=elements, functions=by_element, networks=networks, scaling_stats=stats,
+                   settings=settings)
+
+    def to_n2p2(self, path: str | Path) -> Path:
+        """Write ``input.nn``, ``scaling.data`` and ``weights.NNN.data`` into folder ``path`` (created).
+
+        The files use the potential's own units (n2p2 files carry none; record them with the potential).
+        """
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings = replace(self.settings, symmetry_functions=[sf for e in self.elements for sf in self.functions[e]])
+        header = f"units: energy {self.energy_unit}, length {self.length_unit}"
+        n2p2_files.write_input_nn(folder / "input.nn", settings, self.functions, header=header)
+        n2p2_files.write_scaling(folder / "scaling.data", [self.scaling_stats[e] for e in self.elements])
+        for element in self.elements:
+            sizes = layer_sizes(len(self.functions[element]), self.settings.hidden)
+            n2p2_files.write_weights(n2p2_files.weights_path(folder, element), flatten(self.networks[element]), sizes)
+        return folder
+
+    # ------------------------------------------------------------------ units and plan
+    @property
+    def energy_factor(self) -> float:
+        """eV per model energy unit."""
+        return energy_factor(self.energy_unit)
+
+    @property
+    def length_factor(self) -> float:
+        """Å per model length unit."""
+        return length_factor(self.length_unit)
+
+    @property
+    def cutoff(self) -> float:
+        """Largest cutoff radius in Å."""
+        return self.plan.max_cutoff * self.length_factor
+
+    @property
+    def plan(self) -> DescriptorPlan:
+        if "plan" not in self._cache:
+            self._cache["plan"] = DescriptorPlan(
+                elements=self.elements, functions=tuple(self.functions[e] for e in self.elements),
+                cutoff_type=self.settings.cutoff_type, cutoff_alpha=self.settings.cutoff_alpha)
+        return self._cache["plan"]
+
+    def neighbour_builder(self, skin: float = 0.0) -> NeighbourBuilder:
+        """Neighbour-list builder for this model; ``skin`` in Å."""
+        return NeighbourBuilder(len(self.elements), self.plan.max_cutoff, self.plan.angular_groups(),
+                                skin=skin / self.length_factor)
+
+    def species_of(self, atoms: Atoms) -> np.ndarray:
+        """Element index of each atom (model order); error for elements the model does not know."""
+        index = {e: k for k, e in enumerate(self.elements)}
+        symbols = atoms.get_chemical_symbols()
+        unknown = sorted(set(symbols) - set(index))
+        if unknown:
+            raise MLMDError(f"the potential knows {list(self.elements)}, the structure also has {unknown}")
+        return np.array([index[s] for s in symbols], np.int64)
+
+    def structure(self, atoms: Atoms) -> tuple:
+        """(positions, cell, pbc, species) in model units for the neighbour builder."""
+        lf = self.length_factor
+        return (atoms.positions / lf, atoms.cell.array / lf, atoms.pbc.copy(), self.species_of(atoms))
+
+    def graph(self, atoms_list: Sequence[Atoms], skin: float = 0.0, like: Graph | None = None) -> Graph:
+        """Padded neighbour data of one or more structures (reuses ``like``'s shapes when they fit)."""
+        builder = self.neighbour_builder(skin)
+        return builder.build([self.structure(a) for a in atoms_list], like.layout if like is not None else None)
+
+    # ------------------------------------------------------------------ evaluation
+    def parameters(self) -> dict:
+        """Trainable parameters and scaling constants as a JAX pytree (model dtype)."""
+        dt = jnp.float64 if self.dtype == "float64" else jnp.float32
+        s = self.settings
+        params = {"networks": {}, "shift": {}, "factor": {}, "min": {}, "max": {}}
+        for e in self.elements:
+            stats = self.scaling_stats[e]
+            shift, factor = _scaling_constants(s.scaling, stats, s.scale_min, s.scale_max)
+            params["networks"][e] = [(jnp.asarray(W, dt), jnp.asarray(b, dt)) for W, b in self.networks[e]]
+            params["shift"][e] = jnp.asarray(shift, dt)
+            params["factor"][e] = jnp.asarray(factor, dt)
+            params["min"][e] = jnp.asarray(stats[:, 0], dt)
+            params["max"][e] = jnp.asarray(stats[:, 1], dt)
+        return params
+
+    def _model_constants(self) -> tuple:
+        s = self.settings
+        norm = s.conv_energy is not None and s.mean_energy is not None
+        offsets = tuple(float(s.atom_energy.get(e, 0.0)) for e in self.elements)
+        return (1.0 / s.conv_energy if norm else 1.0, s.mean_energy if norm else 0.0, offsets,
+                s.scale_min, s.activations, s.normalize_nodes)
+
+    def energy_function(self):
+        """f(params, arrays, d, layout) -> (per-structure energies, per-atom energies, extrapolation counts).
+
+        Energies in model units; d are pair vectors (P, 3) in model length units.
+        """
+        plan, constants = self.plan, self._model_constants()
+        inv_conv, mean, offsets, smin, acts, normalize = constants
+        elements = self.elements
+
+        def energies(params, arrays, d, layout):
+            features = symmetry_functions(plan, layout, arrays, d)
+            species = arrays["species"]
+            atomic = jnp.zeros(layout.n_atoms, dtype=d.dtype)
+            extrapolated = jnp.zeros(layout.n_atoms, dtype=jnp.int32)
+            for c, element in enumerate(elements):
+                G = features[c]
+                mine = species == c
+                x = smin + params["factor"][element] * (G - params["shift"][element])
+                out = apply(params["networks"][element], x, acts, normalize)
+                atomic = atomic + jnp.where(mine, out * inv_conv + mean + offsets[c], 0.0)
+                outside = (G < params["min"][element]) | (G > params["max"][element])
+                extrapolated = extrapolated + jnp.where(mine, jnp.sum(outside, axis=1), 0)
+            per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
+            return per_structure[:-1], atomic, extrapolated
+
+        return energies
+
+    def _compiled(self):
+        if "compiled" not in self._cache:
+            self._cache["compiled"] = jax.jit(partial(_evaluate, self.energy_function(), self._far()),
+                                              static_argnames=("layout", "forces"))
+        return self._cache["compiled"]
+
+    def _far(self) -> float:
+        return 2.0 * self.plan.max_cutoff + 1.0
+
+    def evaluate_graph(self, graph: Graph, forces: bool = True, params: dict | None = None) -> dict:
+        """Energies (B,), atomic energies (N,), forces (N, 3), virials (B, 3, 3) and extrapolation counts (N,),
+        all in model units, for a padded graph (see :meth:`graph`)."""
+        dt = np.float64 if self.dtype == "float64" else np.float32
+        arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in graph.arrays().items()}
+        if params is None:
+            if "params" not in self._cache:
+                self._cache["params"] = self.parameters()
+            params = self._cache["params"]
+        out = self._compiled()(params, arrays, layout=graph.layout, forces=forces)
+        return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+
+    def predict(self, atoms_list: Atoms | Sequence[Atoms], forces: bool = True, stress: bool = True,
+                warn: bool = True) -> list[dict]:
+        """Energy (eV), free energy, per-atom energies (eV), forces (eV/Å) and stress (eV/Å³, Voigt) per structure.
+
+        Each result also has ``extrapolation`` (per atom: number of symmetry functions outside the scaling
+        range). An :class:`ExtrapolationWarning` is issued when any atom extrapolates.
+        """
+        single = isinstance(atoms_list, Atoms)
+        atoms_list = [atoms_list] if single else list(atoms_list)
+        graph = self.graph(atoms_list)
+        out = self.evaluate_graph(graph, forces=forces or stress)
+        ef, lf = self.energy_factor, self.length_factor
+        results, start = [], 0
+        for s, atoms in enumerate(atoms_list):
+            n = len(atoms)
+            sl = slice(start, start + n)
+            start += n
+            result = {"energy": out["energy"][s] * ef, "free_energy": out["energy"][s] * ef,
+                      "energies": out["atomic"][sl] * ef, "extrapolation": out["extrapolation"][sl].astype(int)}
+            if forces:
+                result["forces"] = out["forces"][sl] * ef / lf
+            if stress and atoms.pbc.all():
+                volume = atoms.get_volume()
+                virial = out["virial"][s] * ef
+                result["stress"] = _voigt(virial / volume)
+            results.append(result)
+            count = int((result["extrapolation"] > 0).sum())
+            if warn and count:
+                warnings.warn(
+                    f"{count} of {n} atoms of {atoms.get_chemical_formula()} have symmetry functions outside the "
+                    "training range (extrapolation: predictions are unreliable; add such structures to the training "
+                    "data)", ExtrapolationWarning, stacklevel=2)
+        return results
+
+    def calculator(self, skin: float = 1.0):
+        """An ASE calculator (eV, Å) evaluating this potential; ``skin`` (Å) lets MD reuse neighbour lists."""
+        from mlmd_lab.potentials.calculator import HDNNPCalculator
+
+        return HDNNPCalculator(self, skin=skin)
+
+    def with_dtype(self, dtype: str) -> HDNNP:
+        """A copy evaluating in ``dtype`` ("float64" or "float32")."""
+        if dtype not in ("float64", "float32"):
+            raise MLMDError(f"dtype must be 'float64' or 'float32', not {dtype!r}")
+        return replace(self, dtype=dtype, _cache={})
+
+    def fit_scaling(self, atoms_list: Sequence[Atoms]) -> None:
+        """Set the scaling statistics (min, max, mean, sigma of every raw symmetry function) from structures."""
+        values = self.raw_features(atoms_list)
+        for e in self.elements:
+            G = values[e]
+            if G.shape[0] == 0:
+                raise MLMDError(f"no atoms of {e} in the structures given to fit_scaling")
+            self.scaling_stats[e] = np.stack([G.min(0), G.max(0), G.mean(0), G.std(0)], axis=1)
+        self._cache.pop("params", None)
+
+    def raw_features(self, atoms_list: Sequence[Atoms]) -> dict[str, np.ndarray]:
+        """Unscaled symmetry functions {element: (n_atoms_of_element, n_sf)} over the structures."""
+        graph = self.graph(list(atoms_list))
+        arrays = {k: jnp.asarray(v) for k, v in graph.arrays().items()}
+        d = pair_vectors(arrays, self._far())
+        features = symmetry_functions(self.plan, graph.layout, arrays, d)
+        species = graph.species
+        return {e: np.asarray(features[c])[species == c] for c, e in enumerate(self.elements)}
+
+
+def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):
+    """Energies, and forces and virials from dE/dd (one backward pass)."""
+    d = pair_vectors(arrays, far)
+    if not forces:
+        energy, atomic, extrapolated = energy_fn(params, arrays, d, layout)
+        return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated}
+
+    def total(dd):
+        energy, atomic, extrapolated = energy_fn(params, arrays, dd, layout)
+        return jnp.sum(energy), (energy, atomic, extrapolated)
+
+    grad, (energy, atomic, extrapolated) = jax.grad(total, has_aux=True)(d)
+    grad = jnp.where(arrays["pair_mask"][:, None], grad, 0.0)
+    N = layout.n_atoms
+    # d_p = r_j - r_i (+ shift): dE/dr_j += g_p, dE/dr_i -= g_p; F = -dE/dr.
+    force = jax.ops.segment_sum(grad, arrays["pair_i"], N) - jax.ops.segment_sum(grad, arrays["pair_j"], N)
+    # dE/d(strain) = sum_p d_p (x) g_p per structure (ASE's stress convention: sigma = (1/V) dE/d(strain)).
+    virial = jax.ops.segment_sum(d[:, :, None] * grad[:, None, :], arrays["pair_struct"], layout.n_structures)
+    return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": force, "virial": virial}
+
+
+def _scaling_constants(kind: str, stats: np.ndarray, smin: float, smax: float) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, factor) so that scaled = smin + factor * (G - reference), as n2p2's SymFnc::scale."""
+    gmin, gmax, gmean, gsigma = stats.T
+    n = len(gmin)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "none":
+            return np.zeros(n), np.ones(n)
+        if kind == "scale":
+            return gmin, _safe_ratio(smax - smin, gmax - gmin)
+        if kind == "center":
+            return gmean, np.ones(n)
+        if kind == "scalecenter":
+            return gmean, _safe_ratio(smax - smin, gmax - gmin)
+        if kind == "scalesigma":
+            return gmean, _safe_ratio(smax - smin, gsigma)
+    raise MLMDError(f"unknown scaling type {kind!r}; use one of {n2p2_files.SCALING_TYPES}")
+
+
+def _safe_ratio(numerator: float, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator, 0 where a symmetry function never varied (n2p2 would divide by zero)."""
+    out = np.zeros_like(denominator, dtype=np.float64)
+    ok = denominator != 0
+    out[ok] = numerator / denominator[ok]
+    return out
+
+
+def _neutral_stats(n: int) -> np.ndarray:
+    big = np.finfo(np.float64).max  # finite, so that n2p2 reads the file; no function counts as extrapolating
+    stats = np.zeros((n, 4))
+    stats[:, 0], stats[:, 1], stats[:, 3] = -big, big, 1.0
+    return stats
+
+
+def _voigt(tensor: np.ndarray) -> np.ndarray:
+    t = 0.5 * (tensor + tensor.T)
+    return np.array([t[0, 0], t[1, 1], t[2, 2], t[1, 2], t[0, 2], t[0, 1]])

@@ -1,0 +1,304 @@
+"""Neighbour data for symmetry functions: pair and triplet lists, grouped by element and padded.
+
+Built on the host with numpy. Pairs come from vesin's cell-list neighbour search (O(N), any triclinic
+cell, cells smaller than the cutoff with many periodic images, and non-periodic molecules). Triplets (a central
+atom i with an unordered neighbour pair {j, k}) are enumerated from each atom's pair list with vectorised numpy.
+
+Layout (what :mod:`mlmd_lab.potentials.descriptors` expects):
+
+- pairs are grouped in blocks by (element of i, element of j), block b = c * n_elements + e, each block padded
+  to a capacity; padded entries have ``pair_mask`` False;
+- triplets are grouped by (element of i, e1, e2) with e1 <= e2 the neighbour elements (j has e1, k has e2),
+  each group padded; they point to pairs by index (``trip_ij``, ``trip_ik``);
+- several structures can be packed into one graph (training batches): atoms, pairs and triplets are
+  concatenated, each carries its structure index, and padded atoms have species -1.
+
+Capacities are rounded up to a few sizes (steps of at most 12.5 %) so that a jit-compiled function is
+reused for structures of similar size and across neighbour-list rebuilds in MD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import vesin
+
+from mlmd_lab.errors import MLMDError
+
+
+def bucket(count: int, minimum: int = 8) -> int:
+    """Capacity for ``count`` entries: at least count + 1, rounded up in steps of at most 1/8."""
+    need = max(int(count) + 1, minimum)
+    step = max(1, 2 ** max(0, need.bit_length() - 4))
+    return -(-need // step) * step
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Static shape information (hashable: a jit static argument).
+
+    Attributes:
+        n_atoms: atom slots (padded).
+        n_structures: structures in the graph.
+        n_elements: elements of the model.
+        pair_blocks: (offset, capacity) per (c, e) block, c-major.
+        triplet_groups: ((c, e1, e2), offset, capacity) per angular group present in the model.
+    """
+
+    n_atoms: int
+    n_structures: int
+    n_elements: int
+    pair_blocks: tuple[tuple[int, int], ...]
+    triplet_groups: tuple[tuple[tuple[int, int, int], int, int], ...]
+
+    @property
+    def n_pairs(self) -> int:
+        return sum(cap for _, cap in self.pair_blocks)
+
+    @property
+    def n_triplets(self) -> int:
+        return sum(cap for _, _, cap in self.triplet_groups)
+
+
+@dataclass
+class Graph:
+    """Neighbour data of one or more structures (numpy arrays; lengths in the model's length unit).
+
+    Shapes: positions (N, 3), cells (B, 3, 3), species (N,) element index or -1 for padding,
+    atom_struct (N,), pair_i/pair_j (P,) atom indices, pair_shift (P, 3) image counts (float),
+    pair_struct (P,), pair_mask (P,), trip_ij/trip_ik (T,) pair indices, trip_i (T,) central atom,
+    trip_mask (T,). ``n_real`` holds the real atom count per structure.
+    """
+
+    positions: np.ndarray
+    cells: np.ndarray
+    species: np.ndarray
+    atom_struct: np.ndarray
+    pair_i: np.ndarray
+    pair_j: np.ndarray
+    pair_shift: np.ndarray
+    pair_struct: np.ndarray
+    pair_mask: np.ndarray
+    trip_ij: np.ndarray
+    trip_ik: np.ndarray
+    trip_i: np.ndarray
+    trip_mask: np.ndarray
+    layout: Layout
+    n_real: np.ndarray
+    pbc: np.ndarray
+    cutoff: float
+    skin: float
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The array fields (what the jit-compiled functions take)."""
+        names = ("positions", "cells", "species", "atom_struct", "pair_i", "pair_j", "pair_shift", "pair_struct",
+                 "pair_mask", "trip_ij", "trip_ik", "trip_i", "trip_mask")
+        return {name: getattr(self, name) for name in names}
+
+
+@dataclass
+class _Raw:
+    """Unpadded neighbour data of one structure, pairs sorted by i."""
+
+    i: np.ndarray
+    j: np.ndarray
+    shift: np.ndarray
+    dist: np.ndarray
+    block: np.ndarray
+    t_a: np.ndarray  # triplet: index of pair (i, j)
+    t_b: np.ndarray  # triplet: index of pair (i, k)
+    t_group: np.ndarray
+
+
+def pair_list(positions, cell, pbc, cutoff: float):
+    """Full neighbour list (i, j, image shifts, distance vectors) within ``cutoff``, sorted by i."""
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.any() and abs(np.linalg.det(cell)) < 1e-12:
+        raise MLMDError("periodic structure with a degenerate cell (zero volume); give the cell or set pbc=False")
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
+    box = np.where(pbc[:, None], cell, 0.0) if not pbc.all() else cell
+    i, j, S, D = calculator.compute(positions, box, pbc if not pbc.all() else True, "ijSD")
+    return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64), D
+
+
+def _triplets(i, dist, vec, block_e, species, groups, group_cutoff, wide_group, n_elements, cutoff_ang):
+    """Unordered neighbour pairs {a, b} of each central atom, as pair-index arrays grouped by element triple."""
+    use = np.flatnonzero(dist < cutoff_ang)
+    if use.size == 0:
+        return (np.zeros(0, np.int64),) * 3
+    ui = i[use]
+    starts = np.flatnonzero(np.r_[True, ui[1:] != ui[:-1]])
+    counts = np.diff(np.r_[starts, ui.size])
+    end_of = np.repeat(starts + counts, counts)  # end (exclusive) of the run each used pair belongs to
+    n_after = end_of - np.arange(ui.size) - 1  # partners after this pair in its run
+    total = int(n_after.sum())
+    if total == 0:
+        return (np.zeros(0, np.int64),) * 3
+    first = np.repeat(np.arange(ui.size), n_after)
+    offsets = np.repeat(np.cumsum(n_after) - n_after, n_after)
+    second = first + 1 + (np.arange(total) - offsets)
+    a, b = use[first], use[second]
+    ea, eb = block_e[a], block_e[b]
+    swap = ea > eb
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    e1, e2 = np.minimum(ea, eb), np.maximum(ea, eb)
+    c = species[i[a]]
+    key = (c * n_elements + e1) * n_elements + e2
+    group = groups[key]
+    rc = group_cutoff[key]
+    keep = (group >= 0) & (dist[a] < rc) & (dist[b] < rc)
+    narrow = keep & ~wide_group[key]
+    if narrow.any():
+        d_jk = vec[b[narrow]] - vec[a[narrow]]
+        r_jk = np.sqrt(np.einsum("ij,ij->i", d_jk, d_jk))
+        keep[np.flatnonzero(narrow)[r_jk >= rc[narrow]]] = False
+    return a[keep], b[keep], group[keep]
+
+
+class NeighbourBuilder:
+    """Builds :class:`Graph` objects for a model's elements and cutoffs.
+
+    Args:
+        n_elements: number of model elements (species indices 0..n-1).
+        cutoff: largest radial cutoff (model length unit).
+        angular_groups: {(c, e1, e2): (cutoff, needs_all_jk)} for each angular group of the model;
+            ``needs_all_jk`` is True when a wide (type 9) function needs pairs with r_jk beyond the cutoff.
+        skin: extra distance kept in the lists (for reuse in MD; 0 for single points).
+    """
+
+    def __init__(self, n_elements: int, cutoff: float, angular_groups: dict, skin: float = 0.0) -> None:
+        self.n_elements = n_elements
+        self.skin = float(skin)
+        self.cutoff = float(cutoff) + self.skin
+        self.group_keys = tuple(sorted(angular_groups))
+        size = n_elements**3
+        self._groups = np.full(size, -1, np.int64)
+        self._group_cutoff = np.zeros(size)
+        self._wide = np.zeros(size, bool)
+        for index, (c, e1, e2) in enumerate(self.group_keys):
+            key = (c * n_elements + e1) * n_elements + e2
+            rc, wide = angular_groups[(c, e1, e2)]
+            self._groups[key] = index
+            self._group_cutoff[key] = rc + self.skin
+            self._wide[key] = wide
+        self.cutoff_angular = max((rc for rc, _ in angular_groups.values()), default=0.0) + self.skin
+        self.cutoff = max(self.cutoff, self.cutoff_angular)
+
+    def raw(self, positions, cell, pbc, species) -> _Raw:
+        """Unpadded pairs and triplets of one structure."""
+        species = np.asarray(species, np.int64)
+        i, j, S, D = pair_list(positions, cell, pbc, self.cutoff)
+        dist = np.sqrt(np.einsum("ij,ij->i", D, D))
+        e = species[j]
+        block = species[i] * self.n_elements + e
+        if self.group_keys:
+            t_a, t_b, t_group = _triplets(i, dist, D, e, species, self._groups, self._group_cutoff, self._wide,
+                                          self.n_elements, self.cutoff_angular)
+        else:
+            t_a = t_b = t_group = np.zeros(0, np.int64)
+        return _Raw(i, j, S.astype(np.float64), dist, block, t_a, t_b, t_group)
+
+    def build(self, structures, capacities: Layout | None = None) -> Graph:
+        """Pack structures [(positions, cell, pbc, species), ...] into one padded graph.
+
+        ``capacities``: a previous graph's layout to reuse when everything fits (no recompilation).
+        """
+        raws = [self.raw(*s) for s in structures]
+        return self.pack(structures, raws, capacities)
+
+    def pack(self, structures, raws: list[_Raw], capacities: Layout | None = None) -> Graph:
+        E = self.n_elements
+        n_real = np.array([len(s[3]) for s in structures], np.int64)
+        atom_offsets = np.r_[0, np.cumsum(n_real)[:-1]]
+        n_atoms = int(n_real.sum())
+        # Pairs, block-major over all structures.
+        pair_counts = np.zeros(E * E, np.int64)
+        for raw in raws:
+            pair_counts += np.bincount(raw.block, minlength=E * E)
+        trip_counts = np.zeros(len(self.group_keys), np.int64)
+        for raw in raws:
+            trip_counts += np.bincount(raw.t_group, minlength=len(self.group_keys))
+        atom_cap = bucket(n_atoms)
+        pair_caps = [bucket(n) for n in pair_counts]
+        trip_caps = [bucket(n) for n in trip_counts]
+        if capacities is not None and _fits(capacities, atom_cap, pair_caps, trip_caps, len(structures)):
+            atom_cap = capacities.n_atoms
+            pair_caps = [cap for _, cap in capacities.pair_blocks]
+            trip_caps = [cap for _, _, cap in capacities.triplet_groups]
+        pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]].astype(np.int64)
+        trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]].astype(np.int64) if trip_caps else np.zeros(0, np.int64)
+        n_pairs, n_trip = int(sum(pair_caps)), int(sum(trip_caps))
+        pad_atom = atom_cap - 1  # always a padding slot (bucket gives count + 1)
+        g = dict(
+            pair_i=np.full(n_pairs, pad_atom, np.int64),
+            pair_j=np.full(n_pairs, pad_atom, np.int64),
+            pair_shift=np.zeros((n_pairs, 3)),
+            pair_struct=np.zeros(n_pairs, np.int64),
+            pair_mask=np.zeros(n_pairs, bool),
+            trip_ij=np.zeros(n_trip, np.int64),
+            trip_ik=np.zeros(n_trip, np.int64),
+            trip_i=np.full(n_trip, pad_atom, np.int64),
+            trip_mask=np.zeros(n_trip, bool),
+        )
+        fill_pairs = pair_offsets.copy()
+        fill_trip = trip_offsets.copy()
+        for s, raw in enumerate(raws):
+            order = np.argsort(raw.block, kind="stable")
+            block_sorted = raw.block[order]
+            starts = np.searchsorted(block_sorted, np.arange(E * E))
+            where = np.empty(raw.i.size, np.int64)
+            where[order] = fill_pairs[block_sorted] + (np.arange(raw.i.size) - starts[block_sorted])
+            fill_pairs += np.bincount(raw.block, minlength=E * E)
+            g["pair_i"][where] = raw.i + atom_offsets[s]
+            g["pair_j"][where] = raw.j + atom_offsets[s]
+            g["pair_shift"][where] = raw.shift
+            g["pair_struct"][where] = s
+            g["pair_mask"][where] = True
+            if raw.t_group.size:
+                t_order = np.argsort(raw.t_group, kind="stable")
+                tg = raw.t_group[t_order]
+                t_starts = np.searchsorted(tg, np.arange(len(self.group_keys)))
+                t_where = fill_trip[tg] + (np.arange(tg.size) - t_starts[tg])
+                fill_trip += np.bincount(raw.t_group, minlength=len(self.group_keys))
+                g["trip_ij"][t_where] = where[raw.t_a[t_order]]
+                g["trip_ik"][t_where] = where[raw.t_b[t_order]]
+                g["trip_i"][t_where] = raw.i[raw.t_a[t_order]] + atom_offsets[s]
+                g["trip_mask"][t_where] = True
+        positions = np.zeros((atom_cap, 3))
+        species = np.full(atom_cap, -1, np.int64)
+        atom_struct = np.full(atom_cap, len(structures), np.int64)
+        cells = np.zeros((len(structures), 3, 3))
+        pbc = np.zeros((len(structures), 3), bool)
+        for s, (pos, cell, periodic, spec) in enumerate(structures):
+            sl = slice(atom_offsets[s], atom_offsets[s] + n_real[s])
+            positions[sl] = pos
+            species[sl] = spec
+            atom_struct[sl] = s
+            cells[s] = cell
+            pbc[s] = periodic
+        # Padded triplets point at a padded pair (masked), so their gathers stay in range.
+        layout = Layout(
+            n_atoms=atom_cap,
+            n_structures=len(structures),
+            n_elements=E,
+            pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
+            triplet_groups=tuple(
+                (key, int(o), int(c)) for key, o, c in zip(self.group_keys, trip_offsets, trip_caps, strict=True)
+            ),
+        )
+        return Graph(positions=positions, cells=cells, species=species, atom_struct=atom_struct, layout=layout,
+                     n_real=n_real, pbc=pbc, cutoff=self.cutoff - self.skin, skin=self.skin, **g)
+
+
+def _fits(layout: Layout, atom_cap, pair_caps, trip_caps, n_structures) -> bool:
+    return (
+        layout.n_structures == n_structures
+        and layout.n_atoms >= atom_cap
+        and len(layout.pair_blocks) == len(pair_caps)
+        and all(old >= new for (_, old), new in zip(layout.pair_blocks, pair_caps, strict=True))
+        and len(layout.triplet_groups) == len(trip_caps)
+        and all(old >= new for (_, _, old), new in zip(layout.triplet_groups, trip_caps, strict=True))
+    )
