@@ -105,14 +105,14 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
             offset, cap = layout.pair_blocks[c * E + e]
             sl = slice(offset, offset + cap)
             values = _radial_values(plan, [sf for _, sf in entries], r[sl])
-            summed = jax.ops.segment_sum(values, arrays["pair_i"][sl], num_segments=N, indices_are_sorted=False)
+            summed = jax.ops.segment_sum(values, arrays["pair_i"][sl], num_segments=N, indices_are_sorted=True)
             columns[c].append(([k for k, _ in entries], summed))
     for (c, e1, e2), offset, cap in layout.triplet_groups:
         entries = plan.angular(c, e1, e2)
         sl = slice(offset, offset + cap)
         values = _angular_values(plan, [sf for _, sf in entries], d, r, arrays["trip_ij"][sl],
                                  arrays["trip_ik"][sl], arrays["trip_mask"][sl])
-        summed = jax.ops.segment_sum(values, arrays["trip_i"][sl], num_segments=N, indices_are_sorted=False)
+        summed = jax.ops.segment_sum(values, arrays["trip_i"][sl], num_segments=N, indices_are_sorted=True)
         columns[c].append(([k for k, _ in entries], summed))
     features = []
     for c in range(E):
@@ -140,7 +140,9 @@ def _radial_values(plan: DescriptorPlan, functions, r):
 def _angular_values(plan: DescriptorPlan, functions, d, r, ij, ik, mask):
     """(triplets, K) angular values for one (c, e1, e2) group."""
     d_ij, d_ik = d[ij], d[ik]
-    r_ij, r_ik = r[ij], r[ik]
+    # Recomputing |d| here is cheaper than gathering r: each gather costs a scatter in the force pass.
+    r_ij = jnp.sqrt(jnp.sum(d_ij * d_ij, axis=1))
+    r_ik = jnp.sqrt(jnp.sum(d_ik * d_ik, axis=1))
     cos = jnp.sum(d_ij * d_ik, axis=1) / (r_ij * r_ik)
     narrow = any(sf.type == 3 for sf in functions)
     if narrow:

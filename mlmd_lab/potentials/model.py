@@ -270,29 +270,32 @@ class HDNNP:
         """
         single = isinstance(atoms_list, Atoms)
         atoms_list = [atoms_list] if single else list(atoms_list)
-        graph = self.graph(atoms_list)
-        out = self.evaluate_graph(graph, forces=forces or stress)
+        out = self.evaluate_graph(self.graph(atoms_list), forces=forces or stress)
+        return self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+
+    def results(self, out: dict, atoms_list: Sequence[Atoms], forces: bool = True, stress: bool = True,
+                warn: bool = True) -> list[dict]:
+        """Convert :meth:`evaluate_graph` output (model units) into per-structure ASE results (eV, Å)."""
         ef, lf = self.energy_factor, self.length_factor
         results, start = [], 0
         for s, atoms in enumerate(atoms_list):
             n = len(atoms)
             sl = slice(start, start + n)
             start += n
-            result = {"energy": out["energy"][s] * ef, "free_energy": out["energy"][s] * ef,
-                      "energies": out["atomic"][sl] * ef, "extrapolation": out["extrapolation"][sl].astype(int)}
+            energy = float(out["energy"][s]) * ef
+            result = {"energy": energy, "free_energy": energy, "energies": out["atomic"][sl] * ef,
+                      "extrapolation": out["extrapolation"][sl].astype(int)}
             if forces:
                 result["forces"] = out["forces"][sl] * ef / lf
             if stress and atoms.pbc.all():
-                volume = atoms.get_volume()
-                virial = out["virial"][s] * ef
-                result["stress"] = _voigt(virial / volume)
+                result["stress"] = _voigt(out["virial"][s] * ef / atoms.get_volume())
             results.append(result)
             count = int((result["extrapolation"] > 0).sum())
             if warn and count:
                 warnings.warn(
                     f"{count} of {n} atoms of {atoms.get_chemical_formula()} have symmetry functions outside the "
                     "training range (extrapolation: predictions are unreliable; add such structures to the training "
-                    "data)", ExtrapolationWarning, stacklevel=2)
+                    "data)", ExtrapolationWarning, stacklevel=3)
         return results
 
     def calculator(self, skin: float = 1.0):
