@@ -85,8 +85,9 @@ class HDNNP:
         for element, n in zip(settings.elements, n_sf, strict=True):
             sizes = layer_sizes(n, settings.hidden)
             weights_file = n2p2_files.weights_path(folder, element)
+            values = n2p2_files.read_weights(weights_file)
             try:
-                networks[element] = unflatten(n2p2_files.read_weights(weights_file), sizes)
+                networks[element] = unflatten(values, sizes)
             except MLMDError as err:
                 raise MLMDError(f"{weights_file}: {err}") from None
         energy_factor(energy_unit), length_factor(length_unit)  # validate names early
@@ -202,8 +203,11 @@ class HDNNP:
             params["networks"][e] = [(jnp.asarray(W, dt), jnp.asarray(b, dt)) for W, b in self.networks[e]]
             params["shift"][e] = jnp.asarray(shift, dt)
             params["factor"][e] = jnp.asarray(factor, dt)
-            params["min"][e] = jnp.asarray(stats[:, 0], dt)
-            params["max"][e] = jnp.asarray(stats[:, 1], dt)
+            # Tolerance for rounding: the same structure must not "extrapolate" from its own statistics.
+            tol = 1e-9 * np.abs(stats[:, 1] - stats[:, 0]) + 1e-12 * np.maximum(np.abs(stats[:, 0]), 1.0)
+            with np.errstate(over="ignore"):
+                params["min"][e] = jnp.asarray(stats[:, 0] - tol, dt)
+                params["max"][e] = jnp.asarray(stats[:, 1] + tol, dt)
         return params
 
     def _model_constants(self) -> tuple:

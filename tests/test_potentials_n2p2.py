@@ -1,0 +1,187 @@
+"""HDNNP against n2p2's own results, and n2p2 file round trips."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from conftest import external
+
+from mlmd_lab.errors import InputFileError, MLMDError
+from mlmd_lab.io.n2p2 import read_input_data
+from mlmd_lab.potentials import HDNNP, SymmetryFunction
+from mlmd_lab.potentials.n2p2_files import read_input_nn
+
+# name, energy unit, length unit, n2p2 energy of input.data, n2p2 RMSEs over input.data.set20 (per atom, force)
+CASES = {
+    "H2O_RPBE-D3": ("Ha", "Bohr", -27564.547347815904, 2.86565e-5, 7.41795e-4),
+    "Cu2S_PBE": ("eV", "Angstrom", -573.65603183874589, 9.79375e-4, 4.22436e-2),
+}
+
+
+def _load(name):
+    energy_unit, length_unit = CASES[name][:2]
+    folder = external(f"n2p2/{name}")
+    return folder, HDNNP.from_n2p2(folder, energy_unit=energy_unit, length_unit=length_unit)
+
+
+def _energy_in_model_units(model, atoms):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.predict(atoms)[0]["energy"] / model.energy_factor
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_energy_equals_n2p2(name):
+    folder, model = _load(name)
+    energy_unit, length_unit, reference = CASES[name][:3]
+    atoms = read_input_data(folder / "input.data", energy_unit, length_unit)[0]
+    energy = _energy_in_model_units(model, atoms)
+    assert abs(energy - reference) / abs(reference) < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rmse_over_set20_equals_n2p2(name):
+    folder, model = _load(name)
+    energy_unit, length_unit, _, e_rmse, f_rmse = CASES[name]
+    frames = read_input_data(folder / "input.data.set20", energy_unit, length_unit)
+    assert len(frames) == 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = model.predict(frames)
+    ef, lf = model.energy_factor, model.length_factor
+    de = [(r["energy"] - a.get_potential_energy()) / len(a) / ef for r, a in zip(results, frames, strict=True)]
+    df = np.concatenate([((r["forces"] - a.get_forces()) * lf / ef).ravel() for r, a in zip(results, frames,
+                                                                                            strict=True)])
+    # n2p2 prints 6 significant digits.
+    assert np.sqrt(np.mean(np.square(de))) == pytest.approx(e_rmse, rel=2e-6)
+    assert np.sqrt(np.mean(np.square(df))) == pytest.approx(f_rmse, rel=2e-6)
+
+
+def test_elements_and_functions_in_n2p2_order():
+    _, model = _load("Cu2S_PBE")
+    assert model.elements == ("S", "Cu")  # by atomic number, whatever input.nn lists
+    s_functions = model.functions["S"]
+    types = [sf.type for sf in s_functions]
+    assert types == sorted(types)
+    assert model.settings.cutoff_type == 6 and model.settings.scaling == "scalesigma"
+    assert model.settings.activations == "ppl"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_round_trip_predicts_identically(name, tmp_path):
+    folder, model = _load(name)
+    energy_unit, length_unit = CASES[name][:2]
+    atoms = read_input_data(folder / "input.data", energy_unit, length_unit)[0]
+    model.to_n2p2(tmp_path / "copy")
+    again = HDNNP.from_n2p2(tmp_path / "copy", energy_unit=energy_unit, length_unit=length_unit)
+    assert again.functions == model.functions
+    for element in model.elements:
+        for (w1, b1), (w2, b2) in zip(model.networks[element], again.networks[element], strict=True):
+            assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+        assert np.array_equal(model.scaling_stats[element], again.scaling_stats[element])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first, second = model.predict(atoms)[0], again.predict(atoms)[0]
+    assert first["energy"] == second["energy"]
+    assert np.array_equal(first["forces"], second["forces"])
+    # Written again, the files are identical (a fixed point).
+    again.to_n2p2(tmp_path / "copy2")
+    for path in (tmp_path / "copy").iterdir():
+        assert path.read_text() == (tmp_path / "copy2" / path.name).read_text()
+
+
+def test_kept_keywords_survive_round_trip(tmp_path):
+    folder, model = _load("H2O_RPBE-D3")
+    model.to_n2p2(tmp_path)
+    settings = read_input_nn(tmp_path / "input.nn")
+    assert settings.mean_energy == model.settings.mean_energy
+    assert settings.conv_energy == model.settings.conv_energy
+    assert settings.scaling == "scalecenter"
+    assert (tmp_path / "weights.001.data").exists() and (tmp_path / "weights.008.data").exists()
+
+
+def test_created_model_round_trips(tmp_path, water_like):
+    model = HDNNP.create(["O", "H"], cutoff=4.0, hidden=(8, 8), seed=3)
+    model.fit_scaling([water_like])
+    _randomise_output(model)
+    model.to_n2p2(tmp_path)
+    again = HDNNP.from_n2p2(tmp_path)
+    first, second = model.predict(water_like)[0], again.predict(water_like)[0]
+    assert first["energy"] == second["energy"]
+    assert np.array_equal(first["forces"], second["forces"])
+
+
+def _randomise_output(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for element in model.elements:
+        W, b = model.networks[element][-1]
+        model.networks[element][-1] = (rng.normal(0, 0.3, W.shape), b)
+    model._cache.clear()
+
+
+@pytest.fixture
+def water_like():
+    from ase.build import molecule
+
+    atoms = molecule("H2O")
+    atoms.center(vacuum=1.5)
+    return atoms.repeat((2, 2, 2))
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    folder, _ = _load("Cu2S_PBE")
+    copy = tmp_path / "pot"
+    shutil.copytree(folder, copy)
+    (copy / "weights.029.data").unlink()
+    with pytest.raises(InputFileError, match="weights.029.data: file not found"):
+        HDNNP.from_n2p2(copy)
+
+
+def test_truncated_weights_file_is_rejected(tmp_path):
+    folder, _ = _load("Cu2S_PBE")
+    copy = tmp_path / "pot"
+    shutil.copytree(folder, copy)
+    lines = (copy / "weights.016.data").read_text().splitlines()
+    (copy / "weights.016.data").write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(MLMDError, match="weights.016.data.*connections"):
+        HDNNP.from_n2p2(copy)
+
+
+def test_scaling_data_from_another_potential_is_rejected(tmp_path):
+    folder, _ = _load("Cu2S_PBE")
+    copy = tmp_path / "pot"
+    shutil.copytree(folder, copy)
+    lines = [line for line in (copy / "scaling.data").read_text().splitlines() if not line.strip().startswith("2 ")]
+    (copy / "scaling.data").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputFileError, match="lacks scaling data"):
+        HDNNP.from_n2p2(copy)
+
+
+def test_unsupported_symmetry_function_type_is_named(tmp_path):
+    folder, _ = _load("Cu2S_PBE")
+    copy = tmp_path / "pot"
+    shutil.copytree(folder, copy)
+    with open(copy / "input.nn", "a") as handle:
+        handle.write("symfunction_short S 12 0.1 0.0 6.0\n")
+    with pytest.raises(InputFileError, match="type 12 .* not supported"):
+        HDNNP.from_n2p2(copy)
+
+
+def test_unknown_element_in_structure_is_named():
+    from ase import Atoms
+
+    _, model = _load("Cu2S_PBE")
+    with pytest.raises(MLMDError, match=r"knows \['S', 'Cu'\].*\['Fe'\]"):
+        model.predict(Atoms("Fe2", positions=[[0, 0, 0], [2, 0, 0]]))
+
+
+def test_symmetry_function_line_round_trip():
+    sf = SymmetryFunction("H", 3, ("O", "H"), eta=0.07, rc=12.0, lam=-1.0, zeta=4.0)
+    assert sf.neighbours == ("H", "O")  # ordered by atomic number, as n2p2 does
+    assert SymmetryFunction.from_n2p2(sf.to_n2p2()) == sf
+    radial = SymmetryFunction.from_n2p2("symfunction_short Cu 2 S 2.000E+00 1.500E+00 6.000E+00")
+    assert (radial.eta, radial.rs, radial.rc) == (2.0, 1.5, 6.0)

@@ -1,0 +1,299 @@
+"""Physics of the HDNNP: symmetry functions against a direct implementation, forces = -grad E, stress =
+strain derivative, invariances, small periodic cells, molecules, float32, batching, ASE integration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+from ase.neighborlist import neighbor_list
+
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials import HDNNP, SymmetryFunction
+from mlmd_lab.potentials.cutoff import CUTOFF_NAMES
+
+# Most structures here lie outside fitted ranges on purpose; the extrapolation test checks the warning itself.
+pytestmark = pytest.mark.filterwarnings("ignore::mlmd_lab.potentials.ExtrapolationWarning")
+
+
+def _functions(rc=4.0):
+    """A mixed set for elements Zn (30) and O: every type, shifted radial and angular, non-integer zeta."""
+    sfs = []
+    for c in ("O", "Zn"):
+        for e in ("O", "Zn"):
+            sfs += [SymmetryFunction(c, 2, (e,), eta=0.5, rc=rc), SymmetryFunction(c, 2, (e,), eta=2.0, rc=rc, rs=2.0)]
+        for pair in (("O", "O"), ("O", "Zn"), ("Zn", "Zn")):
+            sfs += [
+                SymmetryFunction(c, 3, pair, eta=0.1, rc=rc, lam=1.0, zeta=1.0),
+                SymmetryFunction(c, 3, pair, eta=0.2, rc=rc - 0.5, lam=-1.0, zeta=2.5, rs=0.3),
+                SymmetryFunction(c, 9, pair, eta=0.05, rc=rc, lam=-1.0, zeta=4.0),
+                SymmetryFunction(c, 9, pair, eta=0.3, rc=rc - 1.0, lam=1.0, zeta=1.5, rs=0.5),
+            ]
+    return sfs
+
+
+def _model(cutoff_type="poly2", alpha=0.0, scaling="scalesigma", seed=1, rc=4.0):
+    model = HDNNP.create(["Zn", "O"], _functions(rc), hidden=(6, 5), activations="tpl", cutoff_type=cutoff_type,
+                         cutoff_alpha=alpha, scaling=scaling, seed=seed, atom_energy={"O": -2.0, "Zn": -1.0})
+    rng = np.random.default_rng(seed)
+    for element in model.elements:
+        W, b = model.networks[element][-1]
+        model.networks[element][-1] = (rng.normal(0, 0.5, W.shape), rng.normal(0, 0.1, b.shape))
+    return model
+
+
+def _zno(rattle=0.15, seed=0):
+    atoms = bulk("ZnO", "wurtzite", a=3.25, c=5.2).repeat((2, 2, 1))
+    atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _model()
+    m.fit_scaling([_zno(seed=1), _zno(seed=2)])
+    return m
+
+
+# --------------------------------------------------------------------------- direct reference implementation
+def _cutoff(r, rc, code, alpha):
+    if r >= rc:
+        return 0.0
+    if code == 2:
+        return np.tanh(1 - r / rc) ** 3
+    if code == 3:
+        return np.tanh(1 - r / rc) ** 3 / np.tanh(1.0) ** 3
+    if code == 0:
+        return 1.0
+    rci = alpha * rc
+    if r < rci:
+        return 1.0
+    x = (r - rci) / (rc - rci)
+    return {
+        1: 0.5 * (np.cos(np.pi * x) + 1),
+        4: np.exp(1 - 1 / (1 - x * x)),
+        5: (2 * x - 3) * x * x + 1,
+        6: ((15 - 6 * x) * x - 10) * x**3 + 1,
+        7: (x * (x * (20 * x - 70) + 84) - 35) * x**4 + 1,
+        8: (x * (x * ((315 - 70 * x) * x - 540) + 420) - 126) * x**5 + 1,
+    }[code]
+
+
+def _reference_features(model, atoms):
+    """Symmetry functions by the textbook double/triple sums over ASE's neighbour list."""
+    code, alpha = model.settings.cutoff_type, model.settings.cutoff_alpha
+    i_list, j_list, D = neighbor_list("ijD", atoms, model.plan.max_cutoff)
+    symbols = atoms.get_chemical_symbols()
+    out = []
+    for i, sym in enumerate(symbols):
+        sel = i_list == i
+        js, vecs = j_list[sel], D[sel]
+        g = []
+        for sf in model.functions[sym]:
+            fc = lambda r, sf=sf: _cutoff(r, sf.rc, code, alpha)  # noqa: E731
+            if not sf.is_angular:
+                g.append(sum(np.exp(-sf.eta * (np.linalg.norm(v) - sf.rs) ** 2) * fc(np.linalg.norm(v))
+                             for j, v in zip(js, vecs, strict=True) if symbols[j] == sf.neighbours[0]))
+                continue
+            total = 0.0
+            for a in range(len(js)):
+                for b in range(a + 1, len(js)):
+                    if sorted((symbols[js[a]], symbols[js[b]])) != sorted(sf.neighbours):
+                        continue
+                    rij, rik = np.linalg.norm(vecs[a]), np.linalg.norm(vecs[b])
+                    rjk = np.linalg.norm(vecs[b] - vecs[a])
+                    cos = vecs[a] @ vecs[b] / (rij * rik)
+                    term = max(1 + sf.lam * cos, 0.0) ** sf.zeta * fc(rij) * fc(rik)
+                    s = (rij - sf.rs) ** 2 + (rik - sf.rs) ** 2
+                    if sf.type == 3:
+                        term *= fc(rjk)
+                        s += (rjk - sf.rs) ** 2
+                    total += 2 ** (1 - sf.zeta) * term * np.exp(-sf.eta * s)
+            g.append(total)
+        out.append(np.array(g))
+    return out
+
+
+@pytest.mark.parametrize("cutoff_type,alpha", [(code, 0.3 if code in (1, 4, 5, 6, 7, 8) else 0.0)
+                                               for code in sorted(CUTOFF_NAMES)])
+def test_symmetry_functions_match_direct_sums(cutoff_type, alpha):
+    model = _model(cutoff_type=cutoff_type, alpha=alpha)
+    atoms = _zno()
+    features = model.raw_features([atoms])
+    reference = _reference_features(model, atoms)
+    for element in model.elements:
+        expected = np.array([g for g, s in zip(reference, atoms.get_chemical_symbols(), strict=True) if s == element])
+        np.testing.assert_allclose(features[element], expected, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("scaling", ["none", "scale", "center", "scalecenter", "scalesigma"])
+def test_scaling_types_follow_n2p2(scaling):
+    model = _model(scaling=scaling)
+    model.fit_scaling([_zno(seed=4)])
+    atoms = _zno(seed=5)
+    G = model.raw_features([atoms])["O"]
+    gmin, gmax, gmean, gsigma = model.scaling_stats["O"].T
+    smin, smax = model.settings.scale_min, model.settings.scale_max
+    expected = {
+        "none": G,
+        "scale": smin + (smax - smin) * (G - gmin) / (gmax - gmin),
+        "center": G - gmean,
+        "scalecenter": smin + (smax - smin) * (G - gmean) / (gmax - gmin),
+        "scalesigma": smin + (smax - smin) * (G - gmean) / gsigma,
+    }[scaling]
+    params = model.parameters()
+    scaled = smin + np.asarray(params["factor"]["O"]) * (G - np.asarray(params["shift"]["O"]))
+    np.testing.assert_allclose(scaled, expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- derivatives
+def test_forces_are_minus_energy_gradient(model):
+    atoms = _zno(seed=3)
+    atoms.calc = model.calculator(skin=0.0)
+    forces = atoms.get_forces()
+    assert np.abs(forces).max() > 0.05  # a test that could fail
+    numerical = calculate_numerical_forces(atoms, 1e-5)
+    np.testing.assert_allclose(forces, numerical, atol=1e-7 * max(1.0, np.abs(forces).max()))
+
+
+def test_stress_is_strain_derivative(model):
+    atoms = _zno(seed=3)
+    atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.03, 0.0], [0.0, 1.0, 0.02], [0.01, 0.0, 1.0]]),
+                   scale_atoms=True)  # triclinic
+    atoms.calc = model.calculator(skin=0.0)
+    stress = atoms.get_stress()
+    assert np.abs(stress).max() > 1e-3
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, 1e-6), atol=1e-8)
+
+
+def test_per_atom_energies_sum_to_total(model):
+    atoms = _zno(seed=6)
+    result = model.predict(atoms)[0]
+    assert result["energies"].sum() == pytest.approx(result["energy"], rel=1e-13)
+
+
+# --------------------------------------------------------------------------- invariances
+def test_translation_rotation_and_permutation(model):
+    atoms = _zno(seed=7)
+    reference = model.predict(atoms)[0]
+    moved = atoms.copy()
+    moved.translate([0.37, -1.2, 2.9])
+    moved.wrap()
+    rotated = atoms.copy()
+    rotated.rotate(37, (1, 2, 3), rotate_cell=True)
+    permutation = np.random.default_rng(0).permutation(len(atoms))
+    shuffled = atoms[permutation]
+    for other in (moved, rotated, shuffled):
+        assert model.predict(other)[0]["energy"] == pytest.approx(reference["energy"], rel=1e-12)
+    R = rotated.get_cell().array.T @ np.linalg.inv(atoms.get_cell().array.T)
+    np.testing.assert_allclose(model.predict(rotated)[0]["forces"], reference["forces"] @ R.T, atol=1e-10)
+    np.testing.assert_allclose(model.predict(shuffled)[0]["forces"], reference["forces"][permutation], atol=1e-10)
+
+
+def test_choice_of_periodic_image_and_cell(model):
+    atoms = _zno(seed=8)
+    energy = model.predict(atoms)[0]["energy"]
+    # Atoms moved by lattice vectors, and an equivalent cell (b -> b + a, c -> c - b).
+    shifted = atoms.copy()
+    shifted.positions[::3] += atoms.cell[0] - 2 * atoms.cell[2]
+    sheared = atoms.copy()
+    new_cell = atoms.cell.array.copy()
+    new_cell[1] += new_cell[0]
+    new_cell[2] -= new_cell[1]
+    sheared.set_cell(new_cell, scale_atoms=False)
+    sheared.wrap()
+    supercell = atoms.repeat((2, 1, 1))
+    assert model.predict(shifted)[0]["energy"] == pytest.approx(energy, rel=1e-12)
+    assert model.predict(sheared)[0]["energy"] == pytest.approx(energy, rel=1e-12)
+    assert model.predict(supercell)[0]["energy"] == pytest.approx(2 * energy, rel=1e-12)
+
+
+def test_cell_smaller_than_cutoff_uses_many_images():
+    model = _model(rc=7.0)
+    small = bulk("ZnO", "rocksalt", a=4.3)  # 2 atoms, cell far below the 7 Å cutoff
+    small.rattle(0.05, seed=1)
+    model.fit_scaling([small])
+    big = small.repeat((3, 3, 3))
+    e_small = model.predict(small)[0]["energy"]
+    assert model.predict(big)[0]["energy"] == pytest.approx(27 * e_small, rel=1e-11)
+    small.calc = model.calculator(skin=0.0)
+    np.testing.assert_allclose(small.get_forces(), calculate_numerical_forces(small, 1e-5), atol=1e-7)
+
+
+def test_molecule_without_cell():
+    model = _model()
+    zn_o = Atoms("ZnO3", positions=[[0, 0, 0], [1.9, 0, 0], [-0.5, 1.8, 0.2], [0.3, -0.4, 1.9]])
+    model.fit_scaling([zn_o])
+    zn_o.calc = model.calculator(skin=0.0)
+    forces = zn_o.get_forces()
+    np.testing.assert_allclose(forces, calculate_numerical_forces(zn_o, 1e-5), atol=1e-7)
+    np.testing.assert_allclose(forces.sum(axis=0), 0.0, atol=1e-10)  # momentum conservation
+    assert "stress" not in zn_o.calc.results
+
+
+def test_isolated_atom_has_offset_energy():
+    model = _model()
+    result = model.predict(Atoms("O", positions=[[0, 0, 0]]))[0]
+    np.testing.assert_allclose(result["forces"], 0.0)
+    assert np.isfinite(result["energy"])
+
+
+# --------------------------------------------------------------------------- precision, batching, ASE
+def test_float32_is_close_to_float64(model):
+    atoms = _zno(seed=9)
+    r64 = model.predict(atoms)[0]
+    r32 = model.with_dtype("float32").predict(atoms)[0]
+    assert r32["energy"] == pytest.approx(r64["energy"], rel=1e-5)
+    np.testing.assert_allclose(r32["forces"], r64["forces"], atol=1e-3 * np.abs(r64["forces"]).max())
+    with pytest.raises(MLMDError, match="float64"):
+        model.with_dtype("float16")
+
+
+def test_batch_equals_single_structures(model):
+    structures = [_zno(seed=10), bulk("ZnO", "rocksalt", a=4.3) * (2, 2, 2), _zno(seed=11)[:-3]]
+    batch = model.predict(structures)
+    for atoms, result in zip(structures, batch, strict=True):
+        single = model.predict(atoms)[0]
+        assert result["energy"] == pytest.approx(single["energy"], rel=1e-13)
+        np.testing.assert_allclose(result["forces"], single["forces"], atol=1e-12)
+
+
+def test_calculator_reuses_neighbours_and_matches_rebuild(model):
+    atoms = _zno(seed=12)
+    atoms.calc = model.calculator(skin=1.0)
+    atoms.get_potential_energy()
+    rebuilds = atoms.calc.rebuilds
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        fresh = model.predict(atoms)[0]
+        assert energy == pytest.approx(fresh["energy"], rel=1e-13)
+        np.testing.assert_allclose(forces, fresh["forces"], atol=1e-12)
+    assert atoms.calc.rebuilds == rebuilds  # moved < skin / 2: lists reused
+    atoms.positions[0] += 0.8
+    atoms.get_potential_energy()
+    assert atoms.calc.rebuilds == rebuilds + 1
+
+
+def test_ase_optimiser_lowers_energy(model):
+    from ase.optimize import BFGS
+
+    atoms = _zno(seed=13)
+    atoms.calc = model.calculator()
+    before = atoms.get_potential_energy()
+    BFGS(atoms, logfile=None).run(fmax=0.05, steps=20)
+    assert atoms.get_potential_energy() < before
+
+
+def test_extrapolation_is_flagged():
+    model = _model()
+    model.fit_scaling([_zno(rattle=0.02, seed=1)])
+    squeezed = _zno(rattle=0.02, seed=1)
+    squeezed.set_cell(squeezed.cell * 0.8, scale_atoms=True)
+    with pytest.warns(UserWarning, match="outside the training range"):
+        result = model.predict(squeezed)[0]
+    assert (result["extrapolation"] > 0).all()
+    assert (model.predict(_zno(rattle=0.0, seed=1), warn=False)[0]["extrapolation"] >= 0).all()
