@@ -86,3 +86,23 @@ def run_demo(db, samples: Path | None = None) -> None:
         print("\n== can VASP water be mixed with the water sets of unknown settings (DeePMD, n2p2)?")
         print(db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
                             {"formula": "H2O", "settings": {"code": None}}))
+    if samples is not None and (samples / "n2p2" / "Cu2S_PBE").exists() and db.count(formula="Cu2S"):
+        show_potential(db, samples / "n2p2" / "Cu2S_PBE")
+
+
+def show_potential(db, folder: Path) -> None:
+    """Evaluate an n2p2 potential (JAX, float64) on the database's frames of its system and print the errors."""
+    import numpy as np
+
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(folder, energy_unit="eV", length_unit="Angstrom")
+    frames = db.frames(elements=list(model.elements), exclusive=True, limit=200)
+    results = model.predict(list(frames), warn=False)
+    de = [(r["energy"] - a.get_potential_energy()) / len(a) for r, a in zip(results, frames, strict=True)]
+    df = np.concatenate([(r["forces"] - a.get_forces()).ravel() for r, a in zip(results, frames, strict=True)])
+    print(f"\n== n2p2 potential {folder.name} (read by mlmd_lab, evaluated in JAX) on {len(frames)} database frames")
+    print(f"energy RMSE {np.sqrt(np.mean(np.square(de))) * 1e3:.3f} meV/atom, "
+          f"force RMSE {np.sqrt(np.mean(np.square(df))) * 1e3:.1f} meV/Å "
+              f"(n2p2 over its input.data.set20 alone: 0.979 meV/atom, 42.2 meV/Å)")
+

@@ -204,8 +204,8 @@ class HDNNP:
             params["shift"][e] = jnp.asarray(shift, dt)
             params["factor"][e] = jnp.asarray(factor, dt)
             # Tolerance for rounding: the same structure must not "extrapolate" from its own statistics.
-            tol = 1e-9 * np.abs(stats[:, 1] - stats[:, 0]) + 1e-12 * np.maximum(np.abs(stats[:, 0]), 1.0)
-            with np.errstate(over="ignore"):
+            with np.errstate(over="ignore"):  # unfitted models hold +-max float: the range overflows to inf
+                tol = 1e-9 * np.abs(stats[:, 1] - stats[:, 0]) + 1e-12 * np.maximum(np.abs(stats[:, 0]), 1.0)
                 params["min"][e] = jnp.asarray(stats[:, 0] - tol, dt)
                 params["max"][e] = jnp.asarray(stats[:, 1] + tol, dt)
         return params
