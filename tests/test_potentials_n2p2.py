@@ -132,42 +132,33 @@ def water_like():
     return atoms.repeat((2, 2, 2))
 
 
-def test_missing_weights_file_names_it(tmp_path):
+def _drop_last_lines(path, n=5):
+    path.write_text("\n".join(path.read_text().splitlines()[:-n]) + "\n")
+
+
+def _drop_element_2_scaling(path):
+    lines = [line for line in path.read_text().splitlines() if not line.strip().startswith("2 ")]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _append_type_12(path):
+    path.write_text(path.read_text() + "symfunction_short S 12 0.1 0.0 6.0\n")
+
+
+@pytest.mark.parametrize("damage,error,message", [
+    (lambda folder: (folder / "weights.029.data").unlink(), InputFileError, "weights.029.data: file not found"),
+    (lambda folder: _drop_last_lines(folder / "weights.016.data"), MLMDError, "weights.016.data.*connections"),
+    (lambda folder: _drop_element_2_scaling(folder / "scaling.data"), InputFileError, "lacks scaling data"),
+    (lambda folder: _append_type_12(folder / "input.nn"), InputFileError, "type 12 .* not supported"),
+], ids=["missing-weights", "truncated-weights", "foreign-scaling", "unsupported-type"])
+def test_damaged_potential_files_are_named(tmp_path, damage, error, message):
     folder, _ = _load("Cu2S_PBE")
     copy = tmp_path / "pot"
     shutil.copytree(folder, copy)
-    (copy / "weights.029.data").unlink()
-    with pytest.raises(InputFileError, match="weights.029.data: file not found"):
-        HDNNP.from_n2p2(copy)
-
-
-def test_truncated_weights_file_is_rejected(tmp_path):
-    folder, _ = _load("Cu2S_PBE")
-    copy = tmp_path / "pot"
-    shutil.copytree(folder, copy)
-    lines = (copy / "weights.016.data").read_text().splitlines()
-    (copy / "weights.016.data").write_text("\n".join(lines[:-5]) + "\n")
-    with pytest.raises(MLMDError, match="weights.016.data.*connections"):
-        HDNNP.from_n2p2(copy)
-
-
-def test_scaling_data_from_another_potential_is_rejected(tmp_path):
-    folder, _ = _load("Cu2S_PBE")
-    copy = tmp_path / "pot"
-    shutil.copytree(folder, copy)
-    lines = [line for line in (copy / "scaling.data").read_text().splitlines() if not line.strip().startswith("2 ")]
-    (copy / "scaling.data").write_text("\n".join(lines) + "\n")
-    with pytest.raises(InputFileError, match="lacks scaling data"):
-        HDNNP.from_n2p2(copy)
-
-
-def test_unsupported_symmetry_function_type_is_named(tmp_path):
-    folder, _ = _load("Cu2S_PBE")
-    copy = tmp_path / "pot"
-    shutil.copytree(folder, copy)
-    with open(copy / "input.nn", "a") as handle:
-        handle.write("symfunction_short S 12 0.1 0.0 6.0\n")
-    with pytest.raises(InputFileError, match="type 12 .* not supported"):
+    for path in copy.iterdir():
+        path.chmod(0o644)  # the shared originals are read-only
+    damage(copy)
+    with pytest.raises(error, match=message):
         HDNNP.from_n2p2(copy)
 
 

@@ -233,6 +233,15 @@ def test_molecule_without_cell():
     assert "stress" not in zn_o.calc.results
 
 
+def test_slab_periodic_in_two_directions(model):
+    slab = _zno(seed=14)
+    slab.pbc = (True, True, False)
+    slab.center(vacuum=4.0, axis=2)
+    slab.calc = model.calculator(skin=0.0)
+    np.testing.assert_allclose(slab.get_forces(), calculate_numerical_forces(slab, 1e-5), atol=1e-7)
+    assert "stress" not in slab.calc.results  # no stress without a 3D cell
+
+
 def test_isolated_atom_has_offset_energy():
     model = _model()
     result = model.predict(Atoms("O", positions=[[0, 0, 0]]))[0]
