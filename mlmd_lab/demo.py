@@ -97,7 +97,7 @@ def show_potential(db, folder: Path) -> None:
     from mlmd_lab.potentials import HDNNP
 
     model = HDNNP.from_n2p2(folder, energy_unit="eV", length_unit="Angstrom")
-    frames = db.frames(elements=list(model.elements), exclusive=True, limit=200)
+    frames = db.frames(formula="Cu2S", limit=200)  # the composition this potential was trained on
     results = model.predict(list(frames), warn=False)
     de = [(r["energy"] - a.get_potential_energy()) / len(a) for r, a in zip(results, frames, strict=True)]
     df = np.concatenate([(r["forces"] - a.get_forces()).ravel() for r, a in zip(results, frames, strict=True)])
