@@ -257,7 +257,7 @@ class HDNNP:
         """Energies (B,), atomic energies (N,), forces (N, 3), virials (B, 3, 3) and extrapolation counts (N,),
         all in model units, for a padded graph (see :meth:`graph`)."""
         dt = np.float64 if self.dtype == "float64" else np.float32
-        arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in graph.arrays().items()}
+        arrays = {k: (v.astype(dt, copy=False) if v.dtype == np.float64 else v) for k, v in graph.arrays().items()}
         if params is None:
             if "params" not in self._cache:
                 self._cache["params"] = self.parameters()

@@ -45,7 +45,6 @@ _UNSUPPORTED = {
     "element_nodes_short": "per-element network sizes",
     "element_activation_short": "per-element activations",
     "symfunction_short_group": "symmetry-function groups",
-    "use_short_forces": None,
 }
 
 
@@ -89,7 +88,7 @@ def read_input_nn(path: str | Path) -> N2P2Settings:
             atom_energy[args[0]] = float(args[1])
         elif key in _KNOWN:
             values[key] = args
-        elif key in _UNSUPPORTED and _UNSUPPORTED[key]:
+        elif key in _UNSUPPORTED:
             raise InputFileError(path, f"line {lineno}: {_UNSUPPORTED[key]} ({key}) are not supported by mlmd_lab")
         elif key in ("nnp_type", "nnp_generation") and args and args[0] not in ("2", "2G", "HDNNP_2G"):
             raise InputFileError(path, f"line {lineno}: only second-generation HDNNPs (nnp_generation 2) are supported")

@@ -53,14 +53,6 @@ class Layout:
     pair_blocks: tuple[tuple[int, int], ...]
     triplet_groups: tuple[tuple[tuple[int, int, int], int, int], ...]
 
-    @property
-    def n_pairs(self) -> int:
-        return sum(cap for _, cap in self.pair_blocks)
-
-    @property
-    def n_triplets(self) -> int:
-        return sum(cap for _, _, cap in self.triplet_groups)
-
 
 @dataclass
 class Graph:
@@ -87,9 +79,6 @@ class Graph:
     trip_mask: np.ndarray
     layout: Layout
     n_real: np.ndarray
-    pbc: np.ndarray
-    cutoff: float
-    skin: float
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The array fields (what the jit-compiled functions take)."""
@@ -105,7 +94,6 @@ class _Raw:
     i: np.ndarray
     j: np.ndarray
     shift: np.ndarray
-    dist: np.ndarray
     block: np.ndarray
     t_a: np.ndarray  # triplet: index of pair (i, j)
     t_b: np.ndarray  # triplet: index of pair (i, k)
@@ -246,7 +234,7 @@ class NeighbourBuilder:
                                                 self._group_wide, len(self.group_keys), self.cutoff_angular)
         else:
             t_a = t_b = t_group = np.zeros(0, np.int64)
-        return _Raw(i, j, S.astype(np.float64), dist, block, t_a, t_b, t_group)
+        return _Raw(i, j, S.astype(np.float64), block, t_a, t_b, t_group)
 
     def build(self, structures, capacities: Layout | None = None) -> Graph:
         """Pack structures [(positions, cell, pbc, species), ...] into one padded graph.
@@ -317,14 +305,12 @@ class NeighbourBuilder:
         species = np.full(atom_cap, -1, np.int64)
         atom_struct = np.full(atom_cap, len(structures), np.int64)
         cells = np.zeros((len(structures), 3, 3))
-        pbc = np.zeros((len(structures), 3), bool)
-        for s, (pos, cell, periodic, spec) in enumerate(structures):
+        for s, (pos, cell, _, spec) in enumerate(structures):
             sl = slice(atom_offsets[s], atom_offsets[s] + n_real[s])
             positions[sl] = pos
             species[sl] = spec
             atom_struct[sl] = s
             cells[s] = cell
-            pbc[s] = periodic
         # Padded triplets point at a padded pair (masked), so their gathers stay in range.
         layout = Layout(
             n_atoms=atom_cap,
@@ -336,7 +322,7 @@ class NeighbourBuilder:
             ),
         )
         return Graph(positions=positions, cells=cells, species=species, atom_struct=atom_struct, layout=layout,
-                     n_real=n_real, pbc=pbc, cutoff=self.cutoff - self.skin, skin=self.skin, **g)
+                     n_real=n_real, **g)
 
 
 def _fits(layout: Layout, atom_cap, pair_caps, trip_caps, n_structures) -> bool:
