@@ -103,6 +103,21 @@ def results_of(atoms: Atoms) -> dict[str, Any]:
     return dict(getattr(calc, "results", {}))
 
 
+def require_labels(path: Any, index: int, atoms: Atoms, why: str = "") -> dict[str, Any]:
+    """The results of frame ``index`` of a file being written; InputFileError when energy or forces are missing.
+
+    ``why`` is appended to the problem (e.g. "; n2p2 training data need both").
+    """
+    from mlmd_lab.errors import InputFileError
+
+    results = results_of(atoms)
+    missing = [k for k in ("energy", "forces") if results.get(k) is None]
+    if missing:
+        raise InputFileError(path, f"frame {index} has no {' or '.join(missing)}{why}",
+                             "leave unlabelled frames out or label them first")
+    return results
+
+
 def canonical_json(data: Any) -> str:
     """JSON with sorted keys and no whitespace: the byte string that settings hashes are taken of."""
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=json_default)

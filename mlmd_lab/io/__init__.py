@@ -21,6 +21,7 @@ import gzip
 import os
 import re
 from pathlib import Path
+from typing import TextIO
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import Calculation
@@ -56,6 +57,14 @@ def require_file(path: str | os.PathLike) -> Path:
     if p.stat().st_size == 0:
         raise InputFileError(p, "is empty (0 bytes)", FIX_RECOPY)
     return p
+
+
+def open_text(path: str | os.PathLike) -> TextIO:
+    """``path`` opened as UTF-8 text; InputFileError naming it when it cannot be opened."""
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as exc:
+        raise InputFileError(path, f"cannot open: {exc.strerror or exc}", "check the path") from None
 
 
 def describe_content(head: bytes) -> str:

@@ -34,7 +34,7 @@ from ase import Atoms
 from ase.data import atomic_numbers
 
 from mlmd_lab.errors import InputFileError
-from mlmd_lab.frames import labelled_atoms, results_of
+from mlmd_lab.frames import labelled_atoms, require_labels, results_of
 from mlmd_lab.units import energy_factor, length_factor
 
 __all__ = ["is_deepmd_dir", "read_deepmd", "write_deepmd"]
@@ -299,14 +299,7 @@ def write_deepmd(
                 f"frame {i} has pbc {list(atoms.pbc)} unlike frame 0",
                 "write periodic and non-periodic frames to separate systems",
             )
-        res = results_of(atoms)
-        lack = [k for k in ("energy", "forces") if res.get(k) is None]
-        if lack:
-            raise InputFileError(
-                path,
-                f"frame {i} has no {' or '.join(lack)}",
-                "leave unlabelled frames out or label them first",
-            )
+        res = require_labels(path, i, atoms)
         coords[i] = atoms.positions.reshape(-1) / l_f
         boxes[i] = atoms.cell.array.reshape(-1) / l_f
         energies[i] = float(res["energy"]) / e_f

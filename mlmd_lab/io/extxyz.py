@@ -35,6 +35,7 @@ from ase.io.formats import string2index
 
 from mlmd_lab.errors import InputFileError
 from mlmd_lab.frames import json_default, labelled_atoms, results_of
+from mlmd_lab.io import open_text
 
 __all__ = ["read_extxyz", "write_extxyz"]
 
@@ -61,11 +62,7 @@ def read_extxyz(path: str | Path, index: int | str | slice = ":") -> list[Atoms]
         InputFileError: unreadable, not UTF-8, malformed, or a frame without energy.
     """
     path = Path(path)
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise InputFileError(path, f"cannot open: {exc.strerror or exc}", "check the path") from None
-    with fh:
+    with open_text(path) as fh:
         try:
             images = ase_read(fh, index=":", format="extxyz")
         except UnicodeDecodeError as exc:

@@ -30,7 +30,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.data import atomic_numbers
 
 from mlmd_lab.errors import InputFileError
-from mlmd_lab.frames import labelled_atoms, results_of
+from mlmd_lab.frames import labelled_atoms, require_labels
+from mlmd_lab.io import open_text
 from mlmd_lab.units import energy_factor, length_factor
 
 __all__ = ["iter_input_data", "read_input_data", "write_input_data"]
@@ -88,11 +89,7 @@ def iter_input_data(path: str | Path, energy_unit: str, length_unit: str) -> Ite
     block: _Block | None = None
     index = 0
     lineno = 0
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise InputFileError(path, f"cannot open: {exc.strerror or exc}", "check the path") from None
-    with fh:
+    with open_text(path) as fh:
         try:
             for lineno, line in enumerate(fh, start=1):
                 tokens = line.split()
@@ -263,14 +260,7 @@ def write_input_data(
     lines: list[str] = []
     n = 0
     for i, atoms in enumerate(frames):
-        res = results_of(atoms)
-        missing = [k for k in ("energy", "forces") if res.get(k) is None]
-        if missing:
-            raise InputFileError(
-                path,
-                f"frame {i} has no {' or '.join(missing)}; n2p2 training data need both",
-                "leave unlabelled frames out or label them first",
-            )
+        res = require_labels(path, i, atoms, "; n2p2 training data need both")
         pbc = np.asarray(atoms.pbc, dtype=bool)
         if pbc.any() and not pbc.all():
             raise InputFileError(
