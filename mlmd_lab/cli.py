@@ -69,10 +69,33 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--b", nargs="+", required=True, metavar="KEY=VALUE")
     comp.set_defaults(func=cmd_compatible)
 
+    _models_args(sub)
+
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
     srv.add_argument("action", choices=("start", "stop", "status"))
     srv.set_defaults(func=cmd_server)
     return p
+
+
+def _models_args(sub) -> None:
+    m = sub.add_parser("models", help="saved potentials: list (default), show NAME, export NAME FOLDER")
+    m.set_defaults(func=cmd_models_list, elements=None, exclusive=False, tags=None, all_versions=False)
+    actions = m.add_subparsers(title="actions")
+    ls = actions.add_parser("list", help="table of saved models (latest version of each name)")
+    ls.add_argument("--elements", nargs="*", help="models covering these elements")
+    ls.add_argument("--exclusive", action="store_true", help="models made only of these elements (any subset)")
+    ls.add_argument("--tags", nargs="*")
+    ls.add_argument("--all", dest="all_versions", action="store_true", help="every version, not just the latest")
+    ls.set_defaults(func=cmd_models_list)
+    show = actions.add_parser("show", help="one saved model as JSON (record and provenance)")
+    show.add_argument("name")
+    show.add_argument("--version", type=int, help="version (default: the latest)")
+    show.set_defaults(func=cmd_models_show)
+    exp = actions.add_parser("export", help="write a saved model's n2p2 files and provenance.json into FOLDER")
+    exp.add_argument("name")
+    exp.add_argument("folder")
+    exp.add_argument("--version", type=int, help="version (default: the latest)")
+    exp.set_defaults(func=cmd_models_export)
 
 
 def _query_args(q: argparse.ArgumentParser) -> None:
@@ -169,6 +192,41 @@ def cmd_compatible(args: argparse.Namespace) -> int:
     report = _connect(args).compatible(query_spec(args.a), query_spec(args.b))
     print(report)
     return 0 if report.ok else 1
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    records = _connect(args).models.find(elements=args.elements, exclusive=args.exclusive, tags=args.tags,
+                                         latest_only=not args.all_versions)
+    if not records:
+        print("no saved models")
+        return 0
+    header = ("name", "version", "elements", "kind", "val force RMSE (meV/Å)", "val energy RMSE (meV/atom)",
+              "created")
+    rows = [header]
+    for r in records:
+        energy, force = r.rmse("validation")
+        rows.append((r.name, str(r.version), " ".join(r.elements), r.kind,
+                     "-" if force is None else f"{force:.1f}", "-" if energy is None else f"{energy:.2f}",
+                     r.created.strftime("%Y-%m-%d %H:%M UTC") if r.created else "-"))
+    widths = [max(len(row[k]) for row in rows) for k in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    record = _connect(args).models.record(args.name, args.version)
+    print(json.dumps(record.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_models_export(args: argparse.Namespace) -> int:
+    models = _connect(args).models
+    record = models.record(args.name, args.version)
+    folder = models.export(args.name, args.folder, version=record.version)
+    print(f"wrote {record.name} v{record.version} ({record.kind}, {' '.join(record.elements)}; "
+          f"units {record.energy_unit}, {record.length_unit}) to {folder}")
+    return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pymongo
 from pymongo import MongoClient
@@ -25,6 +25,9 @@ from mlmd_lab.db.ingest import Ingestor, IngestReport, _Options
 from mlmd_lab.db.server import EmbeddedServer
 from mlmd_lab.errors import DatabaseError, MLMDError
 from mlmd_lab.frameset import FrameSet
+
+if TYPE_CHECKING:
+    from mlmd_lab.db.models import ModelStore
 
 URI_HINT = "expected mongodb://USER:PASSWORD@HOST:PORT/?tls=true (or mongodb+srv://...)"
 
@@ -325,9 +328,18 @@ class Database:
         set_b = b if isinstance(b, FrameSet) else self.frames(**b)
         return compare_sets(set_a, set_b)
 
+    # -- potentials ------------------------------------------------------------------------------
+    @property
+    def models(self) -> ModelStore:
+        """The potential database: trained HDNNPs and ensembles with provenance (see :class:`ModelStore`)."""
+        from mlmd_lab.db.models import ModelStore
+
+        return ModelStore(self)
+
     # -- housekeeping ------------------------------------------------------------------------------
     def drop(self) -> None:
-        """Delete this database and everything in it (irreversible)."""
+        """Delete this database and everything in it (irreversible): frames, calculations, signatures, and
+        the saved models with their GridFS files."""
         self.client.drop_database(self.name)
 
     def close(self) -> None:

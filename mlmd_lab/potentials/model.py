@@ -51,6 +51,8 @@ class HDNNP:
         settings: the ``input.nn`` settings (cutoff, scaling type, architecture, normalisation, offsets).
         energy_unit, length_unit: the potential's own units (names from :mod:`mlmd_lab.units`).
         dtype: "float64" (exact) or "float32" (faster; symmetry functions and networks in single precision).
+        metadata: provenance (JSON-serialisable): training data query and frame ids, settings, errors, versions.
+            Filled by :class:`mlmd_lab.train.Trainer`, stored by the potential database.
     """
 
     elements: tuple[str, ...]
@@ -61,6 +63,7 @@ class HDNNP:
     energy_unit: str = "eV"
     length_unit: str = "Angstrom"
     dtype: str = "float64"
+    metadata: dict = field(default_factory=dict, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -208,47 +211,36 @@ class HDNNP:
                 tol = 1e-9 * np.abs(stats[:, 1] - stats[:, 0]) + 1e-12 * np.maximum(np.abs(stats[:, 0]), 1.0)
                 params["min"][e] = jnp.asarray(stats[:, 0] - tol, dt)
                 params["max"][e] = jnp.asarray(stats[:, 1] + tol, dt)
+        inv_conv, mean, offsets = self._energy_constants()
+        params["energy"] = {"inv_conv": jnp.asarray(inv_conv, dt), "mean": jnp.asarray(mean, dt),
+                            "offsets": jnp.asarray(offsets, dt)}
         return params
 
-    def _model_constants(self) -> tuple:
+    def _energy_constants(self) -> tuple[float, float, list[float]]:
+        """(1 / conv_energy, mean_energy, per-element offsets): traced, so models differing only in these
+        share one compiled function (e.g. ensemble members)."""
         s = self.settings
         norm = s.conv_energy is not None and s.mean_energy is not None
-        offsets = tuple(float(s.atom_energy.get(e, 0.0)) for e in self.elements)
-        return (1.0 / s.conv_energy if norm else 1.0, s.mean_energy if norm else 0.0, offsets,
-                s.scale_min, s.activations, s.normalize_nodes)
+        offsets = [float(s.atom_energy.get(e, 0.0)) for e in self.elements]
+        return (1.0 / s.conv_energy if norm else 1.0, s.mean_energy if norm else 0.0, offsets)
+
+    def _static_key(self) -> tuple:
+        s = self.settings
+        return (self.plan, s.scale_min, s.activations, s.normalize_nodes, self._far())
 
     def energy_function(self):
         """f(params, arrays, d, layout) -> (per-structure energies, per-atom energies, extrapolation counts).
 
         Energies in model units; d are pair vectors (P, 3) in model length units.
         """
-        plan, constants = self.plan, self._model_constants()
-        inv_conv, mean, offsets, smin, acts, normalize = constants
-        elements = self.elements
-
-        def energies(params, arrays, d, layout):
-            features = symmetry_functions(plan, layout, arrays, d)
-            species = arrays["species"]
-            atomic = jnp.zeros(layout.n_atoms, dtype=d.dtype)
-            extrapolated = jnp.zeros(layout.n_atoms, dtype=jnp.int32)
-            for c, element in enumerate(elements):
-                G = features[c]
-                mine = species == c
-                x = smin + params["factor"][element] * (G - params["shift"][element])
-                out = apply(params["networks"][element], x, acts, normalize)
-                atomic = atomic + jnp.where(mine, out * inv_conv + mean + offsets[c], 0.0)
-                outside = (G < params["min"][element]) | (G > params["max"][element])
-                extrapolated = extrapolated + jnp.where(mine, jnp.sum(outside, axis=1), 0)
-            per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
-            return per_structure[:-1], atomic, extrapolated
-
-        return energies
+        return _energy_function(*self._static_key()[:4])
 
     def _compiled(self):
-        if "compiled" not in self._cache:
-            self._cache["compiled"] = jax.jit(partial(_evaluate, self.energy_function(), self._far()),
-                                              static_argnames=("layout", "forces"))
-        return self._cache["compiled"]
+        key = self._static_key()
+        if key not in _COMPILED:
+            _COMPILED[key] = jax.jit(partial(_evaluate, self.energy_function(), self._far()),
+                                     static_argnames=("layout", "forces"))
+        return _COMPILED[key]
 
     def _far(self) -> float:
         return 2.0 * self.plan.max_cutoff + 1.0
@@ -312,7 +304,7 @@ class HDNNP:
         """A copy evaluating in ``dtype`` ("float64" or "float32")."""
         if dtype not in ("float64", "float32"):
             raise MLMDError(f"dtype must be 'float64' or 'float32', not {dtype!r}")
-        return replace(self, dtype=dtype, _cache={})
+        return replace(self, dtype=dtype, metadata=dict(self.metadata), _cache={})
 
     def fit_scaling(self, atoms_list: Sequence[Atoms]) -> None:
         """Set the scaling statistics (min, max, mean, sigma of every raw symmetry function) from structures."""
@@ -332,6 +324,34 @@ class HDNNP:
         features = symmetry_functions(self.plan, graph.layout, arrays, d)
         species = graph.species
         return {e: np.asarray(features[c])[species == c] for c, e in enumerate(self.elements)}
+
+
+#: Compiled evaluation functions by the model's static description (plan, scaling minimum, activations,
+#: node normalisation, far distance): loading a saved potential of a known kind needs no new compilation.
+_COMPILED: dict = {}
+
+
+def _energy_function(plan, smin, acts, normalize):
+    elements = plan.elements
+
+    def energies(params, arrays, d, layout):
+        features = symmetry_functions(plan, layout, arrays, d)
+        species = arrays["species"]
+        atomic = jnp.zeros(layout.n_atoms, dtype=d.dtype)
+        extrapolated = jnp.zeros(layout.n_atoms, dtype=jnp.int32)
+        inv_conv, mean, offsets = (params["energy"][k] for k in ("inv_conv", "mean", "offsets"))
+        for c, element in enumerate(elements):
+            G = features[c]
+            mine = species == c
+            x = smin + params["factor"][element] * (G - params["shift"][element])
+            out = apply(params["networks"][element], x, acts, normalize)
+            atomic = atomic + jnp.where(mine, out * inv_conv + mean + offsets[c], 0.0)
+            outside = (G < params["min"][element]) | (G > params["max"][element])
+            extrapolated = extrapolated + jnp.where(mine, jnp.sum(outside, axis=1), 0)
+        per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
+        return per_structure[:-1], atomic, extrapolated
+
+    return energies
 
 
 def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):

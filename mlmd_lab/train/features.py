@@ -1,0 +1,210 @@
+"""Symmetry functions and their derivatives, computed once per training frame.
+
+Symmetry functions do not depend on the network weights, so training never needs positions again: per frame
+it needs the raw functions G_i of every atom and, for forces and stress, the derivative of G_i with respect
+to each of its pair vectors d_ij = r_j - r_i (+ image shift). With g_p = sum_f dE/dG_{i_p f} dG_{i_p f}/dd_p,
+
+    F_k = sum_{p: i_p = k} g_p - sum_{p: j_p = k} g_p,      W = sum_p d_p (x) g_p  (virial, stress = W / V).
+
+This is what n2p2 stores for its force updates; it makes a training step a small network evaluation plus one
+contraction, instead of recomputing the descriptors (and their second derivatives) at every step.
+
+Storage is per pair block (central element c, neighbour element e): a pair of block (c, e) only moves the
+radial functions of c with neighbour e and the angular functions of c whose neighbour pair contains e, so each
+block keeps just those columns (a third fewer for two elements).
+
+Derivatives come from forward-mode JAX (``jvp``) through the same code that evaluates the potential
+(:mod:`mlmd_lab.potentials.descriptors`): radial terms depend on one pair, angular terms on two, so one
+tangent per Cartesian component gives every per-pair derivative at once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms
+
+from mlmd_lab.potentials.descriptors import _angular_values, _radial_values, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.model import HDNNP
+from mlmd_lab.potentials.neighbours import Layout, bucket
+
+
+@dataclass
+class FrameFeatures:
+    """Unpadded features of one frame (model length unit; ``dtype`` as computed).
+
+    Attributes:
+        species: (n,) element index of each atom.
+        G: per element c, (n_c, F_c) raw symmetry functions of the atoms of c, in atom order.
+        atoms: per element c, (n_c,) the atom index of each row of ``G[c]``.
+        blocks: per pair block b = c * E + e, a dict with ``dG`` (p, K_b, 3) derivatives of the block's columns
+            with respect to d, ``row`` (p,) the row of the central atom in ``G[c]``, ``i``, ``j`` (p,) atom
+            indices, ``d`` (p, 3) pair vectors.
+    """
+
+    species: np.ndarray
+    G: list[np.ndarray]
+    atoms: list[np.ndarray]
+    blocks: list[dict[str, np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.G) + sum(v.nbytes for b in self.blocks for v in b.values())
+
+
+def block_columns(model: HDNNP) -> list[np.ndarray]:
+    """Per pair block (c, e): the n2p2 column indices of element c's functions that depend on (c, e) pairs."""
+    plan = model.plan
+    E = len(plan.elements)
+    columns = []
+    for c in range(E):
+        for e in range(E):
+            cols = [k for k, _ in plan.radial(c, e)]
+            for (cc, e1, e2) in plan.angular_groups():
+                if cc == c and e in (e1, e2):
+                    cols += [k for k, _ in plan.angular(c, e1, e2)]
+            columns.append(np.array(sorted(cols), np.int64))
+    return columns
+
+
+def compute_features(model: HDNNP, frames: Sequence[Atoms], dtype: str = "float32",
+                     progress=None) -> list[FrameFeatures]:
+    """Raw symmetry functions and their pair-vector derivatives of every frame.
+
+    Args:
+        model: the potential whose symmetry functions (and length unit) are used.
+        frames: structures (positions in Å).
+        dtype: storage precision of the results ("float32" halves memory; computed in float64).
+        progress: optional callable(n_done) called after each frame.
+    """
+    columns = block_columns(model)
+    fn = jax.jit(partial(_frame_derivatives, model.plan, model._far(), tuple(tuple(c) for c in columns)),
+                 static_argnames="layout")
+    builder = model.neighbour_builder()
+    store = np.float32 if dtype == "float32" else np.float64
+    structures = [model.structure(atoms) for atoms in frames]
+    layout = _common_layout(builder, structures)  # one compilation for every frame that fits
+
+    def one(structure):
+        graph = builder.build([structure], layout)
+        arrays = {key: jnp.asarray(v) for key, v in graph.arrays().items()}
+        G_all, dG_blocks = fn(arrays, layout=graph.layout)
+        return _unpad(graph, [np.asarray(g) for g in G_all], [np.asarray(b) for b in dG_blocks], store)
+
+    out = []
+    # Two threads: neighbour lists (numba, nogil) and XLA both release the GIL.
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        for k, result in enumerate(pool.map(one, structures)):
+            out.append(result)
+            if progress is not None:
+                progress(k + 1)
+    return out
+
+
+def _common_layout(builder, structures) -> Layout | None:
+    """Capacities that fit every structure (largest counts, bucketed), from a first counting pass."""
+    E = builder.n_elements
+    n_groups = len(builder.group_keys)
+    atoms, pairs, triplets = 0, np.zeros(E * E, np.int64), np.zeros(n_groups, np.int64)
+    for structure in structures:
+        raw = builder.raw(*structure)
+        atoms = max(atoms, len(structure[3]))
+        pairs = np.maximum(pairs, np.bincount(raw.block, minlength=E * E))
+        if n_groups:
+            triplets = np.maximum(triplets, np.bincount(raw.t_group, minlength=n_groups))
+    if not structures:
+        return None
+    pair_caps = [bucket(n) for n in pairs]
+    trip_caps = [bucket(n) for n in triplets]
+    pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]]
+    trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]] if trip_caps else []
+    return Layout(n_atoms=bucket(atoms), n_structures=1, n_elements=E,
+                  pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
+                  triplet_groups=tuple((key, int(o), int(c)) for key, o, c in
+                                       zip(builder.group_keys, trip_offsets, trip_caps, strict=True)))
+
+
+def _unpad(graph, G_all, dG_blocks, store) -> FrameFeatures:
+    n = int(graph.n_real[0])
+    species = graph.species[:n].copy()
+    G, atoms, rows_of = [], [], []
+    for c, g in enumerate(G_all):
+        idx = np.flatnonzero(species == c)
+        G.append(g[idx].astype(store))
+        atoms.append(idx)
+        row = np.full(graph.layout.n_atoms, -1, np.int64)
+        row[idx] = np.arange(idx.size)
+        rows_of.append(row)
+    E = graph.layout.n_elements
+    pos = graph.positions
+    blocks = []
+    for b, (offset, cap) in enumerate(graph.layout.pair_blocks):
+        c = b // E
+        sl = slice(offset, offset + cap)
+        mask = graph.pair_mask[sl]
+        i, j = graph.pair_i[sl][mask], graph.pair_j[sl][mask]
+        d = pos[j] - pos[i] + graph.pair_shift[sl][mask] @ graph.cells[0]
+        blocks.append({"dG": dG_blocks[b][mask].astype(store), "row": rows_of[c][i], "i": i, "j": j,
+                       "d": d.astype(store)})
+    return FrameFeatures(species=species, G=G, atoms=atoms, blocks=blocks)
+
+
+def _tangent(function, primals, ta, tb):
+    return jax.jvp(function, primals, (ta, tb))[1]
+
+
+def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
+    """(per element (N, F_c) raw functions, per block (cap, K_b, 3) dG/dd) of one padded graph."""
+    d = pair_vectors(arrays, far)
+    G = symmetry_functions(plan, layout, arrays, d)
+    E = len(plan.elements)
+    r = jnp.sqrt(jnp.sum(d * d, axis=1))
+    unit = d / r[:, None]
+    where = [{int(k): n for n, k in enumerate(cols)} for cols in columns]
+    blocks = [jnp.zeros((cap, len(columns[b]), 3), d.dtype) for b, (_, cap) in enumerate(layout.pair_blocks)]
+    for c in range(E):
+        for e in range(E):
+            entries = plan.radial(c, e)
+            if not entries:
+                continue
+            b = c * E + e
+            offset, cap = layout.pair_blocks[b]
+            sl = slice(offset, offset + cap)
+            fs = [sf for _, sf in entries]
+            _, dv = jax.jvp(lambda rr, fs=fs: _radial_values(plan, fs, rr), (r[sl],), (jnp.ones_like(r[sl]),))
+            dv = jnp.where(arrays["pair_mask"][sl, None], dv, 0.0)
+            cols = np.array([where[b][k] for k, _ in entries])
+            blocks[b] = blocks[b].at[:, cols, :].add(dv[:, :, None] * unit[sl, None, :])
+    for (c, e1, e2), offset, cap in layout.triplet_groups:
+        entries = plan.angular(c, e1, e2)
+        sl = slice(offset, offset + cap)
+        ij, ik, mask = arrays["trip_ij"][sl], arrays["trip_ik"][sl], arrays["trip_mask"][sl]
+        d_ij, d_ik = d[ij], d[ik]
+        fs = [sf for _, sf in entries]
+        T = d_ij.shape[0]
+        local = jnp.arange(T)
+
+        def values(a, bb, fs=fs, mask=mask, local=local, T=T):
+            return _angular_values(plan, fs, jnp.concatenate([a, bb]), None, local, local + T, mask)
+
+        eye = jnp.eye(3, dtype=d.dtype)
+        tangents_a = jnp.concatenate([jnp.broadcast_to(eye[:, None, :], (3, T, 3)), jnp.zeros((3, T, 3), d.dtype)])
+        tangents_b = jnp.concatenate([jnp.zeros((3, T, 3), d.dtype), jnp.broadcast_to(eye[:, None, :], (3, T, 3))])
+        jvps = jax.vmap(partial(_tangent, values, (d_ij, d_ik)))(tangents_a, tangents_b)
+        jvps = jnp.where(mask[None, :, None], jvps, 0.0)  # (6, T, K)
+        der_ij = jnp.moveaxis(jvps[:3], 0, -1)  # (T, K, 3)
+        der_ik = jnp.moveaxis(jvps[3:], 0, -1)
+        for e, pairs, der in ((e1, ij, der_ij), (e2, ik, der_ik)):
+            b = c * E + e
+            b_offset, b_cap = layout.pair_blocks[b]
+            summed = jax.ops.segment_sum(der, pairs - b_offset, num_segments=b_cap)
+            cols = np.array([where[b][k] for k, _ in entries])
+            blocks[b] = blocks[b].at[:, cols, :].add(summed)
+    return G, blocks

@@ -1,0 +1,121 @@
+"""Predictions and loss on stacked training arrays (see :mod:`mlmd_lab.train.data`), compiled with JAX.
+
+The trainable parameters are the per-element networks; the model is
+
+    E = sum_i [ s * NN_el(i)(x_i) + mu_el(i) ],   x_i = smin + factor * (G_i - shift)
+
+with s the energy scale (eV; from the forces' RMS, so that initial gradients have the size of the forces
+whatever the energy spread), mu the regression reference energies (eV) and shift/factor the symmetry-function
+scaling. On export s is folded into the output layer, so the n2p2 files need no normalisation keys.
+
+Loss (per batch, eV units):
+    w_E * mean((dE / N)^2) + w_F * mean(dF_component^2) + w_S * mean((dsigma_component * V / N)^2)
+over the frames (atoms) that carry each label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mlmd_lab.potentials.network import apply
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Static constants of the compiled functions (hashable)."""
+
+    n_elements: int
+    activations: str
+    columns: tuple[tuple[int, ...], ...]  # per pair block
+    energy_scale: float
+    offsets: tuple[float, ...]
+    scale_min: float
+    weights: tuple[float, float, float]  # energy, force, stress
+
+
+def frame_predict(cfg: StepConfig, params: dict, consts: dict, fr: dict):
+    """(energy (), forces (n_cap, 3), virial (3, 3)) of one padded frame, in eV and eV/Å."""
+    n_cap = fr["forces"].shape[0]
+    atomic = jnp.zeros(n_cap, fr["forces"].dtype)
+    grads = []
+    for c in range(cfg.n_elements):
+        G = fr[f"G{c}"]
+
+        def energies(G, c=c):
+            x = cfg.scale_min + consts["factor"][c] * (G - consts["shift"][c])
+            return cfg.energy_scale * apply(params[c], x, cfg.activations) + cfg.offsets[c]
+
+        e, vjp = jax.vjp(energies, G)
+        grads.append(vjp(jnp.ones_like(e))[0])
+        atomic = atomic.at[fr[f"atom{c}"]].add(e)
+    atomic = atomic.at[n_cap - 1].set(0.0)  # the dummy slot collects padded rows
+    energy = jnp.sum(atomic)
+    forces = jnp.zeros((n_cap, 3), atomic.dtype)
+    virial = jnp.zeros((3, 3), atomic.dtype)
+    for b, cols in enumerate(cfg.columns):
+        c = b // cfg.n_elements
+        gE = grads[c][fr[f"row{b}"]][:, np.asarray(cols)]
+        g = jnp.einsum("pk,pkx->px", gE, fr[f"dG{b}"])
+        forces = forces + jax.ops.segment_sum(g, fr[f"i{b}"], n_cap) - jax.ops.segment_sum(g, fr[f"j{b}"], n_cap)
+        virial = virial + jnp.einsum("px,py->xy", fr[f"d{b}"], g)
+    return energy, forces, virial
+
+
+def batch_errors(cfg: StepConfig, params, consts, data: dict, index, valid):
+    """Per-batch sums of squared errors and counts (energy per atom, force components, stress components).
+
+    ``index`` (B,) frames of ``data``; ``valid`` (B,) False for slots that only pad the last batch.
+    """
+    fr = jax.tree.map(lambda a: a[index], {k: v for k, v in data.items() if not k.startswith("_")})
+    fr["valid"] = valid
+    energy, forces, virial = jax.vmap(lambda f: frame_predict(cfg, params, consts, f))(fr)
+    de = (energy - fr["energy"]) / fr["n_atoms"]
+    e_mask = fr["has_energy"] & fr["valid"]
+    f_mask = (fr["atom_mask"] & (fr["has_forces"] & fr["valid"])[:, None])[:, :, None]
+    df = jnp.where(f_mask, forces - fr["forces"], 0.0)
+    stress = virial / fr["volume"][:, None, None]
+    s_mask = (fr["has_stress"] & fr["valid"])[:, None, None]
+    # Stress errors as virial per atom (eV/atom): comparable with energies for any cell size.
+    per_atom = (fr["volume"] / fr["n_atoms"])[:, None, None]
+    ds = jnp.where(s_mask, (stress - fr["stress"]) * per_atom, 0.0)
+    return {
+        "energy_sse": jnp.sum(jnp.where(e_mask, de, 0.0) ** 2), "energy_n": jnp.sum(e_mask),
+        "force_sse": jnp.sum(df**2), "force_n": 3 * jnp.sum(f_mask),
+        "stress_sse": jnp.sum(ds**2), "stress_n": 9 * jnp.sum(s_mask),
+    }
+
+
+def loss_of(cfg: StepConfig, errors: dict):
+    w_e, w_f, w_s = cfg.weights
+    loss = w_e * errors["energy_sse"] / jnp.maximum(errors["energy_n"], 1)
+    loss = loss + w_f * errors["force_sse"] / jnp.maximum(errors["force_n"], 1)
+    return loss + w_s * errors["stress_sse"] / jnp.maximum(errors["stress_n"], 1)
+
+
+def make_functions(cfg: StepConfig, optimizer):
+    """(train_step, evaluate): compiled functions over device-resident stacked data.
+
+    ``train_step(params, opt_state, consts, data, index, valid) -> (params, opt_state, loss, errors)``;
+    ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
+    """
+
+    def loss_fn(params, consts, data, index, valid):
+        errors = batch_errors(cfg, params, consts, data, index, valid)
+        return loss_of(cfg, errors), errors
+
+    @jax.jit
+    def train_step(params, opt_state, consts, data, index, valid):
+        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, data, index, valid)
+        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        return params, opt_state, loss, errors
+
+    @jax.jit
+    def evaluate(params, consts, data, index, valid):
+        return batch_errors(cfg, params, consts, data, index, valid)
+
+    return train_step, evaluate

@@ -1,0 +1,322 @@
+"""Training: features and their derivatives, exact export, defaults on tiny and large energy spreads,
+checkpoints and resume after SIGKILL, divergence, ensembles, background runs, the potential database, dask.
+
+Teacher data come from ASE's EMT calculator (a real many-body potential, cheap enough for tests); the
+benchmark (benchmarks/bench_train.py) trains on real DFT water.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials import HDNNP
+from mlmd_lab.potentials.defaults import generate_symmetry_functions
+from mlmd_lab.potentials.symfunc import SymmetryFunction
+from mlmd_lab.train.callbacks import Callback
+from mlmd_lab.train.data import labels_of, stack
+from mlmd_lab.train.ensemble import Ensemble
+from mlmd_lab.train.features import block_columns, compute_features
+from mlmd_lab.train.trainer import (
+    Trainer,
+    TrainingConfig,
+    TrainingDivergedError,
+    TrainingWarning,
+    evaluate_model,
+    train_ensemble,
+)
+
+FAST = dict(n_radial=4, n_angular=1, zetas=(1.0,), hidden=(10, 10), cutoff=4.5, progress=False)
+
+
+def emt_frames(n: int, rattle: float = 0.08, strain: float = 0.0, seed: int = 0, alloy: bool = True):
+    """Labelled CuAl fcc cells (EMT energies, forces, stresses): rattled, optionally strained."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+        if alloy:
+            atoms.symbols[rng.choice(len(atoms), 8, replace=False)] = "Al"
+        if strain:
+            atoms.set_cell(atoms.cell * (1.0 + rng.uniform(-strain, strain)), scale_atoms=True)
+        atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+                   "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def frames():
+    return emt_frames(40)
+
+
+# ---------------------------------------------------------------------- features
+def test_feature_derivatives_match_finite_differences():
+    """dG/dd per pair, contracted as in training, equals the finite-difference gradient of sum w.G."""
+    atoms = emt_frames(1, rattle=0.15, seed=3)[0][:12]
+    atoms.set_cell(atoms.cell * 0.9, scale_atoms=True)  # small cell: many images
+    functions = generate_symmetry_functions(["Al", "Cu"], 4.0, n_radial=3, n_angular=1, zetas=(1.0, 4.0))
+    functions += [SymmetryFunction("Cu", 9, ("Al", "Cu"), eta=0.05, rc=4.0, lam=-1.0, zeta=2.0)]
+    model = HDNNP.create(["Al", "Cu"], functions)
+    feats = compute_features(model, [atoms], dtype="float64")[0]
+    raw = model.raw_features([atoms])
+    for c, e in enumerate(model.elements):
+        np.testing.assert_allclose(feats.G[c], raw[e], rtol=1e-12, atol=1e-12)
+    rng = np.random.default_rng(1)
+    weights = [rng.normal(size=g.shape) for g in feats.G]
+    columns = block_columns(model)
+    grad = np.zeros((len(atoms), 3))
+    for b, blk in enumerate(feats.blocks):
+        c = b // 2
+        g = np.einsum("pk,pkx->px", weights[c][blk["row"]][:, columns[b]], blk["dG"])
+        np.add.at(grad, blk["i"], -g)
+        np.add.at(grad, blk["j"], g)
+
+    def total(a):
+        r = model.raw_features([a])
+        return sum(float((weights[c] * r[e]).sum()) for c, e in enumerate(model.elements))
+
+    h = 1e-5
+    for k in (0, 5, 11):
+        for x in range(3):
+            plus, minus = atoms.copy(), atoms.copy()
+            plus.positions[k, x] += h
+            minus.positions[k, x] -= h
+            assert grad[k, x] == pytest.approx((total(plus) - total(minus)) / (2 * h), rel=1e-6, abs=1e-7)
+
+
+# ---------------------------------------------------------------------- defaults train well
+@pytest.mark.slow
+@pytest.mark.parametrize("strain", [0.0, 0.06], ids=["tiny-energy-spread", "large-energy-spread"])
+def test_defaults_learn_on_tiny_and_large_energy_spreads(strain):
+    """The trap of energy-spread normalisation: with a tiny spread, initial forces must not collapse."""
+    frames = emt_frames(60, rattle=0.03 if strain == 0 else 0.1, strain=strain, seed=7)
+    spread = np.std([f.get_potential_energy() / len(f) for f in frames])
+    force_rms = np.sqrt(np.mean(np.concatenate([f.get_forces() for f in frames]) ** 2))
+    trainer = Trainer(frames, max_epochs=60, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer.fit()
+    valid = [m.validation["force_rmse"] for m in trainer.history]
+    assert valid[4] < 0.7 * valid[0], f"force error must fall from the start (spread {spread * 1e3:.2f} meV/atom)"
+    test = trainer.errors["test"]
+    assert test["force_rmse"] < 0.25 * force_rms
+    assert test["energy_rmse"] < max(0.3 * spread, 2e-3)
+
+
+# ---------------------------------------------------------------------- exactness of the export
+def test_training_path_equals_exported_model(frames):
+    """Energies, forces and stresses of the training arithmetic equal the exported n2p2-format model's."""
+    import jax.numpy as jnp
+
+    from mlmd_lab.train.step import StepConfig, frame_predict
+
+    trainer = Trainer(frames[:8], dtype="float64", **FAST)
+    trainer.write_nn()
+    trainer.write_data()
+    trainer.normalize()
+    trainer.scaling()
+    rng = np.random.default_rng(0)
+    params = [[(jnp.asarray(rng.normal(scale=0.3, size=W.shape)), jnp.asarray(rng.normal(scale=0.1, size=b.shape)))
+               for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
+    step_cfg, data, _, consts, _ = trainer._setup()
+    trainer._export(params)
+    model = trainer.model
+    frames_ = list(trainer.split.train)
+    expected = model.predict(frames_, warn=False)
+    for k, atoms in enumerate(frames_):
+        fr = {key: v[k] for key, v in data.items() if not key.startswith("_")}
+        energy, forces, virial = frame_predict(step_cfg, params, consts, fr)
+        assert float(energy) == pytest.approx(expected[k]["energy"], rel=1e-12)
+        np.testing.assert_allclose(np.asarray(forces)[: len(atoms)], expected[k]["forces"], atol=1e-10)
+        stress = np.asarray(virial) / atoms.get_volume()
+        np.testing.assert_allclose(stress.ravel()[[0, 4, 8, 5, 2, 1]], expected[k]["stress"], atol=1e-12)
+    assert isinstance(step_cfg, StepConfig)
+
+
+def test_stack_pads_every_frame_to_common_shapes(frames):
+    model = HDNNP.create(["Al", "Cu"], cutoff=4.0)
+    some = frames[:2] + [frames[2][:20]]
+    feats = compute_features(model, some)
+    data = stack(feats, labels_of(some, model.elements), 2)
+    assert data["forces"].shape[0] == 3 and data["atom_mask"].sum() == 32 + 32 + 20
+    assert data["G0"].shape[0] == 3 and np.all(data["atom0"][2][data["atom0"][2] < 20] < 20)
+
+
+# ---------------------------------------------------------------------- checkpoints
+KILLER = """
+import os, signal, sys, warnings
+sys.path.insert(0, {tests!r})
+warnings.simplefilter("ignore")
+from test_train import emt_frames, FAST
+from mlmd_lab.train.callbacks import Callback
+from mlmd_lab.train.trainer import Trainer
+
+class Kill(Callback):
+    def on_epoch_end(self, metrics):
+        if metrics.epoch == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+Trainer(emt_frames(40), max_epochs=6, workdir={workdir!r}, callbacks=[Kill()], **FAST).fit()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_continues_exactly(tmp_path, frames):
+    workdir = tmp_path / "run"
+    script = KILLER.format(tests=os.path.dirname(__file__), workdir=str(workdir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (workdir / "checkpoint.pkl").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        resumed = Trainer(frames, max_epochs=6, workdir=workdir, **FAST)
+        resumed.fit()
+        straight = Trainer(frames, max_epochs=6, **FAST)
+        straight.fit()
+    assert [m.epoch for m in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a.validation["force_rmse"] == pytest.approx(b.validation["force_rmse"], rel=1e-5)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines if x["event"] == "epoch"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_of_other_data_is_refused(tmp_path, frames):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        Trainer(frames, max_epochs=1, workdir=tmp_path, **FAST).fit()
+        with pytest.raises(MLMDError, match="belongs to other data"):
+            Trainer(frames[:30], max_epochs=1, workdir=tmp_path, **FAST).fit()
+
+
+def test_divergence_is_reported_and_best_weights_kept(frames):
+    trainer = Trainer(frames, max_epochs=5, learning_rate=1e12, final_learning_rate=1e12, clip=1e30, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
+            trainer.fit()
+        result = trainer.model.predict(frames[0], warn=False)[0]
+    assert np.isfinite(result["energy"]) and np.isfinite(result["forces"]).all()
+
+
+# ---------------------------------------------------------------------- data checks
+def test_warnings_for_few_frames_missing_forces_and_mixed_settings(frames):
+    few = [f.copy() for f in frames[:10]]
+    for f, src in zip(few, frames[:10], strict=True):
+        f.calc = SinglePointCalculator(f, energy=src.get_potential_energy())
+    few[0].info["signature_id"], few[1].info["signature_id"] = "a", "b"
+    with pytest.warns(TrainingWarning) as caught:
+        Trainer(few, **FAST)
+    text = " ".join(str(w.message) for w in caught)
+    assert "no forces" in text and "only 10 frames" in text and "different calculation settings" in text
+    with pytest.raises(MLMDError, match="too few"):
+        Trainer(frames[:2], **FAST)
+
+
+# ---------------------------------------------------------------------- background, stop
+def test_background_training_can_be_stopped(frames):
+    class StopAfterTwo(Callback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_epoch_end(self, metrics):
+            if metrics.epoch == 2:
+                self.trainer.stop()  # as a notebook button would, from another thread
+
+    trainer = Trainer(frames, max_epochs=50, **FAST)
+    trainer.callbacks.append(StopAfterTwo(trainer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        run = trainer.fit(background=True)
+        model = run.wait(timeout=600)
+    assert run.done and model is trainer.model
+    assert len(trainer.history) == 3 and trainer.history[-1].epoch == 3
+
+
+# ---------------------------------------------------------------------- ensembles and the database
+@pytest.mark.slow
+def test_ensemble_trains_saves_and_reloads(db, frames, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        ensemble = train_ensemble(frames, n_members=3, max_epochs=8, workdir=tmp_path, **FAST)
+    assert isinstance(ensemble, Ensemble) and len(ensemble) == 3
+    seeds = [m["seed"] for m in ensemble.metadata["members"]]
+    assert seeds == [0, 1, 2]
+    test_ids = ensemble.metadata["frame_ids"]["test"]
+    assert test_ids and not set(test_ids) & set(ensemble.metadata["frame_ids"]["train"])
+    result = ensemble.predict(frames[0], warn=False)[0]
+    assert result["forces_std"].shape == (32,) and (result["forces_std"] > 0).all()
+    record = db.models.save(ensemble, "CuAl-committee")
+    loaded = db.models.load("CuAl-committee")
+    again = loaded.predict(frames[0], warn=False)[0]
+    np.testing.assert_array_equal(again["forces"], result["forces"])
+    np.testing.assert_array_equal(again["forces_std"], result["forces_std"])
+    assert record.version == 1 and loaded.metadata["members"][0]["seed"] == 0
+
+
+def test_trained_model_round_trips_through_database_and_n2p2(db, frames, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, max_epochs=3, query={"$and": [{"elements": "Cu"}]}, **FAST)
+        model = trainer.fit()
+    expected = model.predict(frames[:3], warn=False)
+    db.models.save(model, "CuAl")
+    loaded = db.models.load("CuAl")
+    for a, b in zip(loaded.predict(frames[:3], warn=False), expected, strict=True):
+        assert a["energy"] == b["energy"]
+        np.testing.assert_array_equal(a["forces"], b["forces"])
+    assert loaded.metadata["query"] == {"$and": [{"elements": "Cu"}]}
+    assert loaded.metadata["errors"]["test"]["force_rmse"] == trainer.errors["test"]["force_rmse"]
+    assert len(loaded.metadata["frame_ids"]["train"]) == len(trainer.split.train)
+    folder = db.models.export("CuAl", tmp_path / "n2p2")
+    again = HDNNP.from_n2p2(folder).predict(frames[:3], warn=False)
+    for a, b in zip(again, expected, strict=True):
+        assert a["energy"] == b["energy"]
+        np.testing.assert_array_equal(a["forces"], b["forces"])
+    assert evaluate_model(loaded, trainer.split.test) == trainer.errors["test"]
+
+
+def test_from_database_uses_the_query(db, frames, tmp_path):
+    from mlmd_lab.io.extxyz import write_extxyz
+
+    write_extxyz(tmp_path / "cual.xyz", frames)
+    db.ingest(tmp_path / "cual.xyz", settings={"code": "emt"}, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer.from_database(db, ["Al", "Cu"], max_epochs=1, **FAST)
+    assert len(trainer.frames) == len(frames) and "chemsys" in json.dumps(trainer.query)
+    with pytest.raises(MLMDError, match="no labelled frames"):
+        Trainer.from_database(db, ["Fe"], **FAST)
+
+
+@pytest.mark.slow
+def test_training_on_a_dask_cluster_gives_the_local_result(frames):
+    from distributed import Client, LocalCluster
+
+    config = TrainingConfig(max_epochs=3, **{k: v for k, v in FAST.items() if k != "progress"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        local = Trainer(frames, config, progress=False)
+        local.fit()
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            remote = Trainer(frames, config, progress=False)
+            model = remote.fit(cluster=client)
+    assert remote.errors["test"]["force_rmse"] == pytest.approx(local.errors["test"]["force_rmse"], rel=1e-6)
+    a = model.predict(frames[0], warn=False)
+    b = local.model.predict(frames[0], warn=False)
+    np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-9)
