@@ -69,6 +69,21 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--b", nargs="+", required=True, metavar="KEY=VALUE")
     comp.set_defaults(func=cmd_compatible)
 
+    tr = sub.add_parser("train", help="train a potential on database frames and save it in the potential database")
+    tr.add_argument("--elements", nargs="+", required=True, help="element symbols (frames of any subset are used)")
+    tr.add_argument("--name", required=True, help="name to save the potential under (versions accumulate)")
+    tr.add_argument("--formula", help="only frames of this reduced formula, e.g. H2O")
+    tr.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. code=vasp xc=PBE")
+    tr.add_argument("--tags", nargs="*")
+    tr.add_argument("--epochs", type=int, help="maximum epochs (default: TrainingConfig.max_epochs)")
+    tr.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    tr.add_argument("--ensemble", type=int, default=1, metavar="N", help="train a committee of N members")
+    tr.add_argument("--workdir", help="checkpoints and metrics log (a killed run resumes from here)")
+    tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="other TrainingConfig fields, e.g. learning_rate=0.001 seed=3")
+    tr.add_argument("--description", default="")
+    tr.set_defaults(func=cmd_train)
+
     _models_args(sub)
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
@@ -192,6 +207,53 @@ def cmd_compatible(args: argparse.Namespace) -> int:
     report = _connect(args).compatible(query_spec(args.a), query_spec(args.b))
     print(report)
     return 0 if report.ok else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mlmd_lab.train.trainer import Trainer, train_ensemble
+
+    db = _connect(args)
+    query = {k: v for k, v in (("formula", args.formula), ("tags", args.tags),
+                               ("settings", parse_pairs(args.settings) or None)) if v}
+    overrides = _config_overrides(args.config)
+    if args.epochs:
+        overrides["max_epochs"] = args.epochs
+    if args.time_limit:
+        overrides["time_limit"] = args.time_limit
+    if args.ensemble > 1:
+        frames = db.frames(elements=args.elements, exclusive=True, **query)
+        if len(frames) == 0:
+            raise MLMDError(f"no labelled frames of {'-'.join(args.elements)} in the database; ingest data first")
+        model = train_ensemble(frames, args.ensemble, workdir=args.workdir, query=frames.query, **overrides)
+        errors = model.metadata.get("errors", {})
+    else:
+        trainer = Trainer.from_database(db, args.elements, workdir=args.workdir, **query, **overrides)
+        model = trainer.fit()
+        errors = trainer.errors
+    record = db.models.save(model, args.name, description=args.description)
+    test = errors.get("test") or errors.get("validation") or {}
+    if test:
+        print(f"held-out RMSE: energy {test.get('energy_rmse', float('nan')) * 1e3:.3f} meV/atom, "
+              f"forces {test.get('force_rmse', float('nan')) * 1e3:.1f} meV/Å ({test.get('n_frames')} frames)")
+    print(f"saved {record.name} v{record.version} ({record.kind}, {' '.join(record.elements)})")
+    return 0
+
+
+def _config_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as TrainingConfig fields; tuple fields take comma lists (``hidden=30,30``)."""
+    from dataclasses import fields
+
+    from mlmd_lab.train.trainer import TrainingConfig
+
+    known = {f.name: f for f in fields(TrainingConfig)}
+    out = {}
+    for key, value in parse_pairs(pairs).items():
+        if key not in known:
+            raise MLMDError(f"unknown training setting {key!r}; known: {', '.join(sorted(known))}")
+        if isinstance(getattr(TrainingConfig(), key), tuple):
+            value = tuple(parse_value(v) for v in str(value).split(","))
+        out[key] = value
+    return out
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:

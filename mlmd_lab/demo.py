@@ -88,6 +88,35 @@ def run_demo(db, samples: Path | None = None) -> None:
                             {"formula": "H2O", "settings": {"code": None}}))
     if samples is not None and (samples / "n2p2" / "Cu2S_PBE").exists() and db.count(formula="Cu2S"):
         show_potential(db, samples / "n2p2" / "Cu2S_PBE")
+    train_potential(db)
+
+
+def train_potential(db, time_limit: float = 240.0) -> None:
+    """Train a potential with the defaults on the database's 192-atom water frames (DeePMD, DFT) — or on the
+    bundled example — save it in the potential database and list what it holds."""
+    import warnings
+
+    from mlmd_lab.train.trainer import Trainer, TrainingWarning
+
+    criteria = {"formula": "H2O", "natoms": (192, 192)} if db.count(formula="H2O", natoms=(192, 192)) else {}
+    frames = db.frames(**criteria) if criteria else db.frames(tags=["example"])
+    if len(frames) < 3:
+        return
+    name = "water-demo" if criteria else "cu-au-emt-demo"
+    print(f"\n== train a potential with the defaults on {len(frames)} frames ({name}; at most {time_limit:.0f} s)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)  # the bundled example is deliberately small
+        trainer = Trainer(frames, time_limit=time_limit)
+        trainer.fit()
+    for split, errors in trainer.errors.items():
+        print(f"  {split:<10} {errors['n_frames']:>4} frames: energy RMSE {errors['energy_rmse'] * 1e3:.3f} meV/atom, "
+              f"force RMSE {errors['force_rmse'] * 1e3:.1f} meV/Å")
+    record = db.models.save(trainer.model, name, description="mlmd-lab demo: defaults")
+    print(f"  saved as {record.name} v{record.version}; the potential database holds:")
+    for r in db.models.find():
+        energy, force = r.rmse("test")
+        shown = "-" if force is None else f"{force:.1f}"
+        print(f"  - {r.name} v{r.version} ({' '.join(r.elements)}): test force RMSE {shown} meV/Å")
 
 
 def show_potential(db, folder: Path) -> None:

@@ -317,6 +317,29 @@ def test_training_on_a_dask_cluster_gives_the_local_result(frames):
             remote = Trainer(frames, config, progress=False)
             model = remote.fit(cluster=client)
     assert remote.errors["test"]["force_rmse"] == pytest.approx(local.errors["test"]["force_rmse"], rel=1e-6)
-    a = model.predict(frames[0], warn=False)
-    b = local.model.predict(frames[0], warn=False)
+    a = model.predict(frames[0], warn=False)[0]
+    b = local.model.predict(frames[0], warn=False)[0]
     np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_cli_train_saves_and_lists_the_model(mongo_uri, frames, tmp_path):
+    import uuid
+
+    from mlmd_lab.io.extxyz import write_extxyz
+
+    write_extxyz(tmp_path / "cual.xyz", frames)
+    base = [sys.executable, "-m", "mlmd_lab.cli", "--uri", mongo_uri, "--database", f"test_tr_{uuid.uuid4().hex[:8]}"]
+
+    def run(*args):
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=600)
+
+    assert run("ingest", str(tmp_path / "cual.xyz"), "--settings", "code=emt", "--no-progress").returncode == 0
+    out = run("train", "--elements", "Al", "Cu", "--name", "cual", "--epochs", "2", "--config", "n_radial=4",
+              "n_angular=1", "zetas=1", "hidden=8,8", "cutoff=4.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out RMSE" in out.stdout and "saved cual v1" in out.stdout
+    listing = run("models")
+    assert "cual" in listing.stdout and "Al Cu" in listing.stdout
+    bad = run("train", "--elements", "Al", "Cu", "--name", "x", "--config", "learning_rat=1")
+    assert bad.returncode == 2 and "unknown training setting 'learning_rat'" in bad.stderr

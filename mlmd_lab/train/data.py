@@ -82,10 +82,11 @@ def reference_energies(labels: Labels, elements: Sequence[str]) -> dict[str, flo
 
 
 def stack(features: Sequence[FrameFeatures], labels: Labels, n_elements: int, dtype=np.float32,
-          like: dict | None = None) -> dict[str, np.ndarray]:
-    """Padded arrays of many frames (see module docstring); ``like``: reuse another set's capacities."""
+          caps: tuple | None = None) -> dict[str, np.ndarray]:
+    """Padded arrays of many frames (see module docstring); ``caps`` from :func:`capacities` (default: these
+    frames') — give the same to training and validation sets so that one compilation serves both."""
     B = len(features)
-    caps = _capacities(features, n_elements) if like is None else like["_caps"]
+    caps = capacities(features, n_elements) if caps is None else caps
     n_cap, atom_caps, pair_caps = caps
     dummy = n_cap - 1
     out: dict[str, np.ndarray] = {"_caps": caps}
@@ -124,7 +125,8 @@ def stack(features: Sequence[FrameFeatures], labels: Labels, n_elements: int, dt
     return out
 
 
-def _capacities(features: Sequence[FrameFeatures], n_elements: int) -> tuple:
+def capacities(features: Sequence[FrameFeatures], n_elements: int) -> tuple:
+    """(atom slots, per-element rows, per-block pairs) fitting every frame given."""
     n_cap = bucket(max(fr.species.size for fr in features))  # >= n + 1: the last slot is the dummy atom
     atom_caps = tuple(max(1, max(fr.G[c].shape[0] for fr in features)) for c in range(n_elements))
     pair_caps = tuple(max(1, max(fr.blocks[b]["i"].size for fr in features)) for b in range(n_elements**2))

@@ -48,7 +48,7 @@ from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.symfunc import sort_elements
 from mlmd_lab.train.callbacks import Callback, CallbackList, ConsoleProgress, Metrics, Stopper
-from mlmd_lab.train.data import labels_of, reference_energies, scaling_statistics, stack
+from mlmd_lab.train.data import capacities, labels_of, reference_energies, scaling_statistics, stack
 from mlmd_lab.train.features import block_columns, compute_features
 from mlmd_lab.train.step import StepConfig, make_functions
 
@@ -371,8 +371,9 @@ class Trainer:
         dtype = np.float32 if cfg.dtype == "float32" else np.float64
         E = len(model.elements)
         labels = {name: labels_of(getattr(self.split, name), model.elements) for name in ("train", "validation")}
-        data = stack(self._features["train"], labels["train"], E, dtype)
-        valid = stack(self._features["validation"], labels["validation"], E, dtype, like=data)
+        caps = capacities(self._features["train"] + self._features["validation"], E)
+        data = stack(self._features["train"], labels["train"], E, dtype, caps)
+        valid = stack(self._features["validation"], labels["validation"], E, dtype, caps)
         columns = tuple(tuple(int(k) for k in cols) for cols in block_columns(model))
         step_cfg = StepConfig(n_elements=E, activations=model.settings.activations, columns=columns,
                               energy_scale=self._state["energy_scale"],
@@ -469,13 +470,14 @@ class Trainer:
         return self.model
 
     def _callbacks(self) -> list[Callback]:
-        out = [self.stopper, *self.callbacks]
-        if self.progress:
-            out.append(ConsoleProgress())
-        if self.workdir is not None:
+        out = []
+        if self.workdir is not None:  # first: an epoch is logged even if a later callback dies
             from mlmd_lab.train.callbacks import JSONLinesLog
 
             out.append(JSONLinesLog(self.workdir / "metrics.jsonl", append=True))
+        out += [self.stopper, *self.callbacks]
+        if self.progress:
+            out.append(ConsoleProgress())
         return out
 
     def _finish_failed(self, state, epoch, callbacks, loss, baseline) -> None:
