@@ -339,6 +339,7 @@ class Trainer:
             from mlmd_lab.train.remote import fit_on_cluster
 
             return fit_on_cluster(self, cluster)
+        self.stopper.reset()  # a stop request of an earlier run must not end this one
         self.write_nn()
         self.write_data()
         self.normalize()
@@ -590,6 +591,7 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
     root = Path(workdir) if workdir is not None else None
     base = Trainer(frames, config, workdir=None if root is None else root / "member_0", callbacks=callbacks,
                    progress=progress, query=query, **overrides)
+    base.stopper.reset()  # one stop request (shared by the members) ends the whole ensemble
     base.write_nn()
     base.write_data()
     members, trainers = [], []
