@@ -98,7 +98,10 @@ def train_potential(db, time_limit: float = 240.0) -> None:
 
     from mlmd_lab.train.trainer import Trainer, TrainingWarning
 
-    criteria = {"formula": "H2O", "natoms": (192, 192)} if db.count(formula="H2O", natoms=(192, 192)) else {}
+    # One source only: the DeePMD set. Water boxes of other origins (n2p2's RPBE-D3 set) have other DFT
+    # settings and energy zeros, and their settings are unknown, so no signature tells them apart.
+    deepmd = {"formula": "H2O", "query": {"source_path": {"$regex": "deepmd-water"}}}
+    criteria = deepmd if db.count(**deepmd) else {}
     frames = db.frames(**criteria) if criteria else db.frames(tags=["example"])
     if len(frames) < 3:
         return
