@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -116,3 +117,18 @@ def shutdown(*dbs: Any) -> None:
     for db in dbs:
         if db is not None and db.server is not None:
             db.server.stop()
+
+
+def gpu_available() -> bool:
+    """True when JAX (in a fresh process, so this one's platform choice is untouched) sees a GPU."""
+    probe = "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax.devices()) else 1)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def run_json_worker(cmd: Sequence[str], label: str) -> dict[str, Any] | None:
+    """Run a benchmark worker process; its last stdout line is its JSON result (None, reported, on failure)."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"[{label}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])

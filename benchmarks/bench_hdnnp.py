@@ -26,12 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import machine_info, median, print_table, write_json
+from _common import gpu_available, machine_info, median, print_table, run_json_worker, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER = ROOT / ".." / "shared" / "external" / "n2p2" / "H2O_RPBE-D3"
@@ -89,16 +88,7 @@ def worker(platform: str, threads: int, dtype: str, repeats: int) -> dict:
 
 def run_worker(platform: str, threads: int, dtype: str, repeats: int) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, str(threads), dtype, "--repeats", str(repeats)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"[{platform}/{threads}/{dtype}] failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def gpu_available() -> bool:
-    probe = "import jax,sys; sys.exit(0 if any(d.platform=='gpu' for d in jax.devices()) else 1)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    return run_json_worker(cmd, f"{platform}/{threads}/{dtype}")
 
 
 def main() -> None:

@@ -27,12 +27,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import machine_info, median, print_table, write_json
+from _common import gpu_available, machine_info, median, print_table, run_json_worker, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER = ROOT / ".." / "shared" / "external" / "deepmd-water"
@@ -127,16 +126,7 @@ def spearman(a, b) -> float:
 
 def run_worker(platform: str, ensemble: int = 0) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"{platform}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def gpu_available() -> bool:
-    probe = "import jax, sys; sys.exit(0 if any(d.platform == 'gpu' for d in jax.devices()) else 1)"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+    return run_json_worker(cmd, f"{platform}, ensemble {ensemble}" if ensemble else platform)
 
 
 def main() -> None:
