@@ -462,7 +462,7 @@ class Trainer:
                 reason = "time_limit"
                 break
         self._export(state["best_params"])
-        self.errors = self._final_errors(state)
+        self.errors = self._final_errors()
         self.model.metadata = self.provenance(state)
         callbacks.on_train_end({"reason": reason, "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
                                 "final": self.history[-1].to_dict() if self.history else {},
@@ -504,7 +504,7 @@ class Trainer:
             self.model.networks[e] = layers
         self.model._cache.clear()
 
-    def _final_errors(self, state) -> dict[str, dict[str, float]]:
+    def _final_errors(self) -> dict[str, dict[str, float]]:
         """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å)."""
         out = {}
         for name in ("train", "validation", "test"):
