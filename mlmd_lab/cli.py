@@ -85,11 +85,86 @@ def _parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
 
     _models_args(sub)
+    _md_args(sub)
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
     srv.add_argument("action", choices=("start", "stop", "status"))
     srv.set_defaults(func=cmd_server)
     return p
+
+
+def _md_args(sub) -> None:
+    md = sub.add_parser("md", help="molecular dynamics with a saved or n2p2-format potential (ASE-readable structure)")
+    source = md.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="name of a potential in the potential database")
+    source.add_argument("--n2p2", metavar="FOLDER", help="folder with input.nn, scaling.data, weights.NNN.data")
+    md.add_argument("--version", type=int, help="model version (default: latest)")
+    md.add_argument("--energy-unit", default="eV", help="n2p2 potential's energy unit (e.g. Ha; default eV)")
+    md.add_argument("--length-unit", default="Angstrom", help="n2p2 potential's length unit (e.g. Bohr; default Å)")
+    md.add_argument("--structure", help="starting structure, any ASE-readable file (not needed with --resume)")
+    md.add_argument("--index", default="-1", help="frame of the structure file (default: the last)")
+    md.add_argument("--repeat", type=int, nargs=3, metavar=("NA", "NB", "NC"), help="supercell of the structure")
+    md.add_argument("--ensemble", default="nve", help="nve, nvt (Langevin), nose-hoover or npt")
+    md.add_argument("--temperature", type=float, help="K")
+    md.add_argument("--pressure", type=float, help="GPa (NPT)")
+    md.add_argument("--barostat", default="isotropic", choices=("isotropic", "anisotropic"))
+    md.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    md.add_argument("--steps", type=int, help="steps (default 1000; with --resume: the rest of the original run)")
+    md.add_argument("--workdir", required=True, help="folder for md.traj, md.log, restart.npz")
+    md.add_argument("--resume", action="store_true", help="continue the run in --workdir from its restart file")
+    md.add_argument("--skin", type=float, help="neighbour-list skin in Å (default 1.0)")
+    md.add_argument("--dtype", choices=("float64", "float32"))
+    md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--interval", type=int, default=10, help="steps between log rows and trajectory frames")
+    md.add_argument("--on-extrapolation", default="warn", choices=("warn", "stop", "ignore"))
+    md.add_argument("--max-force-spread", type=float, help="stop above this committee force spread (eV/Å)")
+    md.set_defaults(func=cmd_md)
+
+
+def cmd_md(args: argparse.Namespace) -> int:
+    from mlmd_lab.md import resume, run
+
+    if args.model:
+        potential = _connect(args).models.load(args.model, version=args.version)
+    else:
+        from mlmd_lab.potentials.model import HDNNP
+
+        potential = HDNNP.from_n2p2(args.n2p2, energy_unit=args.energy_unit, length_unit=args.length_unit)
+    if args.resume:
+        result = resume(potential, args.workdir, steps=args.steps, progress=sys.stderr.isatty())
+    else:
+        if not args.structure:
+            raise MLMDError("give --structure FILE (any format ASE reads), or --resume to continue a run")
+        atoms = _read_structure(args.structure, args.index)
+        if args.repeat:
+            atoms = atoms.repeat(args.repeat)
+        steps = 1000 if args.steps is None else args.steps
+        result = run(potential, atoms, ensemble=args.ensemble, temperature=args.temperature, pressure=args.pressure,
+                     timestep=args.timestep, steps=steps, workdir=args.workdir, barostat=args.barostat,
+                     skin=args.skin, dtype=args.dtype, seed=args.seed, trajectory_interval=args.interval,
+                     log_interval=args.interval, on_extrapolation=args.on_extrapolation,
+                     max_force_spread=args.max_force_spread, progress=sys.stderr.isatty())
+    thermo = result.thermo
+    last = {k: float(v[-1]) for k, v in thermo.items()} if len(thermo["step"]) else {}
+    print(f"{result.steps} steps of {len(result.atoms)} atoms in {result.wall_s:.1f} s "
+          f"({result.atom_steps_per_s:.3g} atom-steps/s, {result.rebuilds} neighbour rebuilds)")
+    if last:
+        print(f"step {int(last['step'])}: T = {last['temperature_K']:.1f} K, E_tot = {last['etot_eV']:.6f} eV, "
+              f"P = {last['pressure_GPa']:.4f} GPa")
+    print(f"output in {result.workdir}: md.traj, md.log, restart.npz")
+    return 0
+
+
+def _read_structure(path: str, index: str):
+    from ase.io import read
+
+    if not Path(path).exists():
+        raise MLMDError(f"structure file {path} does not exist")
+    try:
+        return read(path, index=index)
+    except Exception as err:  # ASE raises many kinds for unreadable files
+        raise MLMDError(f"ASE cannot read {path} ({type(err).__name__}: {err}); give a file in a format ASE reads "
+                        "(extxyz, POSCAR, .traj, cif, ...)") from err
 
 
 def _models_args(sub) -> None:

@@ -1,0 +1,201 @@
+"""The force evaluation the MD engine integrates: neighbour data on the host, energy/forces/virial in JAX.
+
+A :class:`ForceField` wraps a potential (an :class:`~mlmd_lab.potentials.model.HDNNP`, an
+:class:`~mlmd_lab.train.ensemble.Ensemble`, or the :class:`LennardJones` pair potential used for teaching and
+for fast statistical tests of the integrators) behind two calls:
+
+- :meth:`ForceField.build` (host, numpy): padded neighbour data with a skin, in the potential's units;
+- :meth:`ForceField.compute` (pure JAX, jit-able): energy (eV), forces (eV/Å), virial (eV) and the safety
+  signals (symmetry functions outside the training range per atom, committee force spread per atom in eV/Å)
+  for positions and cell in Å, using neighbour data built earlier.
+
+Why not jax-md's ``partition``: jax-md 0.2.8 (the newest release) does not import with JAX 0.10
+(``jax.lib.xla_bridge`` is gone), and its neighbour lists have no triplets, which Behler–Parrinello angular
+functions need. The neighbour data here are the potential's own (vesin pairs, numba triplets), kept valid
+by the engine's skin test (see :func:`neighbours_valid`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ase import Atoms
+
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials.model import HDNNP, _evaluate
+from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder
+
+
+@dataclass(frozen=True)
+class LennardJones:
+    """Shifted-force Lennard-Jones pair potential (energy and force go to zero at the cutoff).
+
+    u(r) = 4 eps [(s/r)^12 - (s/r)^6], shifted so that u(rc) = u'(rc) = 0. One (epsilon, sigma) for all
+    elements. Defaults are argon (epsilon 0.0104 eV, sigma 3.40 Å, cutoff 2.5 sigma).
+
+    Args:
+        epsilon: well depth in eV.
+        sigma: length in Å.
+        cutoff: cutoff radius in Å (default 2.5 sigma).
+    """
+
+    epsilon: float = 0.0104
+    sigma: float = 3.40
+    cutoff: float | None = None
+
+    @property
+    def rc(self) -> float:
+        return float(self.cutoff if self.cutoff is not None else 2.5 * self.sigma)
+
+
+@dataclass
+class ForceField:
+    """A potential prepared for MD (eV and Å at the boundary; model units inside).
+
+    Built with :func:`forcefield`; see the module docstring.
+    """
+
+    elements: tuple[str, ...]
+    cutoff: float  # Å, the largest interaction range (without skin)
+    skin: float  # Å
+    length_factor: float  # model length unit -> Å
+    energy_factor: float  # model energy unit -> eV
+    dtype: str
+    builder: NeighbourBuilder
+    members: list = field(default_factory=list)  # [(energy_fn, params)]
+    far: float = 0.0
+    is_ensemble: bool = False
+    single_kind: bool = False  # every element is the same kind (pair potentials such as LennardJones)
+    source: object = None
+
+    def species(self, atoms: Atoms) -> np.ndarray:
+        """Element index of each atom; a clear error for elements the potential does not know."""
+        if self.single_kind:
+            return np.zeros(len(atoms), np.int64)
+        index = {e: k for k, e in enumerate(self.elements)}
+        symbols = atoms.get_chemical_symbols()
+        unknown = sorted(set(symbols) - set(index))
+        if unknown:
+            raise MLMDError(f"the potential knows {list(self.elements)}, the structure also has {unknown}; "
+                            "use a potential trained for these elements")
+        return np.array([index[s] for s in symbols], np.int64)
+
+    def build(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, species: np.ndarray,
+              like: Layout | None = None) -> tuple[dict, Layout]:
+        """Padded neighbour arrays (model units, numpy) and their static layout, within cutoff + skin.
+
+        Args:
+            positions: (N, 3) Å, unwrapped positions are fine (image shifts follow them).
+            cell: (3, 3) Å, rows are cell vectors.
+            pbc: (3,) periodicity.
+            species: (N,) element indices.
+            like: a previous layout to reuse when the new lists fit (no recompilation).
+        """
+        lf = self.length_factor
+        graph = self.builder.build([(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species)],
+                                   like)
+        arrays = graph.arrays()
+        dt = np.float64 if self.dtype == "float64" else np.float32
+        arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}
+        return arrays, graph.layout
+
+    def compute(self, arrays: dict, layout: Layout, positions, cell) -> dict:
+        """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
+        extrapolation (N,) counts and force_std (N,) eV/Å (zero for a single potential). Pure JAX."""
+        n = positions.shape[0]
+        lf, ef = self.length_factor, self.energy_factor
+        dt = jnp.float64 if self.dtype == "float64" else jnp.float32
+        R = jnp.zeros((layout.n_atoms, 3), dt).at[:n].set((positions / lf).astype(dt))
+        local = dict(arrays, positions=R, cells=(cell / lf).astype(dt)[None])
+        outs = [_evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
+        energies = jnp.stack([o["energy"][0] for o in outs]).astype(jnp.float64) * ef
+        forces = jnp.stack([o["forces"][:n] for o in outs]).astype(jnp.float64) * (ef / lf)
+        virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
+        mean_forces = jnp.mean(forces, axis=0)
+        spread = jnp.sqrt(jnp.mean(jnp.sum((forces - mean_forces) ** 2, axis=2), axis=0))
+        extrapolation = jnp.max(jnp.stack([o["extrapolation"][:n] for o in outs]), axis=0)
+        return {"energy": jnp.mean(energies), "forces": mean_forces, "virial": jnp.mean(virials, axis=0),
+                "extrapolation": extrapolation, "force_std": spread}
+
+    def single_point(self, atoms: Atoms) -> dict:
+        """:meth:`compute` for one structure (numpy results; for checks and the first step)."""
+        arrays, layout = self.build(atoms.positions, atoms.cell.array, atoms.pbc, self.species(atoms))
+        out = _compute_jit(self, layout)(arrays, jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array))
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _compute_jit(ff: ForceField, layout: Layout):
+    return jax.jit(lambda arrays, R, h: ff.compute(arrays, layout, R, h))
+
+
+def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceField:
+    """Prepare ``potential`` (HDNNP, Ensemble or LennardJones) for MD with a neighbour skin in Å.
+
+    ``dtype`` ("float64" or "float32") overrides the potential's own evaluation precision.
+    """
+    if skin < 0:
+        raise MLMDError(f"skin must be >= 0 Å, got {skin}")
+    if isinstance(potential, LennardJones):
+        return _lennard_jones(potential, skin, dtype or "float64")
+    members = getattr(potential, "members", None)
+    models: Sequence[HDNNP] = list(members) if members is not None else [potential]
+    if not all(isinstance(m, HDNNP) for m in models):
+        raise MLMDError(f"cannot run MD with {type(potential).__name__}; give an HDNNP, an Ensemble, a "
+                        "LennardJones, or a model name together with db=")
+    if dtype is not None:
+        models = [m.with_dtype(dtype) for m in models]
+    first = models[0]
+    return ForceField(
+        elements=tuple(first.elements), cutoff=first.cutoff, skin=float(skin), length_factor=first.length_factor,
+        energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
+        members=[(m.energy_function(), m.parameters()) for m in models], far=first._far(),
+        is_ensemble=members is not None, source=potential)
+
+
+def _lennard_jones(lj: LennardJones, skin: float, dtype: str) -> ForceField:
+    rc, eps, sig = lj.rc, lj.epsilon, lj.sigma
+
+    def pair_energy(r):
+        def u(x):
+            s6 = (sig / x) ** 6
+            return 4.0 * eps * (s6 * s6 - s6)
+
+        du = jax.grad(u)
+        return u(r) - u(rc) - (r - rc) * du(rc)
+
+    def energy_fn(params, arrays, d, layout):
+        r = jnp.sqrt(jnp.sum(d * d, axis=1))
+        inside = arrays["pair_mask"] & (r < rc)
+        safe = jnp.where(inside, r, rc)
+        pair = jnp.where(inside, pair_energy(safe), 0.0)
+        atomic = 0.5 * jax.ops.segment_sum(pair, arrays["pair_i"], num_segments=layout.n_atoms)
+        per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
+        return per_structure[:-1], atomic, jnp.zeros(layout.n_atoms, jnp.int32)
+
+    builder = NeighbourBuilder(1, rc, {}, skin=skin)
+    ff = ForceField(elements=("*",), cutoff=rc, skin=float(skin), length_factor=1.0, energy_factor=1.0, dtype=dtype,
+                    builder=builder, members=[(energy_fn, {})], far=2.0 * rc + 1.0, single_kind=True, source=lj)
+    return ff
+
+
+def neighbours_valid(ff: ForceField, positions, cell, reference_positions, reference_cell, variable_cell: bool):
+    """True while neighbour data built at (reference_positions, reference_cell) still hold every pair and
+    triplet within the cutoff (JAX).
+
+    Positions are split into the affine map of the cell change M = h0^-1 h and a remainder u_i; a distance
+    can shrink at most to sigma_min(M) |d0| - 2 max|u|. Pairs farther than cutoff + skin at build time
+    stay beyond the cutoff while (cutoff + skin) sigma_min(M) - 2 max|u| > cutoff. At fixed cell this is the
+    usual half-skin rule; under a barostat it also covers the compression of the cell.
+    """
+    if not variable_cell:  # also the only case for non-periodic structures (their cell may be zero)
+        u = positions - reference_positions
+        return 2.0 * jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1))) < ff.skin
+    M = jnp.linalg.solve(reference_cell, cell)
+    u = positions - reference_positions @ M
+    largest = jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1)))
+    smallest_stretch = jnp.min(jnp.linalg.svd(M, compute_uv=False))
+    return (ff.cutoff + ff.skin) * smallest_stretch - 2.0 * largest > ff.cutoff
