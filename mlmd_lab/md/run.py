@@ -78,7 +78,8 @@ class MDResult:
     Attributes:
         atoms: final structure (positions Å unwrapped, momenta, cell; energy/forces/stress attached).
         thermo: the log as arrays, keys :data:`LOG_COLUMNS` (units in the names).
-        trajectory: frames written (ASE Atoms), read from ``md.traj`` when a workdir is used.
+        trajectory: frames written (ASE Atoms): a list, or with a workdir a lazy ``ase.io.Trajectory`` reader of
+            ``md.traj`` (indexable, ``len()``; frames load when accessed).
         steps: steps taken in this call; wall_s: seconds; rebuilds: neighbour-list rebuilds.
         atom_steps_per_s: throughput (atoms x steps / wall time, compilation included in wall_s only).
         workdir: output folder or None.
@@ -86,7 +87,7 @@ class MDResult:
 
     atoms: Atoms
     thermo: dict[str, np.ndarray]
-    trajectory: list[Atoms]
+    trajectory: Sequence[Atoms]
     steps: int
     wall_s: float
     rebuilds: int
@@ -687,13 +688,12 @@ class _Outputs:
         data = np.array(self._rows) if self._rows else np.zeros((0, len(LOG_COLUMNS)))
         return {name: data[:, k] for k, name in enumerate(LOG_COLUMNS)}
 
-    def frames(self) -> list[Atoms]:
+    def frames(self) -> Sequence[Atoms]:
+        """In memory, or a lazy reader of md.traj (frames are read when indexed, so long runs fit)."""
         if self.workdir is None:
             return self._frames
-        from ase.io import read
-
         path = self.workdir / "md.traj"
-        return read(path, ":") if path.exists() and path.stat().st_size else []
+        return Trajectory(path, "r") if path.exists() and path.stat().st_size else []
 
 
 def _format(value: float) -> str:

@@ -146,6 +146,19 @@ class HDNNP:
             n2p2_files.write_weights(n2p2_files.weights_path(folder, element), flatten(self.networks[element]), sizes)
         return folder
 
+    def to_lammps(self, path: str | Path, atoms: Atoms | None = None, **options) -> Path:
+        """Write a ready LAMMPS run (``pair_style hdnnp``, package ML-HDNNP) into folder ``path``; returns it.
+
+        The folder gets the n2p2 files (``hdnnp/``), ``data.lammps`` from ``atoms``, ``in.lammps`` (metal units,
+        with the ``cflength``/``cfenergy`` conversion to this potential's units) and ``README.txt``. Options
+        (``timestep_fs``, ``temperature_K``, ``steps``, ``ensemble`` = "nve"/"nvt"/"npt", ``thermo_every``,
+        ``dump_every``, ``maxew``, ``pressure_bar``, ``seed``, ``vacuum``) are those of
+        :func:`mlmd_lab.md.lammps.write_lammps`.
+        """
+        from mlmd_lab.md.lammps import write_lammps
+
+        return write_lammps(self, path, atoms, **options)
+
     # ------------------------------------------------------------------ units and plan
     @property
     def energy_factor(self) -> float:

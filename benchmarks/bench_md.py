@@ -1,0 +1,162 @@
+"""MD throughput with n2p2's H2O potential (1080-atom water and its 8x supercell), and NVE energy drift.
+
+Throughput: NVE at 300 K, 0.5 fs, with ``mlmd_lab.md.run`` exactly as users call it (neighbour lists with a
+skin, rebuilt on the host when atoms move too far; every step checked). Each configuration runs in its own
+process (thread settings must be set before JAX starts): CPU with 2 threads (and 1 thread for the per-core
+figure), float64 and float32, and the GPU when JAX sees one. Reported per configuration: atom-steps/s after
+compilation, µs per atom-step, µs per atom-step per core (wall time x cores), the n2p2 ratio, neighbour
+rebuilds, compile time and peak memory (RSS).
+
+Reference: n2p2 2.3.0 energy+forces on this kind of machine, 281 µs/atom of CPU time on one core
+(../shared/external/README.md; a single point, no MD overhead). Target: no slower per core; GPU >= 1e6
+atom-steps/s on one H100/H200.
+
+Drift (``--drift``): NVE of a 192-atom water box (DeePMD water frame, n2p2 H2O potential), 0.5 fs, 2 ps,
+float64: linear-fit total-energy drift in meV/atom/ps (target <= 0.1).
+
+    python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--drift] [--only-drift]
+
+Writes ``benchmarks/results/bench_md.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+from _common import gpu_available, machine_info, print_table, run_json_worker, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+WATER = ROOT / ".." / "shared" / "external" / "n2p2" / "H2O_RPBE-D3"
+DEEPMD = ROOT / ".." / "shared" / "external" / "deepmd-water" / "data_0"
+N2P2_US_PER_ATOM = 281.0
+
+
+def _setup(platform: str, threads: int) -> None:
+    if platform == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if threads == 1:
+            os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+
+
+def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, steps: int, skin: float) -> dict:
+    _setup(platform, threads)
+    import jax
+
+    from mlmd_lab.io.n2p2 import read_input_data
+    from mlmd_lab.md import run
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype=dtype)
+    atoms = read_input_data(WATER / "input.data", "Ha", "Bohr")[0].repeat(repeat)
+    block = max(2, min(50, steps // 2))
+    # warm-up run compiles (same shapes as the timed run); the timed run reuses the compiled function
+    run(model, atoms, "nve", temperature=300, timestep=0.5, steps=block, skin=skin, block=block,
+        log_interval=block, trajectory_interval=0, restart_interval=0)
+    t0 = time.perf_counter()
+    result = run(model, atoms, "nve", temperature=300, timestep=0.5, steps=steps, skin=skin, block=block,
+                 log_interval=block, trajectory_interval=0, restart_interval=0)
+    wall = time.perf_counter() - t0
+    timed = wall - result.compile_s
+    n = len(atoms)
+    return {
+        "platform": platform, "device": str(jax.devices()[0]), "threads": threads if platform == "cpu" else None,
+        "dtype": dtype, "atoms": n, "steps": steps, "skin_A": skin, "wall_s": wall, "compile_s": result.compile_s,
+        "rebuilds": result.rebuilds, "atom_steps_per_s": steps * n / timed,
+        "us_per_atom_step": timed / (steps * n) * 1e6,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def drift_worker(steps: int) -> dict:
+    _setup("cpu", 2)
+    from mlmd_lab.analysis import energy_drift
+    from mlmd_lab.io.deepmd import read_deepmd
+    from mlmd_lab.md import run
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype="float64")
+    atoms = read_deepmd(DEEPMD)[0]
+    t0 = time.perf_counter()
+    result = run(model, atoms, "nve", temperature=300, timestep=0.5, steps=steps, log_interval=10,
+                 trajectory_interval=0, restart_interval=0)
+    th = result.thermo
+    drift = energy_drift(th["time_fs"], th["etot_eV"], len(atoms))
+    return {
+        "atoms": len(atoms), "steps": steps, "timestep_fs": 0.5, "time_ps": steps * 0.5e-3,
+        "drift_meV_atom_ps": drift.slope_mev_atom_ps, "drift_err_meV_atom_ps": drift.slope_err_mev_atom_ps,
+        "rms_meV_atom": drift.rms_mev_atom, "max_deviation_meV_atom": drift.max_deviation_mev_atom,
+        "mean_temperature_K": float(th["temperature_K"].mean()), "wall_s": time.perf_counter() - t0,
+        "rebuilds": result.rebuilds, "atom_steps_per_s": result.atom_steps_per_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps for 1080 atoms")
+    parser.add_argument("--big-steps", type=int, default=6, help="timed steps for 8640 atoms")
+    parser.add_argument("--skin", type=float, default=1.0)
+    parser.add_argument("--drift", action="store_true", help="also the 2 ps NVE drift run")
+    parser.add_argument("--only-drift", action="store_true")
+    parser.add_argument("--drift-steps", type=int, default=4000)
+    parser.add_argument("--worker", nargs=6, metavar=("PLATFORM", "THREADS", "DTYPE", "REPEAT", "STEPS", "SKIN"))
+    parser.add_argument("--drift-worker", type=int)
+    args = parser.parse_args()
+    if args.worker:
+        p, t, d, r, s, k = args.worker
+        print(json.dumps(throughput_worker(p, int(t), d, int(r), int(s), float(k))))
+        return
+    if args.drift_worker:
+        print(json.dumps(drift_worker(args.drift_worker)))
+        return
+    if not WATER.exists():
+        sys.exit(f"n2p2 water potential not found at {WATER} (../shared/external is needed)")
+    gpu = gpu_available()
+    results, drift = [], None
+    if not args.only_drift:
+        configs = [("cpu", 2, "float64", 1, args.steps), ("cpu", 2, "float32", 1, args.steps),
+                   ("cpu", 1, "float64", 1, max(10, args.steps // 2)),
+                   ("cpu", 2, "float64", 2, args.big_steps), ("cpu", 2, "float32", 2, args.big_steps)]
+        if gpu:
+            configs += [("gpu", 0, d, r, s) for d in ("float64", "float32") for r, s in ((1, 500), (2, 200))]
+        for platform, threads, dtype, repeat, steps in configs:
+            cmd = [sys.executable, __file__, "--worker", platform, str(threads), dtype, str(repeat), str(steps),
+                   str(args.skin)]
+            r = run_json_worker(cmd, f"{platform}/{threads}/{dtype}/x{repeat ** 3}")
+            if r is not None:
+                results.append(r)
+        rows = []
+        for r in results:
+            cores = r["threads"] or 1
+            per_core = r["us_per_atom_step"] * cores if r["platform"] == "cpu" else None
+            rows.append([f"{r['platform']} {r['threads'] or ''}{'t ' if r['threads'] else ''}{r['dtype']}",
+                         r["atoms"], r["steps"], r["atom_steps_per_s"], r["us_per_atom_step"], per_core,
+                         None if per_core is None else N2P2_US_PER_ATOM / per_core, r["rebuilds"], r["compile_s"],
+                         r["peak_rss_gib"]])
+        print_table(["config", "atoms", "steps", "atom-steps/s", "µs/atom-step", "µs/atom-step·core",
+                     "n2p2/ours per core", "rebuilds", "compile s", "peak GiB"], rows,
+                    title=f"MD throughput, n2p2 H2O_RPBE-D3 water, NVE 300 K, 0.5 fs, skin {args.skin} Å "
+                          f"(n2p2: {N2P2_US_PER_ATOM:.0f} µs/atom per core, single point)")
+        if not gpu:
+            print("GPU: not measured (JAX sees no GPU on this machine; target 1e6 atom-steps/s on H100/H200)")
+    if args.drift or args.only_drift:
+        drift = run_json_worker([sys.executable, __file__, "--drift-worker", str(args.drift_steps)], "drift")
+        if drift:
+            print_table(["run", "atoms", "time ps", "drift meV/atom/ps", "± (1σ)", "RMS meV/atom", "mean T K",
+                         "wall s"],
+                        [["NVE float64 0.5 fs", drift["atoms"], drift["time_ps"], drift["drift_meV_atom_ps"],
+                          drift["drift_err_meV_atom_ps"], drift["rms_meV_atom"], drift["mean_temperature_K"],
+                          drift["wall_s"]]], title="NVE energy drift (target <= 0.1 meV/atom/ps)")
+    path = write_json("bench_md", {"machine": machine_info(), "n2p2_us_per_atom_per_core": N2P2_US_PER_ATOM,
+                                   "gpu_available": gpu, "throughput": results, "drift": drift})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
