@@ -14,7 +14,8 @@ atom-steps/s on one H100/H200.
 Drift (``--drift``): NVE of a 192-atom water box (DeePMD water frame, n2p2 H2O potential), 0.5 fs, 2 ps,
 float64: linear-fit total-energy drift in meV/atom/ps (target <= 0.1).
 
-    python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--drift] [--only-drift]
+    python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--skin 1.0] [--skin-scan 0.25 0.5 1.0]
+                                  [--drift] [--only-drift]
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -101,7 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps for 1080 atoms")
     parser.add_argument("--big-steps", type=int, default=6, help="timed steps for 8640 atoms")
-    parser.add_argument("--skin", type=float, default=1.0)
+    parser.add_argument("--skin", type=float, default=0.5, help="Å (mlmd_lab.md.run's default)")
+    parser.add_argument("--skin-scan", type=float, nargs="*", metavar="SKIN",
+                        help="also time 1080 atoms, 2 threads, float64 and float32, at these skins (Å)")
     parser.add_argument("--drift", action="store_true", help="also the 2 ps NVE drift run")
     parser.add_argument("--only-drift", action="store_true")
     parser.add_argument("--drift-steps", type=int, default=4000)
@@ -143,6 +146,20 @@ def main() -> None:
                      "n2p2/ours per core", "rebuilds", "compile s", "peak GiB"], rows,
                     title=f"MD throughput, n2p2 H2O_RPBE-D3 water, NVE 300 K, 0.5 fs, skin {args.skin} Å "
                           f"(n2p2: {N2P2_US_PER_ATOM:.0f} µs/atom per core, single point)")
+        scan = []
+        for skin in args.skin_scan or []:
+            for dtype in ("float64", "float32"):
+                cmd = [sys.executable, __file__, "--worker", "cpu", "2", dtype, "1", str(args.steps), str(skin)]
+                r = run_json_worker(cmd, f"skin {skin} {dtype}")
+                if r is not None:
+                    scan.append(r)
+        if scan:
+            print_table(["skin Å", "dtype", "atom-steps/s", "µs/atom-step", "µs/atom-step·core", "n2p2/ours per core",
+                         "rebuilds"],
+                        [[r["skin_A"], r["dtype"], r["atom_steps_per_s"], r["us_per_atom_step"],
+                          2 * r["us_per_atom_step"], N2P2_US_PER_ATOM / (2 * r["us_per_atom_step"]), r["rebuilds"]]
+                         for r in scan], title="Skin scan: 1080 atoms, CPU 2 threads")
+            results += scan
         if not gpu:
             print("GPU: not measured (JAX sees no GPU on this machine; target 1e6 atom-steps/s on H100/H200)")
     if args.drift or args.only_drift:

@@ -112,7 +112,7 @@ def _md_args(sub) -> None:
     md.add_argument("--steps", type=int, help="steps (default 1000; with --resume: the rest of the original run)")
     md.add_argument("--workdir", required=True, help="folder for md.traj, md.log, restart.npz")
     md.add_argument("--resume", action="store_true", help="continue the run in --workdir from its restart file")
-    md.add_argument("--skin", type=float, help="neighbour-list skin in Å (default 1.0)")
+    md.add_argument("--skin", type=float, help="neighbour-list skin in Å (default 0.5)")
     md.add_argument("--dtype", choices=("float64", "float32"))
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--interval", type=int, default=10, help="steps between log rows and trajectory frames")

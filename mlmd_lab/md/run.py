@@ -44,6 +44,8 @@ LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "conserved_eV
                "volume_A3", "pxx_GPa", "pyy_GPa", "pzz_GPa", "pyz_GPa", "pxz_GPa", "pxy_GPa", "max_extrapolation",
                "max_force_std_eV_A")
 
+DEFAULT_SKIN = 0.5  # Å
+
 # Why a block ended (0: it ran to its target).
 _NEIGHBOURS, _NAN, _HOT, _EXTRAPOLATION, _SPREAD, _JUMP = 1, 2, 3, 4, 5, 6
 _REASONS = {
@@ -133,7 +135,9 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         velocities: "auto" (keep non-zero momenta, else draw), "draw" (Maxwell–Boltzmann at temperature,
             zero total momentum, scaled to exactly the temperature), or "keep".
         seed: random seed for velocities and stochastic thermostats/barostats.
-        skin: neighbour-list skin in Å (default 1.0; 0.5 for float32 speed is measured in benchmarks/bench_md.py).
+        skin: neighbour-list skin in Å (default 0.5: in water at 300 K and 0.5 fs, 0.25-1.0 Å cost the same
+            within 10 %, benchmarks/bench_md.py --skin-scan; a larger skin holds more triplets, a smaller one
+            rebuilds more often on the host).
         dtype: "float64" or "float32" potential evaluation (default: the potential's).
         trajectory_interval, log_interval, restart_interval: in steps (0 disables).
         block: steps per compiled block (between host round trips).
@@ -148,7 +152,7 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
     atoms = _checked_atoms(atoms)
     _check_units(timestep, temperature, pressure, ensemble, steps)
     potential = _resolve_potential(potential, db)
-    ff = forcefield(potential, skin=1.0 if skin is None else skin, dtype=dtype)
+    ff = forcefield(potential, skin=DEFAULT_SKIN if skin is None else skin, dtype=dtype)
     free = _free_mask(atoms, fixed)
     if ensemble == "npt" and not free.all():
         raise MLMDError("fixed atoms are not supported under NPT (the cell rescaling moves every atom); "
