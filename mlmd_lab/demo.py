@@ -88,12 +88,14 @@ def run_demo(db, samples: Path | None = None) -> None:
                             {"formula": "H2O", "settings": {"code": None}}))
     if samples is not None and (samples / "n2p2" / "Cu2S_PBE").exists() and db.count(formula="Cu2S"):
         show_potential(db, samples / "n2p2" / "Cu2S_PBE")
-    train_potential(db)
+    trained = train_potential(db)
+    if trained is not None:
+        run_md(db, *trained)
 
 
-def train_potential(db, time_limit: float = 240.0) -> None:
+def train_potential(db, time_limit: float = 240.0):
     """Train a potential with the defaults on the database's 192-atom water frames (DeePMD, DFT) — or on the
-    bundled example — save it in the potential database and list what it holds."""
+    bundled example — save it in the potential database and list what it holds. Returns (name, a frame) or None."""
     import warnings
 
     from mlmd_lab.train.trainer import Trainer, TrainingWarning
@@ -104,7 +106,7 @@ def train_potential(db, time_limit: float = 240.0) -> None:
     criteria = deepmd if db.count(**deepmd) else {}
     frames = db.frames(**criteria) if criteria else db.frames(tags=["example"])
     if len(frames) < 3:
-        return
+        return None
     name = "water-demo" if criteria else "cu-au-emt-demo"
     print(f"\n== train a potential with the defaults on {len(frames)} frames ({name}; at most {time_limit:.0f} s)")
     with warnings.catch_warnings():
@@ -120,6 +122,32 @@ def train_potential(db, time_limit: float = 240.0) -> None:
         energy, force = r.rmse("test")
         shown = "-" if force is None else f"{force:.1f}"
         print(f"  - {r.name} v{r.version} ({' '.join(r.elements)}): test force RMSE {shown} meV/Å")
+    return name, frames[0]
+
+
+def run_md(db, name: str, atoms, steps: int = 400) -> None:
+    """Load potential ``name`` from the potential database, run Langevin MD at 300 K and show g(r)."""
+    import warnings
+
+    import numpy as np
+
+    from mlmd_lab import analysis, md
+    from mlmd_lab.potentials.model import ExtrapolationWarning
+
+    print(f"\n== MD with {name} from the potential database: {len(atoms)} atoms, Langevin 300 K, 0.5 fs, "
+          f"{steps} steps")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExtrapolationWarning)  # reported below instead
+        result = md.run(name, atoms, "nvt", temperature=300, timestep=0.5, steps=steps, db=db,
+                        trajectory_interval=10, log_interval=50)
+    th = result.thermo
+    print(f"  {result!r}")
+    print(f"  mean T {np.mean(th['temperature_K'][1:]):.0f} K, E_pot {th['epot_eV'][-1]:.4f} eV, "
+          f"atoms beyond the training range at the end: {int(th['max_extrapolation'][-1])}")
+    g = analysis.rdf(list(result.trajectory), r_max=min(6.0, 0.49 * min(atoms.cell.lengths())))
+    for pair in g.g:
+        r, height = g.first_peak(pair)
+        print(f"  g(r) {pair[0]}-{pair[1]}: first peak at {r:.2f} Å (height {height:.2f})")
 
 
 def show_potential(db, folder: Path) -> None:

@@ -117,6 +117,9 @@ def _canonical_check(ensemble: str, dof: int, **kw):
     K = th["ekin_eV"]
     variance = block_average((K - K.mean()) ** 2)
     expected = 0.5 * dof * (units.kB * T) ** 2
+    print(f"{ensemble}: <T> = {temperature.mean:.2f} ± {temperature.stderr:.2f} K (target {T}); Var(K) = "
+          f"{variance.mean:.3e} ± {variance.stderr:.1e} eV², canonical {expected:.3e} "
+          f"(ratio {variance.mean / expected:.3f})")
     assert abs(variance.mean - expected) < 4 * variance.stderr + 0.05 * expected, (variance.mean, expected)
     return r, th
 
@@ -159,6 +162,9 @@ def test_npt_pressure_and_volume_fluctuations():
     dP = (pressures[1].mean - pressures[0].mean) * units.GPa
     kappa = -(0.02) / dP  # 1/(eV/Å^3)
     expected = units.kB * T * volume.mean * kappa
+    print(f"NPT: <P> = {pressure.mean:.4f} ± {pressure.stderr:.4f} GPa (target {target}); "
+          f"<dV²> = {variance.mean:.1f} ± {variance.stderr:.1f} Å⁶, kT V kappa_T = {expected:.1f} Å⁶ "
+          f"(ratio {variance.mean / expected:.3f}; kappa_T from NVT {kappa * units.GPa:.4f} 1/GPa)")
     assert abs(variance.mean - expected) < 0.25 * expected + 3 * variance.stderr, (variance.mean, expected)
 
 
