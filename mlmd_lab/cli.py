@@ -86,11 +86,89 @@ def _parser() -> argparse.ArgumentParser:
 
     _models_args(sub)
     _md_args(sub)
+    _label_args(sub)
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
     srv.add_argument("action", choices=("start", "stop", "status"))
     srv.set_defaults(func=cmd_server)
     return p
+
+
+def _label_args(sub) -> None:
+    lb = sub.add_parser("label", help="label structures with DFT (QE, VASP, PySCF) on a cluster, into the database")
+    lb.add_argument("--structures", required=True, help="structures, any ASE-readable file")
+    lb.add_argument("--index", default=":", help="frames of the file (default: all)")
+    lb.add_argument("--rattle", type=int, metavar="N", help="label N rattled copies of each structure instead")
+    lb.add_argument("--amplitude", type=float, default=0.05, help="rattle amplitude in Å (default 0.05)")
+    lb.add_argument("--recipe", default="qe", choices=("qe", "pyscf", "vasp"))
+    lb.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe settings, e.g. ecutwfc_ry=30 kspacing=0.3 pseudopotentials.Si=Si.pbe-rrkj.UPF")
+    lb.add_argument("--cluster", default=None,
+                    help="local, slurm, pbs, sge or pjm (default: run here, or the profile's kind)")
+    lb.add_argument("--profile", help="cluster profile of the clusters config file")
+    lb.add_argument("--jobs", type=int, default=1, help="workers (local) or batch jobs to start (default 1)")
+    lb.add_argument("--workdir", default="labelling", help="folder of the calculation folders")
+    lb.add_argument("--retries", type=int, default=2)
+    lb.add_argument("--tags", nargs="*", default=[])
+    lb.set_defaults(func=cmd_label)
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from mlmd_lab.dft import generators
+    from mlmd_lab.dft.label import label
+
+    structures = _read_structures(args.structures, args.index)
+    if args.rattle:
+        structures = [r for a in structures for r in generators.rattle(a, args.rattle, amplitude=args.amplitude)]
+    recipe = _recipe(args.recipe, args.option)
+    db = _connect(args)
+    cluster = None
+    if args.cluster or args.profile:
+        from mlmd_lab.cluster import cluster as make_cluster
+
+        kind = args.cluster
+        cluster = make_cluster(kind, args.profile, **({"n_workers": args.jobs} if kind == "local" else {}))
+        if kind != "local":
+            cluster.scale(jobs=args.jobs)
+    try:
+        report = label(structures, recipe, cluster=cluster, db=db, workdir=args.workdir, retries=args.retries,
+                       tags=args.tags, progress=sys.stderr.isatty())
+    finally:
+        if cluster is not None:
+            cluster.close()
+    print(report)
+    return 1 if report.failed else 0
+
+
+def _recipe(name: str, options: list[str]):
+    from mlmd_lab.dft import PySCF, QuantumEspresso, Vasp
+
+    kwargs: dict[str, Any] = {}
+    for key, parsed in parse_pairs(options).items():
+        if isinstance(parsed, str) and "," in parsed:  # kpts=2,2,2 or smearing=mv,0.01
+            parsed = [parse_value(part) for part in parsed.split(",")]
+        if "." in key:  # nested mapping, e.g. pseudopotentials.Si=Si.pbe-rrkj.UPF
+            outer, inner = key.split(".", 1)
+            kwargs.setdefault(outer, {})[inner] = parsed
+        else:
+            kwargs[key] = parsed
+    cls = {"qe": QuantumEspresso, "pyscf": PySCF, "vasp": Vasp}[name]
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise MLMDError(f"bad --option for the {name} recipe: {err}") from err
+
+
+def _read_structures(path: str, index: str) -> list:
+    from ase.io import read
+
+    if not Path(path).exists():
+        raise MLMDError(f"structure file {path} does not exist")
+    try:
+        out = read(path, index=index)
+    except Exception as err:  # ASE raises many kinds for unreadable files
+        raise MLMDError(f"ASE cannot read {path} ({type(err).__name__}: {err}); give a format ASE reads") from err
+    return out if isinstance(out, list) else [out]
 
 
 def _md_args(sub) -> None:
