@@ -149,12 +149,13 @@ def _batch_options(tmp_path) -> dict:
 
 @pytest.mark.slow
 @needs_qe
-def test_label_20_si8_through_slurm_survives_a_killed_worker(db, tmp_path, slurm):
+def test_label_20_si8_through_slurm_survives_a_killed_worker(db, tmp_path, slurm, monkeypatch):
     """Done-when: 20 rattled Si8 through a real SLURMCluster fill the database with 20 frames and their
     settings; a worker job killed mid-run is replaced and its task retried, nothing is lost; a second run
     submits nothing."""
     from mlmd_lab.cluster import cluster
 
+    monkeypatch.chdir(tmp_path)  # job output files land in the submit folder
     structures = si8_structures(20, seed=7)
     with cluster("slurm", **_batch_options(tmp_path)) as jobs:
         killer = _kill_one_job_when(db, 4)
@@ -175,13 +176,14 @@ def test_label_20_si8_through_slurm_survives_a_killed_worker(db, tmp_path, slurm
 
 @pytest.mark.slow
 @needs_qe
-def test_label_through_pbs_code_path(db, tmp_path, slurm):
+def test_label_through_pbs_code_path(db, tmp_path, slurm, monkeypatch):
     """PBSCluster end to end through Slurm's PBS-compatible qsub/qdel/qstat (slurm-wlm-torque): this covers
     mlmd_lab's and dask-jobqueue's PBS code path, not a real PBS server."""
     from mlmd_lab.cluster import cluster
 
     if shutil.which("qsub") is None:
         pytest.skip("qsub not found (slurm-wlm-torque provides Slurm's PBS wrappers)")
+    monkeypatch.chdir(tmp_path)  # Slurm's qsub ignores -o/-e folders: job output files land in the submit folder
     options = _batch_options(tmp_path)
     options.pop("queue")
     with cluster("pbs", **options) as jobs:
