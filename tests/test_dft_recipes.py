@@ -129,11 +129,12 @@ def test_qe_mpi_launcher_matches_pw_x(monkeypatch):
     venv_bin = Path(os.sys.executable).parent
     monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")  # a venv MPICH mpirun comes first
     command = QuantumEspresso(mpi=("mpirun", 2)).settings()["command"]
-    assert command[1:3] == ["-np", "2"] and command[-1] == "pw.x"
-    from mlmd_lab.dft.recipes import _linked_mpi, _mpi_flavour
+    assert command[-3:] == ["-n", "2", "pw.x"]
+    from mlmd_lab.cluster.mpi import mpi_flavour
+    from mlmd_lab.dft.recipes import _linked_mpi
 
-    assert _mpi_flavour(command[0]) == _linked_mpi(shutil.which("pw.x"))
-    if os.geteuid() == 0 and _mpi_flavour(command[0]) == "openmpi":
+    assert mpi_flavour(command[0]) == _linked_mpi(shutil.which("pw.x"))
+    if os.geteuid() == 0 and mpi_flavour(command[0]) == "openmpi":
         assert "--allow-run-as-root" in command
     with pytest.raises(MLMDError, match="not on PATH"):
         QuantumEspresso(mpi=("mpirun-missing", 2)).check()

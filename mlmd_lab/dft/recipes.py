@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms, units
 
+from mlmd_lab.cluster.mpi import mpi_command, mpi_flavour
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.frames import canonical_json, content_hash
 from mlmd_lab.settings import kspacing_from_divisions, normalise_signature
@@ -279,20 +280,6 @@ def _json_default(obj: Any) -> Any:
 
 # -- MPI -------------------------------------------------------------------------------------------------
 @lru_cache(maxsize=32)
-def _mpi_flavour(executable: str) -> str | None:
-    """``"openmpi"``, ``"mpich"`` or None for an MPI launcher (from its ``--version``)."""
-    try:
-        text = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if "Open MPI" in text or "OpenRTE" in text:
-        return "openmpi"
-    if "HYDRA" in text or "MPICH" in text:
-        return "mpich"
-    return None
-
-
-@lru_cache(maxsize=32)
 def _linked_mpi(executable: str) -> str | None:
     """The MPI a program is linked to (from ``ldd``): libmpi.so.40 is Open MPI, libmpi.so.12 MPICH."""
     try:
@@ -325,21 +312,19 @@ def _resolve_launcher(launcher: str, program: str | None) -> str:
     if wanted is None:
         return candidates[0]
     for p in candidates:
-        if _mpi_flavour(p) in (wanted, None):
+        if mpi_flavour(p) in (wanted, "unknown"):
             return p
     raise MLMDError(f"{program} is linked to {wanted} but every {launcher!r} on PATH ({', '.join(candidates)}) "
                     f"belongs to another MPI; give the matching launcher's full path, e.g. mpi=('/usr/bin/mpirun', n)")
 
 
-def _mpi_prefix(mpi: tuple[str, int] | None, program: str | None) -> list[str]:
+def _mpi_argv(mpi: tuple[str, int] | None, argv: list[str], program: str | None) -> list[str]:
+    """``argv`` under ``mpi = (launcher, ranks)`` (:func:`mlmd_lab.cluster.mpi.mpi_command`: root and Slurm-slot
+    flags of Open MPI), with the launcher matched to the MPI ``program`` links to; ``argv`` alone for None."""
     if mpi is None:
-        return []
+        return argv
     launcher, n = mpi
-    path = _resolve_launcher(str(launcher), program)
-    argv = [path, "-np", str(int(n))]
-    if hasattr(os, "geteuid") and os.geteuid() == 0 and _mpi_flavour(path) == "openmpi":
-        argv.append("--allow-run-as-root")  # Open MPI refuses to run as root without it
-    return argv
+    return mpi_command(argv, int(n), launcher=_resolve_launcher(str(launcher), program))
 
 
 # -- Quantum ESPRESSO ------------------------------------------------------------------------------------
@@ -473,7 +458,7 @@ class QuantumEspresso(Recipe):
         return found.pop() if len(found) == 1 else None
 
     def _command_argv(self) -> list[str]:
-        return [*_mpi_prefix(self.mpi, self._program()), *shlex.split(self.command)]
+        return _mpi_argv(self.mpi, shlex.split(self.command), self._program())
 
     def settings(self, atoms: Atoms | None = None) -> dict[str, Any]:
         pps = self._pseudo_records(atoms)
@@ -535,7 +520,7 @@ class QuantumEspresso(Recipe):
             raise MLMDError("pw.x needs a 3-D cell; put molecules in a box (atoms.center(vacuum=6.0); "
                             "atoms.pbc = True)")
         if self.mpi is not None:
-            _mpi_prefix(self.mpi, self._program())
+            _mpi_argv(self.mpi, shlex.split(self.command), self._program())
 
     def _run(self, atoms: Atoms, folder: Path) -> Path:
         from ase.calculators.calculator import all_changes
