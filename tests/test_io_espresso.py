@@ -247,3 +247,15 @@ def test_signature_rules_on_hand_made_input(tmp_path):
     assert sig["pseudopotentials"] == {"Fe": "Fe.pbe-spn-kjpaw_psl.0.2.1.UPF",
                                        "O": "O.pbe-n-kjpaw_psl.0.1.UPF"}
     assert sig["kspacing"] == round(2 * np.pi / 4 / 6, 4)
+
+
+def test_qe_pbe_short_names_and_indices_map_to_pbe():
+    """QE 6.7 prints 'SLA PW PBE PBE ( 1 4 3 4 0 0 0)' for Debian's Si.pbe-rrkj.UPF without input_dft."""
+    from mlmd_lab.io.espresso import qe_signature
+
+    for output in ({"xc": "SLA PW PBE PBE", "xc_indices": [1, 4, 3, 4, 0, 0, 0]},
+                   {"xc": "SLA  PW   PBX  PBC", "xc_indices": [1, 4, 3, 4, 0, 0, 0]},
+                   {"xc": "SOMENEWNAME", "xc_indices": [1, 4, 3, 4, 0, 0, 0]}):
+        assert qe_signature({"output": output, "input": {}}, None)["xc"] == "PBE"
+    hybrid = qe_signature({"output": {"xc": "SOMENEWNAME", "xc_indices": [1, 4, 3, 4, 0, 1, 0]}, "input": {}}, None)
+    assert hybrid["xc"] == "SOMENEWNAME"  # extra indices (hybrid, meta-GGA): not guessed

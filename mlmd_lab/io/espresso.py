@@ -36,6 +36,7 @@ _INPUT_SUFFIXES = (".in", ".pwi", ".inp")
 #: QE functional names (short names and the long "SLA PW PBX PBC" form) → (canonical xc, vdW or None).
 QE_XC: dict[str, tuple[str, str | None]] = {
     "PBE": ("PBE", None), "SLA PW PBX PBC": ("PBE", None), "SLA+PW+PBX+PBC": ("PBE", None),
+    "SLA PW PBE PBE": ("PBE", None),  # QE 6.x prints this for PBE pseudopotentials (indices 1 4 3 4)
     "PBESOL": ("PBESOL", None), "SLA PW PSX PSC": ("PBESOL", None),
     "REVPBE": ("REVPBE", None), "SLA PW REVX PBC": ("REVPBE", None), "SLA PW RPB PBC": ("REVPBE", None),
     "RPBE": ("RPBE", None), "SLA PW HHNX PBC": ("RPBE", None),
@@ -58,6 +59,10 @@ QE_VDW_CORR = {
     "ts": "TS", "ts-vdw": "TS", "ts-vdw-dft": "TS", "tkatchenko-scheffler": "TS", "mbd": "MBD",
     "mbd_vdw": "MBD", "many-body dispersion": "MBD", "xdm": "XDM",
 }
+#: QE's first four functional indices (iexch, icorr, igcx, igcc) → canonical functional, used when the printed
+#: name is not in QE_XC (QE versions print different short names for the same functional).
+QE_XC_INDICES = {(1, 4, 3, 4): "PBE", (1, 4, 10, 8): "PBESOL", (1, 4, 4, 4): "REVPBE", (1, 4, 2, 2): "PW91",
+                 (1, 1, 0, 0): "LDA", (1, 4, 0, 0): "LDA"}
 _D3_VERSIONS = {2: "D3", 3: "D3", 4: "D3BJ", 5: "D3M", 6: "D3MBJ"}
 _QE_SMEARING = {
     "gaussian": "gaussian", "gauss": "gaussian", "methfessel-paxton": "methfessel-paxton-1",
@@ -265,6 +270,9 @@ def qe_signature(settings: dict[str, Any], cell: Any) -> dict[str, Any]:
     if name:
         key = " ".join(str(name).upper().split())
         xc, vdw = QE_XC.get(key, (key, None))
+        indices = tuple(hdr.get("xc_indices") or ())[:4]
+        if key not in QE_XC and indices in QE_XC_INDICES and not any(hdr.get("xc_indices")[4:]):
+            xc = QE_XC_INDICES[indices]
     if hdr.get("xc_indices"):
         extra["qe_xc_indices"] = hdr["xc_indices"]
     vdw_corr = system.get("vdw_corr")
