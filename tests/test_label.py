@@ -41,6 +41,8 @@ def test_task_key_depends_on_structure_and_settings():
     assert task_key(a, qe_recipe()) == task_key(a.copy(), qe_recipe())
     assert task_key(a, qe_recipe()) != task_key(b, qe_recipe())
     assert task_key(a, qe_recipe()) != task_key(a, QuantumEspresso(ecutwfc_ry=25, kpts=(2, 2, 2)))
+    # how pw.x is launched is not part of the label, and the submitting host needs no mpirun
+    assert task_key(a, qe_recipe()) == task_key(a, qe_recipe(mpi=("mpirun-not-on-this-host", 4)))
 
 
 @pytest.mark.slow

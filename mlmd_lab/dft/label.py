@@ -15,6 +15,7 @@ ledger in the database (collection ``labelling``, one document per structure and
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -58,8 +59,23 @@ class LabelReport:
 
 
 def task_key(atoms: Atoms, recipe: Recipe) -> str:
-    """``label-<structure hash>-<settings hash>``: the same structure with the same settings is one task."""
-    return f"label-{_structure_hash(atoms)[:16]}-{_settings_hash(recipe.settings(atoms))}"
+    """``label-<structure hash>-<settings hash>``: the same structure with the same settings is one task.
+
+    How the program is launched (MPI launcher and ranks, the command line) is not part of the key: the same
+    calculation run on more ranks is the same label, and the submitting host (a login node, a notebook server)
+    need not have ``mpirun`` or the program on its PATH.
+    """
+    return f"label-{_structure_hash(atoms)[:16]}-{_settings_hash(identity_settings(recipe, atoms))}"
+
+
+def identity_settings(recipe: Recipe, atoms: Atoms) -> dict:
+    """The recipe's settings for ``atoms`` without how the program is launched (see :func:`task_key`)."""
+    local = copy.copy(recipe)
+    if getattr(local, "mpi", None) is not None:
+        local.mpi = None
+    settings = dict(local.settings(atoms))
+    settings.pop("command", None)
+    return settings
 
 
 def run_task(recipe: Recipe, atoms: Atoms, folder: str) -> dict:
@@ -119,8 +135,9 @@ def label(structures: Sequence[Atoms] | Iterable[Atoms], recipe: Recipe, cluster
             report.skipped += 1
             continue
         todo[key] = atoms
-    if todo:
-        recipe.check(next(iter(todo.values())))  # fail fast, here, for a missing program or pseudopotential
+    if todo and cluster is None:
+        recipe.check(next(iter(todo.values())))  # fail fast for a missing program or pseudopotential
+    # (on clusters the program may exist only on the compute nodes: a missing one fails the tasks, recorded)
     report.submitted = len(todo)
     bar = _progress(progress, len(todo))
     tags = list(dict.fromkeys([*tags, "labelled"]))
@@ -199,8 +216,9 @@ def _ingest(db, ledger, key: str, recipe: Recipe, atoms: Atoms, outcome: dict, w
         raise MLMDError(f"labelled output {output} could not be ingested: {result.failed}")
     frame_ids = [d["_id"] for d in db.frames_collection.find({"source_path": str(output)}, {"_id": 1})]
     ledger.replace_one({"_id": key}, {
-        "_id": key, "status": "complete", "recipe": recipe.name, "settings_hash": _settings_hash(
-            recipe.settings(atoms)), "structure_hash": _structure_hash(atoms), "formula": atoms.get_chemical_formula(),
+        "_id": key, "status": "complete", "recipe": recipe.name,
+        "settings_hash": _settings_hash(identity_settings(recipe, atoms)),
+        "structure_hash": _structure_hash(atoms), "formula": atoms.get_chemical_formula(),
         "folder": str(folder), "worker_folder": outcome["folder"], "host": outcome["host"],
         "seconds": outcome["seconds"], "frame_ids": frame_ids, "generator": _jsonable(atoms.info.get("generator")),
         "finished": time.time()}, upsert=True)
