@@ -143,13 +143,18 @@ def label(structures: Sequence[Atoms] | Iterable[Atoms], recipe: Recipe, cluster
     tags = list(dict.fromkeys([*tags, "labelled"]))
     try:
         for key, outcome in _execute(todo, recipe, cluster, workdir, retries, jobs):
+            if not isinstance(outcome, BaseException):
+                try:  # an output the database refuses is a failure of this task, not of the whole run
+                    added = _ingest(db, ledger, key, recipe, todo[key], outcome, workdir, tags)
+                except MLMDError as exc:
+                    outcome = exc
+                else:
+                    report.frames_added += added
+                    report.labelled += 1
+                    report.task_s.append(outcome["seconds"])
             if isinstance(outcome, BaseException):
                 _record_failure(ledger, key, recipe, todo[key], outcome)
                 report.failed.append((key, f"{type(outcome).__name__}: {outcome}"[:500]))
-            else:
-                report.frames_added += _ingest(db, ledger, key, recipe, todo[key], outcome, workdir, tags)
-                report.labelled += 1
-                report.task_s.append(outcome["seconds"])
             if bar is not None:
                 bar.update(1)
     finally:
