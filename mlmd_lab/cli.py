@@ -167,7 +167,8 @@ def _read_structures(path: str, index: str) -> list:
     try:
         out = read(path, index=index)
     except Exception as err:  # ASE raises many kinds for unreadable files
-        raise MLMDError(f"ASE cannot read {path} ({type(err).__name__}: {err}); give a format ASE reads") from err
+        raise MLMDError(f"ASE cannot read {path} ({type(err).__name__}: {err}); give a file in a format ASE reads "
+                        "(extxyz, POSCAR, .traj, cif, ...)") from err
     return out if isinstance(out, list) else [out]
 
 
@@ -213,7 +214,11 @@ def cmd_md(args: argparse.Namespace) -> int:
     else:
         if not args.structure:
             raise MLMDError("give --structure FILE (any format ASE reads), or --resume to continue a run")
-        atoms = _read_structure(args.structure, args.index)
+        frames = _read_structures(args.structure, args.index)
+        if len(frames) != 1:
+            raise MLMDError(f"--index {args.index} selects {len(frames)} frames of {args.structure}; MD starts from "
+                            "one: give a single index, e.g. --index -1")
+        atoms = frames[0]
         if args.repeat:
             atoms = atoms.repeat(args.repeat)
         steps = 1000 if args.steps is None else args.steps
@@ -231,18 +236,6 @@ def cmd_md(args: argparse.Namespace) -> int:
               f"P = {last['pressure_GPa']:.4f} GPa")
     print(f"output in {result.workdir}: md.traj, md.log, restart.npz")
     return 0
-
-
-def _read_structure(path: str, index: str):
-    from ase.io import read
-
-    if not Path(path).exists():
-        raise MLMDError(f"structure file {path} does not exist")
-    try:
-        return read(path, index=index)
-    except Exception as err:  # ASE raises many kinds for unreadable files
-        raise MLMDError(f"ASE cannot read {path} ({type(err).__name__}: {err}); give a file in a format ASE reads "
-                        "(extxyz, POSCAR, .traj, cif, ...)") from err
 
 
 def _models_args(sub) -> None:

@@ -71,6 +71,7 @@ class ForceField:
     is_ensemble: bool = False
     single_kind: bool = False  # every element is the same kind (pair potentials such as LennardJones)
     source: object = None
+    _compiled: dict = field(default_factory=dict, repr=False)
 
     def species(self, atoms: Atoms) -> np.ndarray:
         """Element index of each atom; a clear error for elements the potential does not know."""
@@ -121,15 +122,17 @@ class ForceField:
         return {"energy": jnp.mean(energies), "forces": mean_forces, "virial": jnp.mean(virials, axis=0),
                 "extrapolation": extrapolation, "force_std": spread}
 
+    def compiled(self, layout: Layout):
+        """:meth:`compute` jit-compiled for ``layout``: f(arrays, positions, cell), compiled once per layout."""
+        if layout not in self._compiled:
+            self._compiled[layout] = jax.jit(lambda arrays, R, h: self.compute(arrays, layout, R, h))
+        return self._compiled[layout]
+
     def single_point(self, atoms: Atoms) -> dict:
         """:meth:`compute` for one structure (numpy results; for checks and the first step)."""
         arrays, layout = self.build(atoms.positions, atoms.cell.array, atoms.pbc, self.species(atoms))
-        out = _compute_jit(self, layout)(arrays, jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array))
+        out = self.compiled(layout)(arrays, jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array))
         return {k: np.asarray(v) for k, v in out.items()}
-
-
-def _compute_jit(ff: ForceField, layout: Layout):
-    return jax.jit(lambda arrays, R, h: ff.compute(arrays, layout, R, h))
 
 
 def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceField:

@@ -377,7 +377,7 @@ class _Engine:
         atoms = self.atoms
         self._rebuild(atoms.positions, atoms.cell.array)
         R, h = jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array)
-        out = self._single(self.layout)(self.arrays, R, h)
+        out = self.ff.compiled(self.layout)(self.arrays, R, h)
         return integ.MDState(
             positions=R, momenta=jnp.asarray(self.momenta), forces=out["forces"] * self.constants["free"],
             energy=out["energy"], virial=out["virial"], cell=h, extrapolation=out["extrapolation"],
@@ -393,13 +393,6 @@ class _Engine:
         self.arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
         self.reference = (np.array(positions), np.array(cell))
         self.rebuilds += 1
-
-    def _single(self, layout: Layout):
-        key = ("single", layout)
-        if key not in self._compiled:
-            ff = self.ff
-            self._compiled[key] = jax.jit(lambda arrays, R, h: ff.compute(arrays, layout, R, h))
-        return self._compiled[key]
 
     def _block(self, layout: Layout):
         key = ("block", layout)
