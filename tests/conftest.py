@@ -46,3 +46,181 @@ def db(mongo_uri):
     yield database
     database.drop()
     database.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real-browser tests: a session JupyterLab on 127.0.0.1 and Debian's chromium driven by Playwright
+# (../shared/guides/browser-testing.md). Never `playwright install`: it downloads a browser and fails offline.
+
+CHROMIUM = os.environ.get("MLMD_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("MLMD_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+KERNEL_READY_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const s = w && w.sessionContext;
+    return !!(s && s.isReady && s.session && s.session.kernel && s.session.kernel.connectionStatus === 'connected'
+              && s.kernelDisplayStatus === 'idle'); }"""
+# Every cell has run: no prompt shows "[*]" or "[ ]" and the kernel is idle again.
+ALL_RUN_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    if (!w || !w.sessionContext || w.sessionContext.kernelDisplayStatus !== 'idle') return false;
+    const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent.trim());
+    return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t)); }"""
+IDLE_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    return !!(w && w.sessionContext && w.sessionContext.kernelDisplayStatus === 'idle'); }"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory, mongo_uri):
+    """A JupyterLab server for the session: ``{"url", "token", "root"}``; kernels see ``MLMD_MONGODB_URI``."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (scripts/bootstrap.sh installs it)")
+    root = tmp_path_factory.mktemp("lab-root")
+    settings = tmp_path_factory.mktemp("lab-settings")
+    (settings / "overrides.json").write_text((ROOT / "mlmd_lab" / "jupyter" / "overrides.json").read_text())
+    port, token = _free_port(), os.urandom(12).hex()
+    env = {**os.environ, "MLMD_MONGODB_URI": mongo_uri, "JUPYTERLAB_SETTINGS_DIR": str(settings / "user"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(settings / "workspaces"), "PYTHONUNBUFFERED": "1"}
+    log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 - closed after the server stops
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+           "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={settings}"]
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                log.close()
+                pytest.fail(f"JupyterLab did not start; its log:\n{(root / 'jupyterlab.log').read_text()[-3000:]}")
+            time.sleep(0.2)
+    yield {"url": url, "token": token, "root": root}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A persistent Chromium context (Debian's chromium through Playwright), skipped with the reason if absent."""
+    import tempfile
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium; scripts/bootstrap.sh does as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (test extra)")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="mlmd-chromium-"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+        yield context
+        context.close()
+
+
+class NotebookPage:
+    """A notebook open in the browser. ``console_errors`` collects console errors and page errors as they come."""
+
+    def __init__(self, page, lab: dict, path: str, label: str) -> None:
+        self.page = page
+        self.lab = lab
+        self.path = path
+        self.label = label
+        self.console_errors: list[str] = []
+        page.on("console", lambda msg: msg.type == "error" and self.console_errors.append(msg.text))
+        page.on("pageerror", lambda exc: self.console_errors.append(f"page error: {exc}"))
+
+    def screenshot(self, name: str, locator=None) -> Path:
+        """Save a PNG of the page (or of ``locator``) as test-artifacts/browser/<test>-<name>.png."""
+        out = ARTIFACTS / "browser" / f"{self.label}-{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (locator or self.page).screenshot(path=str(out))
+        return out
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Wait until the kernel is idle again (after a click started work in Python)."""
+        self.page.wait_for_timeout(300)
+        self.page.wait_for_function(IDLE_JS, timeout=timeout * 1000)
+
+    def cell_errors(self) -> list[str]:
+        """Texts of error outputs (tracebacks) shown in the notebook."""
+        return self.page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+                                 ", .jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
+
+    def assert_no_console_errors(self, ignore: tuple[str, ...] = ()) -> None:
+        errors = [e for e in self.console_errors if not any(i in e for i in ignore)]
+        assert not errors, "browser console errors:\n" + "\n".join(errors)
+
+
+def distinct_colours(locator) -> int:
+    """Number of distinct RGB colours in a screenshot of ``locator`` (a blank canvas has 1-2)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(locator.screenshot())).convert("RGB")
+    return len(image.getcolors(maxcolors=1 << 24))
+
+
+@pytest.fixture
+def run_notebook(lab, browser, request):
+    """``run_notebook(cells, name=None, timeout=240) -> NotebookPage``: write a notebook of these code cells, open
+    it in JupyterLab, Run All through the menu and wait until every cell has run (cell errors fail the test)."""
+    import json
+    import urllib.request
+
+    opened: list[NotebookPage] = []
+    label = request.node.name.replace("[", "-").replace("]", "").replace("/", "_")
+
+    def _run(cells: list[str], *, name: str | None = None, timeout: float = 240) -> NotebookPage:
+        nb_name = f"{name or label}.ipynb"
+        notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+            "cells": [{"cell_type": "code", "metadata": {}, "source": src, "outputs": [], "execution_count": None,
+                       "id": f"c{i}"} for i, src in enumerate(cells)]}
+        (lab["root"] / nb_name).write_text(json.dumps(notebook))
+        page = browser.new_page()
+        nbp = NotebookPage(page, lab, nb_name, label)
+        opened.append(nbp)
+        page.goto(f"{lab['url']}/lab/tree/{nb_name}?token={lab['token']}&reset")
+        page.wait_for_function(KERNEL_READY_JS, timeout=90_000)
+        page.locator(".jp-Notebook .jp-Cell").first.click()
+        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+        page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
+        try:
+            page.wait_for_function(ALL_RUN_JS, timeout=timeout * 1000, polling=500)
+        finally:
+            nbp.screenshot("after-run-all")
+        errors = [e for e in nbp.cell_errors() if "Traceback" in e]
+        assert not errors, "a notebook cell failed:\n" + "\n\n".join(errors)[-4000:]
+        return nbp
+
+    yield _run
+    for nbp in opened:  # shut the kernels down so the session's lab does not pile them up
+        try:
+            with urllib.request.urlopen(f"{lab['url']}/api/sessions?token={lab['token']}", timeout=5) as r:
+                sessions = json.load(r)
+            for s in sessions:
+                if s.get("path", "").endswith(nbp.path):
+                    req = urllib.request.Request(f"{lab['url']}/api/sessions/{s['id']}?token={lab['token']}",
+                                                 method="DELETE")
+                    urllib.request.urlopen(req, timeout=10).close()
+        except OSError:
+            pass
+        nbp.page.close()
