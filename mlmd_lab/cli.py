@@ -39,9 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="embedded server folder (default: $MLMD_DATA_DIR or the user data folder)")
     sub = p.add_subparsers(title="commands")
 
-    demo = sub.add_parser("demo", help="the main job: ingest the sample runs and show what the database holds")
+    demo = sub.add_parser("demo", help="the main job: ingest the sample runs, show what the database holds, run the "
+                                       "quickstart loop (DFT -> training -> MD -> analysis) and write its HTML report")
     demo.add_argument("--samples", help="folder of sample data (default: ../shared/external, else a bundled example)")
+    demo.add_argument("--workdir", default="quickstart",
+                      help="quickstart outputs and report.html (default: quickstart)")
+    demo.add_argument("--no-quickstart", action="store_true", help="only ingest and summarise")
     demo.set_defaults(func=cmd_demo)
+
+    lab = sub.add_parser("lab", help="open JupyterLab on the tutorial notebooks (embedded database started first)")
+    lab.add_argument("--notebooks", help="folder to open (default: the source tree's notebooks/, else the cwd)")
+    lab.add_argument("--port", type=int, default=8888)
+    lab.add_argument("--ip", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    lab.add_argument("--no-browser", action="store_true")
+    lab.set_defaults(func=cmd_lab)
 
     ing = sub.add_parser("ingest", help="ingest every recognised run file below PATH")
     ing.add_argument("paths", nargs="+", metavar="PATH")
@@ -457,8 +468,20 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mlmd_lab.demo import run_demo
 
-    run_demo(_connect(args), samples=Path(args.samples) if args.samples else None)
+    result = run_demo(_connect(args), samples=Path(args.samples) if args.samples else None, workdir=args.workdir,
+                      quickstart=not args.no_quickstart)
+    if result is not None and not result.passed:
+        failed = "; ".join(text for ok, text in result.checks if not ok)
+        print(f"mlmd-lab demo: quickstart checks failed ({failed}); see {result.report_path}", file=sys.stderr)
+        return 3
     return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from mlmd_lab.jupyter import launch_lab
+
+    return launch_lab(notebooks=args.notebooks, port=args.port, ip=args.ip, open_browser=not args.no_browser,
+                      uri=args.uri, data_dir=args.data_dir)
 
 
 if __name__ == "__main__":

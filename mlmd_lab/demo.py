@@ -1,4 +1,4 @@
-"""The main job on embedded defaults: fill the database with sample runs and show what it holds."""
+"""The main job on embedded defaults: fill the database with sample runs, show what it holds, run the quickstart."""
 
 from __future__ import annotations
 
@@ -59,8 +59,10 @@ def bundled_example(folder: Path, n_frames: int = 24, seed: int = 0) -> Path:
     return path
 
 
-def run_demo(db, samples: Path | None = None) -> None:
-    """Ingest the samples (or the bundled example) into ``db`` and print the report, summary and queries."""
+def run_demo(db, samples: Path | None = None, workdir: str | Path = "quickstart", quickstart: bool = True):
+    """The main job: ingest the samples (or the bundled example) into ``db`` and print the report, summary and
+    queries, then run the quickstart loop (:mod:`mlmd_lab.quickstart`: DFT labels → training → MD → analysis) and
+    write its HTML report in ``workdir``. Returns the :class:`~mlmd_lab.quickstart.QuickstartResult` (or None)."""
     print(f"database: {db!r}")
     samples = samples or find_samples()
     if samples is None:
@@ -88,66 +90,12 @@ def run_demo(db, samples: Path | None = None) -> None:
                             {"formula": "H2O", "settings": {"code": None}}))
     if samples is not None and (samples / "n2p2" / "Cu2S_PBE").exists() and db.count(formula="Cu2S"):
         show_potential(db, samples / "n2p2" / "Cu2S_PBE")
-    trained = train_potential(db)
-    if trained is not None:
-        run_md(db, *trained)
-
-
-def train_potential(db, time_limit: float = 240.0):
-    """Train a potential with the defaults on the database's 192-atom water frames (DeePMD, DFT) — or on the
-    bundled example — save it in the potential database and list what it holds. Returns (name, a frame) or None."""
-    import warnings
-
-    from mlmd_lab.train.trainer import Trainer, TrainingWarning
-
-    # One source only: the DeePMD set. Water boxes of other origins (n2p2's RPBE-D3 set) have other DFT
-    # settings and energy zeros, and their settings are unknown, so no signature tells them apart.
-    deepmd = {"formula": "H2O", "query": {"source_path": {"$regex": "deepmd-water"}}}
-    criteria = deepmd if db.count(**deepmd) else {}
-    frames = db.frames(**criteria) if criteria else db.frames(tags=["example"])
-    if len(frames) < 3:
+    if not quickstart:
         return None
-    name = "water-demo" if criteria else "cu-au-emt-demo"
-    print(f"\n== train a potential with the defaults on {len(frames)} frames ({name}; at most {time_limit:.0f} s)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TrainingWarning)  # the bundled example is deliberately small
-        trainer = Trainer(frames, time_limit=time_limit)
-        trainer.fit()
-    for split, errors in trainer.errors.items():
-        print(f"  {split:<10} {errors['n_frames']:>4} frames: energy RMSE {errors['energy_rmse'] * 1e3:.3f} meV/atom, "
-              f"force RMSE {errors['force_rmse'] * 1e3:.1f} meV/Å")
-    record = db.models.save(trainer.model, name, description="mlmd-lab demo: defaults")
-    print(f"  saved as {record.name} v{record.version}; the potential database holds:")
-    for r in db.models.find():
-        energy, force = r.rmse("test")
-        shown = "-" if force is None else f"{force:.1f}"
-        print(f"  - {r.name} v{r.version} ({' '.join(r.elements)}): test force RMSE {shown} meV/Å")
-    return name, frames[0]
+    from mlmd_lab.quickstart import run_quickstart
 
-
-def run_md(db, name: str, atoms, steps: int = 400) -> None:
-    """Load potential ``name`` from the potential database, run Langevin MD at 300 K and show g(r)."""
-    import warnings
-
-    import numpy as np
-
-    from mlmd_lab import analysis, md
-    from mlmd_lab.potentials.model import ExtrapolationWarning
-
-    print(f"\n== MD with {name} from the potential database: {len(atoms)} atoms, Langevin 300 K, 0.5 fs, "
-          f"{steps} steps")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExtrapolationWarning)  # reported below instead
-        result = md.run(name, atoms, "nvt", temperature=300, timestep=0.5, steps=steps, db=db,
-                        trajectory_interval=10, log_interval=50)
-    th = result.thermo
-    print(f"  {result!r}")
-    print(f"  mean T {np.mean(th['temperature_K'][1:]):.0f} K, E_pot {th['epot_eV'][-1]:.4f} eV, "
-          f"atoms beyond the training range at the end: {int(th['max_extrapolation'][-1])}")
-    g = analysis.rdf(list(result.trajectory), r_max=min(6.0, 0.49 * min(atoms.cell.lengths())))
-    for pair in g.g:
-        r, height = g.first_peak(pair)
-        print(f"  g(r) {pair[0]}-{pair[1]}: first peak at {r:.2f} Å (height {height:.2f})")
+    print()
+    return run_quickstart(db, workdir=workdir)
 
 
 def show_potential(db, folder: Path) -> None:

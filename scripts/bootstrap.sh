@@ -33,6 +33,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -c "$ROOT/scripts/constraints.txt" -e "$ROOT[$EXTRAS]" >"$log" 2>&1 \
     || { tail -n 30 "$log" >&2; echo "[bootstrap] pip install failed; full log: $log" >&2; exit 1; }
   "$VENV/bin/python" -c "import mlmd_lab" || { echo "[bootstrap] install failed" >&2; exit 1; }
+  # JupyterLab settings for the venv: no news pop-ups; notebook windowing off (widgets stay alive off screen).
+  "$VENV/bin/python" -c "from mlmd_lab.jupyter import install_overrides; install_overrides()"
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

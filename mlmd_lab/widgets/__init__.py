@@ -2,7 +2,8 @@
 
 - :class:`DatabaseBrowser` — query the teacher-data database, page through frames, view one in nglview with force
   arrows, hand the selection to Python as a FrameSet.
-- :class:`TrainingMonitor` — live train/validation curves, learning rate, ETA and a stop button; parity plots at the end.
+- :class:`TrainingMonitor` — live train/validation curves, learning rate, ETA and a stop button; parity plots
+  at the end.
 - :class:`JobMonitor` — a dask / dask-jobqueue cluster: jobs, workers, tasks done/failed, scale buttons, dashboard link.
 - :class:`MDViewer` — a trajectory in nglview, live temperature/energy/pressure, g(r).
 - :class:`ModelBrowser` — the potential database: errors, provenance, load and export.
