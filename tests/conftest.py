@@ -95,7 +95,8 @@ def lab(tmp_path_factory, mongo_uri):
     log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 - closed after the server stops
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-           "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={settings}"]
+           "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={settings}",
+           f"--config={ROOT / 'binder' / 'jupyter_server_config.py'}"]  # the hub/Binder config, tested here
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -8,8 +8,10 @@ only shows here.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import distinct_colours
@@ -55,3 +57,45 @@ def test_button_click_reaches_python_and_nglview_renders(run_notebook):
     assert distinct_colours(canvas) > 10, "nglview canvas is blank"
     nb.screenshot("probe")
     nb.assert_no_console_errors()
+
+
+@pytest.mark.slow
+def test_dask_dashboard_through_server_proxy(lab):
+    """On JupyterHub the dashboard is only reachable through jupyter-server-proxy: <base>/proxy/<port>/status must
+    serve dask's dashboard, and binder/jupyter_server_config.py's "dask" entry must be registered."""
+    import urllib.request
+
+    from distributed import LocalCluster
+
+    from mlmd_lab.jupyter import dashboard_link
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+        port = cluster.scheduler.http_server.port
+        url = f"{lab['url']}/proxy/{port}/status?token={lab['token']}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = response.read().decode()
+        assert response.status == 200 and "Dask" in body, body[:500]
+    with urllib.request.urlopen(f"{lab['url']}/server-proxy/servers-info?token={lab['token']}", timeout=10) as r:
+        servers = json.load(r)["server_processes"]
+    assert any(s["name"] == "dask" for s in servers), servers
+    assert dashboard_link({"JUPYTERHUB_SERVICE_PREFIX": "/user/alice/"}) == "/user/alice/proxy/{port}/status"
+    assert dashboard_link({}) == "{scheme}://{host}:{port}/status"
+
+
+def test_binder_start_keeps_the_database_running(tmp_path):
+    """binder/start starts the embedded server, then runs the command it is given (here: a query)."""
+    from conftest import ROOT
+
+    env = {**os.environ, "MLMD_DATA_DIR": str(tmp_path / "data"), "PATH": f"{Path(sys.executable).parent}:"
+           + os.environ.get("PATH", "")}
+    env.pop("MLMD_MONGODB_URI", None)
+    probe = "import mlmd_lab, os; db = mlmd_lab.connect(); print('frames', db.count()); print(os.environ[" \
+            "'DASK_DISTRIBUTED__DASHBOARD__LINK'])"
+    try:
+        out = subprocess.run(["bash", str(ROOT / "binder" / "start"), sys.executable, "-c", probe], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert "frames 0" in out.stdout and "proxy/{port}/status" in out.stdout, out.stdout
+    finally:
+        subprocess.run([sys.executable, "-m", "mlmd_lab.cli", "server", "stop"], env=env, capture_output=True,
+                       timeout=60)
