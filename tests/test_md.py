@@ -239,6 +239,25 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
     assert [a.info["step"] for a in read(tmp_path / "md.traj", ":")] == list(range(0, 301, 10))
 
 
+def test_callback_returning_true_stops_cleanly_and_resume_continues_exactly(tmp_path):
+    """A Stop button's route: the run ends at the end of its block, writes its restart, returns its result."""
+    kw = dict(temperature=50, timestep=5.0, log_interval=10, trajectory_interval=10, skin=0.3, block=40)
+    whole = run(ARGON, argon(), "langevin", steps=300, **kw)
+    seen = []
+
+    def stop_after_100(row):
+        seen.append(int(row["step"]))
+        return row["step"] >= 100
+
+    first = run(ARGON, argon(), "langevin", steps=300, workdir=tmp_path, callbacks=[stop_after_100], **kw)
+    assert first.stopped == "stopped by a callback"
+    assert 100 <= first.steps <= 140 and seen[-1] == first.steps  # within one block of the request
+    rest = resume(ARGON, tmp_path)  # continues to the 300 steps asked for at first
+    assert first.steps + rest.steps == 300 and rest.stopped is None
+    np.testing.assert_array_equal(rest.atoms.positions, whole.atoms.positions)
+    assert list(read_log(tmp_path)["step"]) == list(range(0, 301, 10))
+
+
 _KILLED_RUN = """
 import sys
 from ase.build import bulk

@@ -57,7 +57,8 @@ def test_live_run_streams_rows_and_stop_ends_it(tmp_path):
     wait_until(lambda: len(viewer.rows) >= 12, what="12 log rows")
     assert "running: step" in viewer.status.value and "T = " in viewer.status.value
     viewer.stop_button.click()
-    assert viewer.wait(timeout=120) is None  # stopped: no MDResult
+    result = viewer.wait(timeout=120)  # md.run ended cleanly at the end of its block
+    assert result.stopped == "stopped by a callback" and result is viewer.result
     assert viewer.stopped and viewer.error is None and not viewer.running
     rows = viewer.rows
     assert len(rows) < 10**6 // 10 and [r["step"] for r in rows] == [10.0 * k for k in range(len(rows))]
@@ -85,9 +86,9 @@ def test_stop_with_workdir_leaves_readable_files_that_resume(tmp_path):
     assert log["step"][-1] == last and len(log["step"]) == len(viewer.rows)
     frames = read(tmp_path / "md.traj", ":")
     assert len(viewer.frames) == len(frames) and frames[0].info["step"] == 0
-    # the restart written every 100 steps continues the run
+    # Stop wrote a restart where the run ended: resume continues from there
     more = resume(ARGON, tmp_path, steps=20)
-    assert more.steps == 20 and int(read_log(tmp_path)["step"][-1]) == (last // 100) * 100 + 20
+    assert more.steps == 20 and int(read_log(tmp_path)["step"][-1]) == last + 20
 
 
 def test_live_run_to_the_end_loads_the_result(tmp_path):

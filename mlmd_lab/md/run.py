@@ -45,6 +45,7 @@ LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "conserved_eV
                "max_force_std_eV_A")
 
 DEFAULT_SKIN = 0.5  # Å
+_BY_CALLBACK = "stopped by a callback"
 
 # Why a block ended (0: it ran to its target).
 _NEIGHBOURS, _NAN, _HOT, _EXTRAPOLATION, _SPREAD, _JUMP = 1, 2, 3, 4, 5, 6
@@ -145,7 +146,9 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         max_force_spread: stop when the committee force spread of any atom passes this (eV/Å; ensembles).
         max_temperature: stop above this (K; default 10 x target + 1000).
         callbacks: functions called with each log row (a dict of :data:`LOG_COLUMNS`, plus "atoms" when a
-            trajectory frame is written).
+            trajectory frame is written). A callback returning True ends the run cleanly at the end of the current
+            block (at most ``block`` steps later): the restart is written and the result has
+            ``stopped="stopped by a callback"`` (e.g. a Stop button; :func:`resume` continues).
         progress: show a progress bar.
     """
     ensemble = _canonical_ensemble(ensemble)
@@ -459,7 +462,7 @@ class _Engine:
         taken, stalled = 0, False
         stopped = None
         try:
-            while self.step < until:
+            while self.step < until and not out.stop_requested:
                 target = self._next_target(until)
                 first = ("block", self.layout) not in self._compiled
                 t0 = time.perf_counter()
@@ -482,8 +485,10 @@ class _Engine:
                 out.log_rows(rows, self._log_interval(), callbacks, frame_atoms=frame)
                 if done:
                     out.trajectory_frame(frame)
-                    if self._is_restart_step(self.step) or self.step >= until:
+                    if self._is_restart_step(self.step) or self.step >= until or out.stop_requested:
                         out.restart(self)
+                if out.stop_requested:
+                    break
                 if code == _NEIGHBOURS:
                     if done == 0 and stalled:
                         stopped = _JUMP
@@ -506,7 +511,8 @@ class _Engine:
             atoms=self._atoms(), thermo=out.thermo(), trajectory=out.frames(), steps=taken, wall_s=wall,
             rebuilds=self.rebuilds, compile_s=compile_s,
             atom_steps_per_s=taken * len(self.atoms) / max(wall - compile_s, 1e-9), workdir=out.workdir,
-            stopped=_REASONS.get(stopped) if stopped else None, settings=dict(self.settings))
+            stopped=_REASONS.get(stopped) if stopped else (_BY_CALLBACK if out.stop_requested else None),
+            settings=dict(self.settings))
         if stopped is not None:
             where = f"; restart written in {out.workdir}" if out.workdir else ""
             forces = np.linalg.norm(np.asarray(self.state.forces), axis=1)
@@ -622,6 +628,7 @@ class _Outputs:
     def __init__(self, workdir, settings: dict, fresh: bool, restart_step: int) -> None:
         self.workdir = Path(workdir) if workdir is not None else None
         self.settings = settings
+        self.stop_requested = False  # a callback returned True
         self._rows: list[np.ndarray] = []
         self._frames: list[Atoms] = []
         self._log = self._traj = None
@@ -643,6 +650,7 @@ class _Outputs:
         (self.workdir / "settings.json").write_text(json.dumps(settings, indent=1))
 
     def log_rows(self, rows, interval: int, callbacks, frame_atoms: Atoms | None) -> None:
+        """Log ``rows`` every ``interval`` steps and pass each to the callbacks (one returning True asks to stop)."""
         selected = [r for r in rows if interval > 0 and int(r[0]) % interval == 0]
         for k, row in enumerate(selected):
             self._rows.append(np.asarray(row))
@@ -653,7 +661,8 @@ class _Outputs:
                 if frame_atoms is not None and k == len(selected) - 1 and int(row[0]) == frame_atoms.info["step"]:
                     event["atoms"] = frame_atoms
                 for callback in callbacks:
-                    callback(event)
+                    if callback(event) is True:
+                        self.stop_requested = True
         if self._log is not None:
             self._log.flush()
 

@@ -43,10 +43,6 @@ from mlmd_lab.widgets.plots import LivePlot
 FS_PER_PS = 1000.0
 
 
-class _StopRequested(Exception):  # noqa: N818 (a control-flow signal, not an error)
-    """Raised by the viewer's MD callback to end ``md.run`` after Stop was clicked."""
-
-
 def thermo_from_frames(frames: Sequence[Atoms]) -> dict[str, np.ndarray]:
     """Thermo columns (``step``, ``time_fs``, ``temperature_K``, ``epot_eV``, ``ekin_eV``, ``etot_eV``,
     ``pressure_GPa``) from frames' ``info``, momenta and attached results; missing values are NaN."""
@@ -99,7 +95,8 @@ class MDViewer(widgets.VBox):
     Attributes:
         frames: the frames shown (a list or a lazy ``ase.io.Trajectory``).
         thermo: thermo columns as arrays (units in the names, see :data:`mlmd_lab.md.LOG_COLUMNS`).
-        result: the :class:`MDResult` of the last :meth:`run` (None when stopped or failed).
+        result: the :class:`MDResult` of the last :meth:`run` (after Stop too: ``result.stopped`` says so; None
+            when it failed).
         error: the exception of the last :meth:`run`, if any (MDStoppedError: a safety stop).
         stopped: True when the last run was ended with Stop.
     """
@@ -266,12 +263,10 @@ class MDViewer(widgets.VBox):
 
         try:
             self.result = md_run(potential, atoms, *args, callbacks=callbacks, **kwargs)
+            # After Stop md.run ends cleanly at the end of its block (restart written, result.stopped set)
+            self.stopped = bool(self.result.stopped)
             self.load(self.result)
-            self._set_status("finished: " + self._status_suffix())
-        except _StopRequested:
-            self.stopped = True
-            self._load_partial()
-            self._set_status("stopped: " + self._status_suffix())
+            self._set_status(("stopped: " if self.stopped else "finished: ") + self._status_suffix())
         except MDStoppedError as err:  # a safety stop: show why, and the run up to the last good step
             self.error = err
             self._show_error(err)
@@ -286,21 +281,9 @@ class MDViewer(widgets.VBox):
             for plot in (self.temperature_plot, self.energy_plot, self.pressure_plot, self.rdf_plot):
                 plot.flush()
 
-    def _load_partial(self) -> None:
-        """After Stop: the workdir's files when there are some, else the rows and frames received."""
-        workdir = self._workdir
-        if workdir is not None and (Path(workdir) / "md.traj").exists():
-            self.load(workdir)
-            return
-        rows = self._rows
-        thermo = {k: np.array([r.get(k, np.nan) for r in rows], float) for k in (rows[0] if rows else {})}
-        self.frames, self.thermo = list(self._live_frames), thermo
-        self._show_thermo(thermo)
-        self._show_structure(self.frames)
-        self._show_rdf(self.frames)
-
-    def _on_row(self, row: dict[str, Any]) -> None:
-        """The MD callback: one log row (units in the keys), with ``atoms`` on trajectory steps."""
+    def _on_row(self, row: dict[str, Any]) -> bool:
+        """The MD callback: one log row (units in the keys), with ``atoms`` on trajectory steps; True after Stop
+        (md.run then ends at the end of its block)."""
         values = {k: float(v) for k, v in row.items() if k != "atoms"}
         self._rows.append(values)
         if "atoms" in row and self._workdir is None:
@@ -314,11 +297,10 @@ class MDViewer(widgets.VBox):
             self.pressure_plot.append("pressure", t, pressure)
             if not self.pressure_shown:
                 self._show_pressure(True)
-        if self._stop.is_set() and len(self._rows) > 1:
-            # md.run wrote this row to md.log already; the first row is never the one (md.run emits it outside
-            # its try/finally, so its files would stay open)
-            raise _StopRequested
+        if self._stop.is_set():
+            return True
         self._set_status("running: " + _row_text(values, self._total_steps))
+        return False
 
     def stop(self) -> None:
         """End a live run at its next log row (thread-safe)."""
@@ -333,8 +315,8 @@ class MDViewer(widgets.VBox):
         return self._thread is not None and self._thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> Any:
-        """Block until the live run ends; re-raises its error (not for Stop); returns the MDResult (None if
-        stopped)."""
+        """Block until the live run ends; re-raises its error; returns the MDResult (after Stop: the run so far,
+        ``result.stopped`` set, restart written so :func:`mlmd_lab.md.resume` continues)."""
         if self._thread is None:
             raise MLMDError("nothing to wait for: call run(...) first")
         self._thread.join(timeout)
