@@ -99,3 +99,21 @@ def test_binder_start_keeps_the_database_running(tmp_path):
     finally:
         subprocess.run([sys.executable, "-m", "mlmd_lab.cli", "server", "stop"], env=env, capture_output=True,
                        timeout=60)
+
+
+def test_clusters_under_jupyterhub_link_the_dashboard_through_the_proxy(monkeypatch):
+    import dask
+    from distributed import Client, LocalCluster
+
+    from mlmd_lab.jupyter import configure_dask_dashboard
+
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/alice/")
+    monkeypatch.delenv("DASK_DISTRIBUTED__DASHBOARD__LINK", raising=False)
+    with dask.config.set({"distributed.dashboard.link": "{scheme}://{host}:{port}/status"}):
+        assert configure_dask_dashboard() == "/user/alice/proxy/{port}/status"
+        with LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
+                Client(cluster) as client:
+            port = cluster.scheduler.http_server.port
+            assert client.dashboard_link == f"/user/alice/proxy/{port}/status"
+        monkeypatch.setenv("DASK_DISTRIBUTED__DASHBOARD__LINK", "https://example.org/{port}")  # the user's wins
+        assert configure_dask_dashboard() == "/user/alice/proxy/{port}/status"  # unchanged by us

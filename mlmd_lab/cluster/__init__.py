@@ -231,8 +231,14 @@ def cluster(
     ``cluster.scale(jobs=N)`` or ``cluster.adapt(maximum_jobs=N)``. Close with ``cluster.close()`` (cancels the
     jobs) or use it as a context manager. Expected failures (unknown option, bad walltime, missing submit
     command, bad interface) raise :class:`~mlmd_lab.errors.MLMDError`.
+
+    Under JupyterHub the dashboard link goes through jupyter-server-proxy
+    (:func:`mlmd_lab.jupyter.configure_dask_dashboard`), so ``cluster.dashboard_link`` opens in the user's browser.
     """
+    from mlmd_lab.jupyter import configure_dask_dashboard
+
     kind, opts = resolve_options(kind, profile, config_file, **options)
+    configure_dask_dashboard()
     if kind == "local":
         return _local_cluster(opts)
     jobs = opts.get("jobs", 0)

@@ -53,10 +53,11 @@ def dashboard_link(environ: dict[str, str] | None = None) -> str:
 
 
 def configure_dask_dashboard() -> str:
-    """Set ``distributed.dashboard.link`` to :func:`dashboard_link` (unless the user configured one); returns it."""
+    """Under JupyterHub set ``distributed.dashboard.link`` to :func:`dashboard_link` (unless the user configured a
+    link in the environment); returns the link template in force."""
     import dask
 
-    if "DASK_DISTRIBUTED__DASHBOARD__LINK" in os.environ:
+    if "DASK_DISTRIBUTED__DASHBOARD__LINK" in os.environ or "JUPYTERHUB_SERVICE_PREFIX" not in os.environ:
         return str(dask.config.get("distributed.dashboard.link"))
     link = dashboard_link()
     dask.config.set({"distributed.dashboard.link": link})
