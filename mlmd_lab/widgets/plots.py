@@ -64,9 +64,10 @@ class LivePlot(widgets.VBox):
         self.x_scale = bqplot.LinearScale()
         self.y_scale = bqplot.LogScale() if self.log_y else bqplot.LinearScale()
         self.x_axis = bqplot.Axis(scale=self.x_scale, label=axis_label(x_label, x_unit), grid_lines="dashed")
+        # 7 significant digits: a total energy of -2079.93 eV fluctuating by 0.01 eV needs them
         self.y_axis = bqplot.Axis(scale=self.y_scale, label=axis_label(y_label, y_unit), side="left",
-                                  grid_lines="dashed", tick_format=".4~g" if self.log_y else ".3~g",
-                                  label_offset="58px")
+                                  grid_lines="dashed", tick_format=".4~g" if self.log_y else ".7~g",
+                                  label_offset="66px")
         self.lines: dict[str, bqplot.Lines] = {}
         self.figure = bqplot.Figure(marks=[], axes=[self.x_axis, self.y_axis], title=title,
                                     fig_margin={"top": 40, "bottom": 45, "left": 78, "right": 15},
