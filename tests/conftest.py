@@ -48,6 +48,33 @@ def db(mongo_uri):
     database.close()
 
 
+def wait_until(condition, timeout: float = 120.0, what: str = "condition") -> None:
+    """Poll ``condition`` until true; fail after a generous deadline (a hang guard, not a timing assertion)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node Slurm (scripts/start_slurm.sh); left running afterwards, for whoever comes next."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("Slurm not installed: apt-get install slurmctld slurmd slurm-client munge (apt-packages.txt)")
+    if os.geteuid() != 0:
+        pytest.skip("starting the CI Slurm needs root (scripts/start_slurm.sh starts munged, slurmctld, slurmd)")
+    proc = subprocess.run([str(ROOT / "scripts" / "start_slurm.sh")], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Real-browser tests: a session JupyterLab on 127.0.0.1 and Debian's chromium driven by Playwright
 # (../shared/guides/browser-testing.md). Never `playwright install`: it downloads a browser and fails offline.

@@ -681,19 +681,6 @@ def _wait_no_jobs(name: str, timeout: float = 30.0) -> list[str]:
     return left
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    """A running single-node Slurm (scripts/start_slurm.sh); left running afterwards, for whoever comes next."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("Slurm not installed: apt-get install slurmctld slurmd slurm-client munge (apt-packages.txt)")
-    if os.geteuid() != 0:
-        pytest.skip("starting the CI Slurm needs root (scripts/start_slurm.sh starts munged, slurmctld, slurmd)")
-    proc = subprocess.run([str(ROOT / "scripts" / "start_slurm.sh")], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc.stdout
-
-
 @pytest.fixture
 def job_name(tmp_path, monkeypatch):
     """A unique job name; the test runs in tmp_path, where sbatch/qsub put the jobs' default output files."""

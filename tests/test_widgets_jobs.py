@@ -5,26 +5,16 @@ buttons, task states and failures, the dashboard link through jupyter-server-pro
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import subprocess
 import time
 import uuid
 
 import pytest
-from conftest import ROOT
+from conftest import wait_until
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.widgets import JobMonitor
 from mlmd_lab.widgets.jobs import dashboard_url, jobs_of, proxied_dashboard_link
-
-
-def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def fail(x):
@@ -144,18 +134,6 @@ def test_jobs_of_spec_cluster_groups():
 
 
 # ------------------------------------------------------------------------------------------------ Slurm
-@pytest.fixture(scope="module")
-def slurm():
-    """The single-node Slurm of scripts/start_slurm.sh (as in test_cluster.py)."""
-    if shutil.which("sbatch") is None:
-        pytest.skip("Slurm not installed: apt-get install slurmctld slurmd slurm-client munge (apt-packages.txt)")
-    if os.geteuid() != 0:
-        pytest.skip("starting the CI Slurm needs root (scripts/start_slurm.sh starts munged, slurmctld, slurmd)")
-    proc = subprocess.run([str(ROOT / "scripts" / "start_slurm.sh")], capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/start_slurm.sh failed:\n{proc.stdout}\n{proc.stderr}")
-
-
 @pytest.mark.slow
 def test_monitor_of_a_real_slurm_cluster(slurm, tmp_path, monkeypatch):
     from distributed import Client

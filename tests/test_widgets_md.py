@@ -5,13 +5,12 @@ MD runs are real (mlmd_lab.md.run with the Lennard-Jones potential on a small ar
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
 from ase.io import read
+from conftest import wait_until
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.md import LennardJones, MDStoppedError, read_log, resume
@@ -27,14 +26,6 @@ def argon(repeat: int = 3) -> Atoms:
     atoms = bulk("Ar", "fcc", a=5.40, cubic=True).repeat(repeat)
     atoms.rattle(0.02, seed=1)
     return atoms
-
-
-def wait_until(condition, timeout: float = 120.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ Debian's chromium (conftest.run_notebook).
 from __future__ import annotations
 
 import threading
-import time
 import warnings
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, wait_until
 from test_train import FAST, emt_frames
 
 from mlmd_lab.errors import MLMDError
@@ -22,15 +21,6 @@ from mlmd_lab.widgets import LivePlot, TrainingMonitor
 from mlmd_lab.widgets.training import format_duration
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def wait_until(condition, timeout: float = 120.0, what: str = "condition") -> None:
-    """Poll ``condition`` until true; fail (not a timing assertion: a generous deadline) otherwise."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
