@@ -100,6 +100,9 @@ class Report:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(self.html())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is for sharing (as a plain open() would)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

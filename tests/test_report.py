@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 
 import pytest
@@ -30,6 +31,9 @@ def test_report_embeds_figures_and_escapes_text(tmp_path):
     data = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"  # a real PNG, no external file
     assert not list(path.parent.glob(".*tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file written with open()
 
 
 def test_report_write_failure_keeps_the_old_file(tmp_path):
