@@ -299,7 +299,9 @@ def write_report(result: QuickstartResult, path: str | Path, db=None) -> Path:
     rep.text("Logged steps with atoms outside the training range (extrapolation): "
              + ", ".join(f"{name} {int((x > 0).sum())} of {len(x)}" for name, x in rows)
              + ". A few per cent are expected from 80 teacher structures; more data removes them.")
-    rep.figure(thermo_figure(result.nvt.thermo), "NVT: temperature and energies")
+    shown = ("time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
+    rep.figure(thermo_figure({k: result.nvt.thermo[k] for k in shown}), "NVT: energies and temperature "
+               "(3 atoms: the instantaneous temperature fluctuates strongly)")
     rep.figure(drift_figure(result.drift), "NVE: total energy per atom relative to the start")
     rep.heading("Vibrations: potential vs DFT")
     rep.table([{"mode": m, "DFT (cm⁻¹)": d, "potential (cm⁻¹)": p, "difference (%)": 100 * (p - d) / d}

@@ -330,7 +330,8 @@ def test_figures_render_with_units():
         "vacf": plots.vacf_figure(analysis.vacf(frames)),
         "vdos": plots.vdos_figure(analysis.vdos(frames)),
         "thermo": plots.thermo_figure({"time_fs": t, "epot_eV": -12 + 0 * t, "ekin_eV": 2 + 0 * t,
-                                       "etot_eV": -10 + 0 * t, "temperature_K": 300 + t, "custom": t}),
+                                       "etot_eV": -10 + 0 * t, "temperature_K": 300 + t, "custom": t,
+                                       "pressure_GPa": np.full_like(t, np.nan)}),  # a molecule: no pressure
         "drift": plots.drift_figure(drift),
         "blocking": plots.blocking_figure(analysis.block_average(np.sin(t))),
     }
@@ -341,7 +342,7 @@ def test_figures_render_with_units():
         assert units_expected[name] in _labels(fig), (name, _labels(fig))
         assert _png(fig).startswith(b"\x89PNG"), name
     thermo = figures["thermo"]
-    assert len(thermo.axes) == 3  # energies, temperature, custom
+    assert len(thermo.axes) == 3  # energies, temperature, custom (the all-NaN pressure gets no empty panel)
     assert "time (ps)" in _labels(thermo) and "E − E(t₀) (eV)" in _labels(thermo)
     assert "THz" in _labels(plots.vdos_figure(analysis.vdos(frames), unit="THz", total=False))
     with pytest.raises(MLMDError, match="no plottable columns"):

@@ -135,6 +135,8 @@ def _thermo_panels(log: Mapping[str, np.ndarray], n: int) -> dict[str, list[tupl
         y = np.asarray(values)
         if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.number):
             continue
+        if not np.isfinite(y).any():  # e.g. pressure and volume of a molecule without a cell: nothing to show
+            continue
         panel, label = THERMO_COLUMNS.get(column, (column, column))
         if panel == "energy":
             y = y - y[0]
