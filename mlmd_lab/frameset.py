@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 from ase import Atoms
 
-from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_path as _atomic_path
 from mlmd_lab.frames import content_hash, results_of
 
 
@@ -199,22 +196,3 @@ class FrameSet(Sequence[Atoms]):
                 names[formula] += 1
                 name = formula if names[formula] == 1 else f"{formula}_{names[formula]}"
                 write_deepmd(tmp / name if len(groups) > 1 else tmp, frames, set_size=set_size)
-
-
-@contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write; move it into place only if writing succeeded,
-    so an interrupted export never leaves a half-written file. Folders must not exist yet."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    try:
-        yield tmp
-        if tmp.is_dir() and target.exists():
-            raise MLMDError(f"{target} already exists: export to a new folder or delete it first")
-        os.replace(tmp, target)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()

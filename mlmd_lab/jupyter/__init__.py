@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlmd_lab.files import atomic_write_text
+
 OVERRIDES = Path(__file__).with_name("overrides.json")
 
 
@@ -32,11 +34,7 @@ def install_overrides(prefix: str | os.PathLike = sys.prefix) -> Path:
             current = {}
     for plugin, values in json.loads(OVERRIDES.read_text()).items():
         current.setdefault(plugin, {}).update(values)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(current, indent=2) + "\n")
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(target, json.dumps(current, indent=2) + "\n")
 
 
 def dashboard_link(environ: dict[str, str] | None = None) -> str:

@@ -11,7 +11,6 @@ meV/Å and meV/Å³.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_path
 from mlmd_lab.frames import results_of
 from mlmd_lab.train.callbacks import History, Metrics, display_unit, format_value, read_log
 
@@ -242,7 +242,7 @@ def _new_axes(square: bool = False) -> Axes:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
-    """Write ``fig`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``).
+    """Write ``fig`` to ``path`` atomically (:func:`mlmd_lab.files.atomic_path`).
 
     The format follows the suffix (``.png``, ``.pdf``, ``.svg``, ...). Returns the path written.
     """
@@ -252,15 +252,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> Path:
     if fmt not in supported:
         raise MLMDError(f"{path}: cannot save a figure as {fmt or 'a file without suffix'!r}; "
                         f"use one of .{', .'.join(sorted(supported))}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return path
