@@ -117,3 +117,14 @@ def test_clusters_under_jupyterhub_link_the_dashboard_through_the_proxy(monkeypa
             assert client.dashboard_link == f"/user/alice/proxy/{port}/status"
         monkeypatch.setenv("DASK_DISTRIBUTED__DASHBOARD__LINK", "https://example.org/{port}")  # the user's wins
         assert configure_dask_dashboard() == "/user/alice/proxy/{port}/status"  # unchanged by us
+
+
+def test_configure_dask_dashboard_in_a_fresh_interpreter():
+    """Before anything imported distributed its config keys do not exist; configuring must still work."""
+    code = ("from mlmd_lab.jupyter import configure_dask_dashboard; print(configure_dask_dashboard()); "
+            "import os; os.environ['JUPYTERHUB_SERVICE_PREFIX'] = '/user/bob/'; print(configure_dask_dashboard())")
+    env = {k: v for k, v in os.environ.items() if k not in ("JUPYTERHUB_SERVICE_PREFIX",
+                                                             "DASK_DISTRIBUTED__DASHBOARD__LINK")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["{scheme}://{host}:{port}/status", "/user/bob/proxy/{port}/status"]

@@ -54,6 +54,7 @@ def configure_dask_dashboard() -> str:
     """Under JupyterHub set ``distributed.dashboard.link`` to :func:`dashboard_link` (unless the user configured a
     link in the environment); returns the link template in force."""
     import dask
+    import distributed  # noqa: F401 - registers the distributed.* defaults this reads and sets
 
     if "DASK_DISTRIBUTED__DASHBOARD__LINK" in os.environ or "JUPYTERHUB_SERVICE_PREFIX" not in os.environ:
         return str(dask.config.get("distributed.dashboard.link"))
