@@ -247,6 +247,19 @@ def test_background_training_can_be_stopped(frames):
     assert len(trainer.history) == 3 and trainer.history[-1].epoch == 3
 
 
+def test_background_fit_prepares_in_the_thread_and_reports_errors_through_wait(frames, tmp_path):
+    """Every step runs in the thread (the cell returns at once); a failing step is raised by run.wait()."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("a file where the workdir should be")
+    trainer = Trainer(frames, max_epochs=2, workdir=not_a_folder, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        run = trainer.fit(background=True)  # writing input.nn into a file fails, but not here
+        with pytest.raises(OSError):
+            run.wait(timeout=600)
+    assert run.done and run.model is None
+
+
 # ---------------------------------------------------------------------- ensembles and the database
 @pytest.mark.slow
 def test_ensemble_trains_saves_and_reloads(db, frames, tmp_path):

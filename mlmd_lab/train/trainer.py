@@ -31,7 +31,7 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -330,21 +330,30 @@ class Trainer:
         if not self._state.get("scaled"):
             self.scaling()
         if background:
-            return TrainingRun(self, epochs, resume, member)
+            return TrainingRun(self, lambda: self._train(epochs, resume, member))
         return self._train(epochs, resume, member)
 
     def fit(self, *, cluster: Any = None, background: bool = False) -> HDNNP | TrainingRun:
-        """All steps with defaults; returns the trained model (``cluster``: a dask Client/cluster to run on)."""
+        """All steps with defaults; returns the trained model (``cluster``: a dask Client/cluster to run on).
+
+        ``background=True`` runs every step (symmetry functions included, the slow part of preparing) in a
+        thread and returns a :class:`TrainingRun` at once; errors of any step are raised by ``run.wait()``.
+        """
         if cluster is not None:
             from mlmd_lab.train.remote import fit_on_cluster
 
             return fit_on_cluster(self, cluster)
-        self.stopper.reset()  # a stop request of an earlier run must not end this one
+        self.stopper.reset()  # a stop request of an earlier run must not end this one (a later one may)
+        if background:
+            return TrainingRun(self, self._fit_steps)
+        return self._fit_steps()
+
+    def _fit_steps(self) -> HDNNP:
         self.write_nn()
         self.write_data()
         self.normalize()
         self.scaling()
-        return self.train(background=background)
+        return self._train(None, True, None)
 
     def member(self, k: int) -> Trainer:
         """A trainer for ensemble member ``k``: seed + k for weights, batches and the train/validation split;
@@ -545,17 +554,16 @@ class Trainer:
 class TrainingRun:
     """Training in a background thread (the notebook stays responsive)."""
 
-    def __init__(self, trainer: Trainer, epochs, resume, member) -> None:
+    def __init__(self, trainer: Trainer, work: Callable[[], HDNNP]) -> None:
         self.trainer = trainer
         self.error: BaseException | None = None
         self.model: HDNNP | None = None
-        self._thread = threading.Thread(target=self._run, args=(epochs, resume, member), daemon=True,
-                                        name="mlmd-training")
+        self._thread = threading.Thread(target=self._run, args=(work,), daemon=True, name="mlmd-training")
         self._thread.start()
 
-    def _run(self, epochs, resume, member) -> None:
+    def _run(self, work: Callable[[], HDNNP]) -> None:
         try:
-            self.model = self.trainer._train(epochs, resume, member)
+            self.model = work()
         except BaseException as err:  # reported by wait()
             self.error = err
 
