@@ -258,6 +258,15 @@ def test_callback_returning_true_stops_cleanly_and_resume_continues_exactly(tmp_
     assert list(read_log(tmp_path)["step"]) == list(range(0, 301, 10))
 
 
+def test_callback_stop_at_the_first_row_still_leaves_a_restart(tmp_path):
+    kw = dict(temperature=50, timestep=5.0, log_interval=10, trajectory_interval=10, skin=0.3)
+    first = run(ARGON, argon(), "langevin", steps=100, workdir=tmp_path, callbacks=[lambda row: True], **kw)
+    assert first.stopped == "stopped by a callback" and first.steps == 0
+    whole = run(ARGON, argon(), "langevin", steps=100, **kw)
+    rest = resume(ARGON, tmp_path)
+    np.testing.assert_array_equal(rest.atoms.positions, whole.atoms.positions)
+
+
 _KILLED_RUN = """
 import sys
 from ase.build import bulk

@@ -485,7 +485,7 @@ class _Engine:
                 out.log_rows(rows, self._log_interval(), callbacks, frame_atoms=frame)
                 if done:
                     out.trajectory_frame(frame)
-                    if self._is_restart_step(self.step) or self.step >= until or out.stop_requested:
+                    if self._is_restart_step(self.step) or self.step >= until:
                         out.restart(self)
                 if out.stop_requested:
                     break
@@ -504,8 +504,8 @@ class _Engine:
             if bar is not None:
                 bar.close()
             out.close()
-        if stopped is not None and out.workdir is not None:
-            out.restart(self)
+        if (stopped is not None or out.stop_requested) and out.workdir is not None:
+            out.restart(self)  # where the run ended, so resume() continues from there
         wall = time.perf_counter() - start
         result = MDResult(
             atoms=self._atoms(), thermo=out.thermo(), trajectory=out.frames(), steps=taken, wall_s=wall,
