@@ -138,6 +138,8 @@ def save_model(db, trainer):
 def harmonic_frequencies(atoms: Atoms, calculator, delta: float = 0.005) -> np.ndarray:
     """The three vibrational frequencies (cm⁻¹, ascending) of a molecule at ``atoms`` by central finite differences
     of the forces (``delta`` Å), rotations and translations projected out by taking the three largest."""
+    # ase.vibrations.Vibrations does the same displacements but caches each in a file on disk; this keeps them in
+    # memory and hands the Hessian to ASE's VibrationsData for the modes.
     from ase.vibrations import VibrationsData
 
     atoms = atoms.copy()
