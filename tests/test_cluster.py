@@ -642,7 +642,6 @@ def test_pjm_cluster_end_to_end_with_fake_pjsub(tmp_path, monkeypatch):
         (bindir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
 
-    t0 = time.monotonic()
     c = mc.cluster("pjm", cores=1, memory="1GB", queue="debug-o", account="gz00", walltime="00:05:00",
                    interface="lo", jobs=2, scheduler_options={"dashboard_address": ":0"})
     try:
@@ -664,7 +663,6 @@ def test_pjm_cluster_end_to_end_with_fake_pjsub(tmp_path, monkeypatch):
                 break
             time.sleep(0.1)
         assert not Path(f"/proc/{pid}").exists()
-    assert time.monotonic() - t0 < 60
 
 
 def _squeue(name: str) -> list[str]:
@@ -696,7 +694,6 @@ def test_slurm_cluster_end_to_end(slurm, job_name, tmp_path):
     """SLURMCluster through mlmd_lab.cluster: 2 jobs, a task on each, distinct job ids, nothing left queued."""
     from distributed import Client
 
-    t0 = time.monotonic()
     c = mc.cluster("slurm", cores=1, memory="1GB", queue="debug", interface="lo", walltime="00:10:00",
                    job_name=job_name, log_directory=str(tmp_path / "logs"), jobs=2,
                    scheduler_options={"dashboard_address": ":0"})
@@ -714,7 +711,6 @@ def test_slurm_cluster_end_to_end(slurm, job_name, tmp_path):
     finally:
         c.close()
     assert _wait_no_jobs(job_name) == []
-    assert time.monotonic() - t0 < 60
 
 
 @pytest.mark.slow
@@ -737,7 +733,6 @@ def test_slurm_task_runs_mpi_inside_its_allocation(slurm, job_name):
         proc = run_mpi([sys.executable, "-c", code], launcher=launcher)
         return a, mpi_command("x", a.cores, launcher=launcher), proc.stdout
 
-    t0 = time.monotonic()
     c = mc.cluster("slurm", cores=2, processes=1, memory="1GB", queue="debug", interface="lo",
                    walltime="00:10:00", job_name=job_name, jobs=1, scheduler_options={"dashboard_address": ":0"})
     try:
@@ -755,7 +750,6 @@ def test_slurm_task_runs_mpi_inside_its_allocation(slurm, job_name):
     finally:
         c.close()
     assert _wait_no_jobs(job_name) == []
-    assert time.monotonic() - t0 < 90
 
 
 @pytest.mark.slow
@@ -771,7 +765,6 @@ def test_pbs_cluster_end_to_end_through_slurm_torque_wrappers(slurm, job_name):
 
     if shutil.which("qsub") is None or "slurm" not in Path(shutil.which("qsub")).resolve().read_text(errors="ignore"):
         pytest.skip("Slurm's qsub wrapper not installed: apt-get install slurm-wlm-torque")
-    t0 = time.monotonic()
     c = mc.cluster("pbs", cores=1, memory="1GB", queue="debug", interface="lo", walltime="00:10:00",
                    job_name=job_name, jobs=2, scheduler_options={"dashboard_address": ":0"})
     try:
@@ -789,7 +782,6 @@ def test_pbs_cluster_end_to_end_through_slurm_torque_wrappers(slurm, job_name):
     finally:
         c.close()
     assert _wait_no_jobs(job_name) == []
-    assert time.monotonic() - t0 < 60
 
 
 def test_documented_profiles_example_is_valid(tmp_path):

@@ -7,8 +7,8 @@ top to bottom in a fresh copy of the notebooks folder, against the test database
 - A failing cell fails the test with the cell's number, its source and the error with its traceback; so does a
   traceback printed on stderr (e.g. by a widget's background thread) although the cell itself succeeded.
 - Wall time per notebook is printed and written to ``test-artifacts/notebooks.json`` (name -> seconds), the executed
-  notebooks (with outputs) to ``test-artifacts/notebooks/``. The only timed assertion is the quickstart's: the issue
-  requires it to finish within 5 minutes on 2 cores.
+  notebooks (with outputs) to ``test-artifacts/notebooks/``. No wall time is asserted: the quickstart's 5-minute
+  budget is measured by ``benchmarks/bench_quickstart.py`` (a 3x slower machine must not fail the suite).
 """
 
 from __future__ import annotations
@@ -25,18 +25,14 @@ import pytest
 from conftest import ARTIFACTS, EXTERNAL, ROOT
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-QUICKSTART = "00_quickstart.ipynb"
-#: The issue: the quickstart notebook finishes within 5 minutes on 2 cores (kernel start included).
-QUICKSTART_LIMIT_S = 300.0
-#: nbclient's per-cell limit (s): the quickstart's cells share its 5 minutes; no tutorial cell should need more.
-CELL_TIMEOUT_S = {QUICKSTART: int(QUICKSTART_LIMIT_S)}
-DEFAULT_CELL_TIMEOUT_S = 400
+#: nbclient's per-cell limit (s): a hang guard with room for a 3x slower machine, not a timing assertion.
+CELL_TIMEOUT_S = 1200
 TIMINGS = ARTIFACTS / "notebooks.json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(3000)  # hang guard for a slow machine
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes(path: Path, mongo_uri: str, tmp_path: Path) -> None:
     nbformat = pytest.importorskip("nbformat", reason="nbformat is not installed (a dependency of mlmd_lab)")
@@ -59,8 +55,7 @@ def test_notebook_executes(path: Path, mongo_uri: str, tmp_path: Path) -> None:
     def cell_executed(cell, cell_index: int, execute_reply) -> None:
         cell_times[cell_index] = time.perf_counter() - float(started.get("t", 0.0))
 
-    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S.get(path.name,
-                                                                                      DEFAULT_CELL_TIMEOUT_S),
+    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
                             startup_timeout=120, resources={"metadata": {"path": str(work)}},
                             on_cell_start=cell_start, on_cell_executed=cell_executed)
     failure: BaseException | None = None
@@ -81,9 +76,6 @@ def test_notebook_executes(path: Path, mongo_uri: str, tmp_path: Path) -> None:
         pytest.fail(_describe_failure(path.name, notebook, int(started.get("index", -1)), failure), pytrace=False)
     printed = _printed_tracebacks(notebook)
     assert not printed, f"{path.name}: a traceback was printed on stderr (a background thread failed?):\n" + printed
-    if path.name == QUICKSTART:
-        assert seconds < QUICKSTART_LIMIT_S, (f"{QUICKSTART} took {seconds:.0f} s; the issue requires it to finish "
-                                              f"within {QUICKSTART_LIMIT_S:.0f} s on 2 cores")
 
 
 def _describe_failure(name: str, notebook, index: int, error: BaseException) -> str:
