@@ -30,3 +30,7 @@ class UnitsError(MLMDError):
 
 class DatabaseError(MLMDError):
     """The database cannot be reached, the URI is malformed, or the embedded server failed."""
+
+
+class MixedSettingsError(MLMDError):
+    """Frames of settings signatures whose energy zeros may differ were to be used as one training set."""

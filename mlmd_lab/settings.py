@@ -16,9 +16,20 @@ A *signature* is a flat dict with the keys :data:`SIGNATURE_KEYS` (units: eV, Å
 - ``spin``: spin-polarised (bool); ``hubbard_u``: ``{element: U_eff (eV)}`` or None when no +U.
 - ``pseudopotentials``: ``{element: POTCAR title or pseudopotential file name}``.
 - ``extra``: other decisive settings (VASP LASPH, GGA tag, ENAUG, LREAL; QE pseudopotential MD5 sums, ...).
+- ``dataset``: identity of a data set whose settings are *not declared* (None for one that declares them).
 
 For most keys None means *unknown*; for ``vdw`` and ``hubbard_u`` it means *none* (``vdw = "UNKNOWN"``: the
 energies contain a dispersion term whose kind the file does not name, as VASP's IVDW in vasprun.xml).
+
+Undeclared settings. Data-set formats (extxyz, n2p2, DeePMD) carry no run settings. Such a source is not
+given the one shared all-unknown signature (which let two DFT energy zeros compare equal and be mixed
+silently) but its own: :func:`with_dataset` sets ``dataset`` to the source's identity, which ingest takes
+as the SHA-256 of the source's bytes (its calculation id): re-ingesting or moving the file keeps it,
+two different files or DeePMD system folders get different ones. Declared-equal data sets compare equal:
+settings given at ingest (``db.ingest(path, settings={"code": "vasp", "xc": "PBE"})``) make the signature
+declared, and ``settings={"dataset": "NAME"}`` puts several sources into one data set without naming
+their settings. :func:`compare_signatures` reports two different signatures of which one declares nothing
+as an error (``key="dataset"``): their energy zeros cannot be checked, so they are treated as different.
 """
 
 from __future__ import annotations
@@ -51,10 +62,14 @@ SIGNATURE_KEYS: tuple[str, ...] = (
     "hubbard_u",
     "pseudopotentials",
     "extra",
+    "dataset",
 )
 
 #: Keys left out of :func:`signature_hash` (they do not change the physics).
 NON_DECISIVE_KEYS: frozenset[str] = frozenset({"code_version"})
+#: Keys that describe settings (not the program version or the data-set identity): a signature with all
+#: of them None and an empty ``extra`` declares no settings (see :func:`declares_settings`).
+SETTINGS_KEYS: tuple[str, ...] = tuple(k for k in SIGNATURE_KEYS if k not in ("code_version", "extra", "dataset"))
 
 #: Decimal places kept per key by :func:`normalise_signature`.
 _ROUND = {"encut": 2, "ecutrho": 2, "kspacing": 4, "sigma": 6}
@@ -176,8 +191,9 @@ def normalise_signature(d: dict[str, Any] | None) -> dict[str, Any]:
     for key in ("code", "smearing"):
         if out[key] is not None:
             out[key] = str(out[key]).strip().lower() or None
-    if out["code_version"] is not None:
-        out["code_version"] = str(out["code_version"]).strip() or None
+    for key in ("code_version", "dataset"):
+        if out[key] is not None:
+            out[key] = str(out[key]).strip() or None
     for key in ("xc", "vdw"):
         if out[key] is not None:
             out[key] = str(out[key]).strip().upper() or None
@@ -206,10 +222,45 @@ def normalise_signature(d: dict[str, Any] | None) -> dict[str, Any]:
 def signature_hash(sig: dict[str, Any]) -> str:
     """Short (16 hex digits) stable id of a signature: SHA-256 of the canonical JSON of its decisive keys
     (all of :data:`SIGNATURE_KEYS` except ``code_version``), after :func:`normalise_signature`.
+
+    ``dataset`` is hashed only when set, so signatures without one keep the ids they had before the key
+    existed (databases written earlier stay valid).
     """
     norm = normalise_signature(sig)
-    decisive = {k: v for k, v in norm.items() if k not in NON_DECISIVE_KEYS}
+    decisive = {k: v for k, v in norm.items()
+                if k not in NON_DECISIVE_KEYS and not (k == "dataset" and v is None)}
     return hashlib.sha256(canonical_json(decisive).encode()).hexdigest()[:16]
+
+
+def declares_settings(sig: dict[str, Any] | None) -> bool:
+    """True if the signature states any setting (a key of :data:`SETTINGS_KEYS` or an ``extra`` entry);
+    False for data whose settings nobody declared (extxyz, n2p2, DeePMD ingested without ``settings=``)."""
+    norm = normalise_signature(sig)
+    return any(norm[k] is not None for k in SETTINGS_KEYS) or bool(norm["extra"])
+
+
+def with_dataset(sig: dict[str, Any] | None, dataset: str) -> dict[str, Any]:
+    """The normalised signature, with ``dataset`` set to ``dataset`` if it declares no settings and has no
+    identity yet (a signature that declares settings, or already has one, is returned unchanged).
+
+    Ingest passes the source's calculation id (SHA-256 of its bytes), so every undeclared source gets its
+    own signature; see the module docstring.
+    """
+    norm = normalise_signature(sig)
+    if declares_settings(norm) or norm["dataset"]:
+        return norm
+    return normalise_signature({**norm, "dataset": dataset})
+
+
+def describe_signature(sig: dict[str, Any] | None) -> str:
+    """A few words for messages: ``"vasp PBE D3 520 eV"``, or ``"settings not declared, data set 3fa2c1d4e5f6"``."""
+    norm = normalise_signature(sig)
+    if not declares_settings(norm):
+        return f"settings not declared, data set {norm['dataset'][:12]}" if norm["dataset"] else "settings not declared"
+    parts = [str(norm[k]) for k in ("code", "xc", "vdw") if norm[k]]
+    if norm["encut"] is not None:
+        parts.append(f"{norm['encut']:g} eV")
+    return " ".join(parts) or "settings partly declared"
 
 
 @dataclass(frozen=True)
@@ -251,6 +302,9 @@ def compare_signatures(
     """
     a = normalise_signature(a)
     b = normalise_signature(b)
+    undeclared = _undeclared_conflict(a, b)
+    if undeclared is not None:
+        return [undeclared]
     out: list[Conflict] = []
 
     def same_or_unknown(key: str, what: str) -> bool | None:
@@ -324,6 +378,31 @@ def compare_signatures(
                             f"One run is spin-polarised and the other is not ({a['spin']} vs {b['spin']}); "
                             "they agree only for non-magnetic systems, so check the magnetisation is zero."))
     return out
+
+
+def _undeclared_conflict(a: dict[str, Any], b: dict[str, Any]) -> Conflict | None:
+    """The error for two different signatures of which at least one declares no settings, else None.
+
+    Nothing says such data sets share an energy zero (the 132 eV/atom mix of issue 14.2), so they are
+    treated as different; the same undeclared data set compared with itself is no conflict.
+    """
+    da, db_ = declares_settings(a), declares_settings(b)
+    if (da and db_) or signature_hash(a) == signature_hash(b):
+        return None
+    what_a, what_b = (describe_signature(x) if declares_settings(x) or not x["dataset"]
+                      else f"data set {x['dataset'][:12]}" for x in (a, b))
+    if not da and not db_:
+        head = f"Neither data set declares its DFT settings and they come from different sources ({what_a} vs {what_b})"
+    else:
+        side = "first" if not da else "second"
+        head = (f"The {side} data set declares no DFT settings and comes from another source than the other "
+                f"({what_a} vs {what_b})")
+    return Conflict(
+        "dataset", a["dataset"], b["dataset"], "error",
+        f"{head}, so their energy zeros cannot be checked and are treated as different; select one data set, "
+        "declare the settings at ingest (db.ingest(path, settings={...}) or --settings KEY=VALUE) if they are "
+        "the same, or train with energy_offsets='per_signature' to fit one energy offset per signature.",
+    )
 
 
 def _shared_elements(a: dict[str, Any], b: dict[str, Any], elements: Any) -> set[str] | None:

@@ -27,6 +27,32 @@ def external(sub: str = "") -> Path:
     return path
 
 
+def water_frames(n: int, seed: int = 0, shift_per_atom: float = 0.0):
+    """``n`` boxes of four rattled water molecules (12 atoms, 6 Å cubic cell) labelled by ASE's EMT, energies
+    raised by ``shift_per_atom`` eV/atom: the same physics in another DFT energy zero."""
+    import numpy as np
+    from ase import Atoms
+    from ase.build import molecule
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = Atoms(cell=[6.0, 6.0, 6.0], pbc=True)
+        for x in (1.5, 4.5):
+            for y in (1.5, 4.5):
+                water = molecule("H2O")
+                water.translate([x, y, 3.0])
+                atoms += water
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy + shift_per_atom * len(atoms), forces=forces)
+        frames.append(atoms)
+    return frames
+
+
 @pytest.fixture(scope="session")
 def mongo_uri(tmp_path_factory):
     uri = os.environ.get("MLMD_TEST_MONGODB_URI")

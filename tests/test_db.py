@@ -15,7 +15,7 @@ from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
-from conftest import ROOT, external
+from conftest import ROOT, external, water_frames
 
 from mlmd_lab.errors import DatabaseError, MLMDError
 
@@ -345,16 +345,19 @@ def test_compatible_flags_settings_and_unknowns(samples_db):
     assert same.shift.method == "shared structures" and same.shift.per_element["per_atom"] == 0.0
     unknown = db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
                             {"formula": "H2O", "settings": {"code": None}})
-    assert "unknown" in str(unknown)
-    # the second set mixes DeePMD water (about -156 eV/atom) with n2p2 RPBE water (about -694 eV/atom)
-    assert not unknown.ok
-    assert [c.key for c in unknown.conflicts if c.severity == "error"] == ["energy_reference"]
-    assert all(c.severity == "warning" for c in unknown.conflicts if c.key != "energy_reference")
+    assert "settings not declared" in str(unknown) and "energy zeros cannot be checked" in str(unknown)
+    # the second set mixes DeePMD water (about -156 eV/atom) with n2p2 RPBE water (about -694 eV/atom): four
+    # sources without declared settings (three DeePMD systems, one n2p2 file), each its own data set
+    assert not unknown.ok and unknown.signatures_b == 4
+    assert {c.key for c in unknown.conflicts if c.severity == "error"} == {"dataset", "energy_reference"}
+    assert sum(c.key == "dataset" for c in unknown.conflicts) == 4 + 6  # vasp vs each, and each pair of the four
     assert unknown.shift.undetermined == ["H", "O"]
     assert unknown.shift.per_composition["H2O"] < -100  # per-atom offset of the shared composition
     one_source = db.compatible({"formula": "H2O", "settings": {"code": "vasp"}},
                                {"formula": "H2O", "query": {"source_path": {"$regex": "deepmd"}}})
-    assert one_source.ok and one_source.shift.per_composition["H2O"] == pytest.approx(-156.0 + 4.73, abs=1.0)
+    # VASP water and DeePMD water differ by 151 eV/atom: undeclared settings no longer pass as compatible
+    assert not one_source.ok and {c.key for c in one_source.conflicts} == {"dataset"}
+    assert one_source.shift.per_composition["H2O"] == pytest.approx(-156.0 + 4.73, abs=1.0)
 
 
 def test_reference_shift_from_shared_structures_and_regression():
@@ -396,6 +399,78 @@ def test_reference_shift_from_shared_structures_and_regression():
         w.calc = SinglePointCalculator(w, energy=-13.0 + 0.01 * i, forces=np.zeros((3, 3)))
     shift = reference_shift(FrameSet(water), FrameSet(moved))
     assert shift.per_element == {} and shift.undetermined == ["H", "O"]
+
+
+# -- issue 14.2: sources without declared settings -----------------------------------------------------------
+def two_water_files(tmp_path, shift=132.0):
+    """a.xyz (12 frames) and b.xyz (8 frames, energies raised by ``shift`` eV/atom): water in two energy zeros."""
+    return (write_xyz(tmp_path / "a.xyz", water_frames(12, seed=0)),
+            write_xyz(tmp_path / "b.xyz", water_frames(8, seed=1, shift_per_atom=shift)))
+
+
+def test_undeclared_sources_get_their_own_signatures(db, tmp_path):
+    a, b = two_water_files(tmp_path)
+    assert db.ingest([a, b], progress=False).added == 20
+    water = db.frames(formula="H2O")
+    sigs = water.signatures()
+    assert len(sigs) == 2  # before issue 14.2 both files shared one "unknown" signature
+    by_source = {f.info["source"]: f.info["signature"]["dataset"] for f in water}
+    assert by_source == {str(p): c["_id"] for p in (a, b) for c in db.calculations({"sources": str(p)})}
+    report = db.compatible({"query": {"source_path": str(a)}}, {"query": {"source_path": str(b)}})
+    assert not report.ok and [(c.key, c.severity) for c in report.conflicts] == [("dataset", "error")]
+    text = str(report)
+    assert "NOT compatible" in text and "energy zeros cannot be checked" in text
+    assert str(a) in text and str(b) in text and "settings not declared" in text
+    assert report.shift.per_composition["H2O"] == pytest.approx(132.0, abs=0.5)
+    # idempotent: re-ingesting is a no-op and keeps the signatures
+    again = db.ingest([a, b], progress=False)
+    assert (again.added, again.skipped, again.calculations_skipped) == (0, 20, 2)
+    assert db.frames(formula="H2O").signatures() == sigs
+    # one signature is selected by its data set
+    only_a = db.frames(formula="H2O", settings={"dataset": by_source[str(a)]})
+    assert len(only_a) == 12 and {f.info["source"] for f in only_a} == {str(a)}
+    assert "settings not declared (data set" in str(db.summary())
+
+
+def test_declared_settings_or_dataset_name_make_sources_one_data_set(db, tmp_path):
+    paths = [write_xyz(tmp_path / f"{k}.xyz", water_frames(3, seed=10 + k)) for k in range(4)]
+    db.ingest(paths[:2], settings={"code": "cp2k", "xc": "SCAN"}, progress=False)
+    db.ingest(paths[2:], settings={"dataset": "water-2024"}, progress=False)
+    declared = db.frames(settings={"code": "cp2k"})
+    named = db.frames(settings={"dataset": "water-2024"})
+    assert len(declared) == 6 and len(declared.signatures()) == 1
+    assert len(named) == 6 and len(named.signatures()) == 1
+    assert db.compatible({"settings": {"code": "cp2k"}}, {"settings": {"code": "cp2k"}}).ok
+    mixed = db.compatible({"settings": {"code": "cp2k"}}, {"settings": {"dataset": "water-2024"}})
+    assert not mixed.ok and [c.key for c in mixed.conflicts] == ["dataset"]
+
+
+def test_database_of_the_old_shared_unknown_signature_is_split_by_source(db, tmp_path, mongo_uri):
+    """Frames stored before issue 14.2 under the one all-unknown signature: read apart, then relabelled."""
+    from mlmd_lab.db import connect
+    from mlmd_lab.settings import normalise_signature, signature_hash
+
+    a, b = two_water_files(tmp_path)
+    db.ingest([a, b], progress=False)
+    new_ids = {f.info["source"]: f.info["signature_id"] for f in db.frames()}
+    legacy = {k: v for k, v in normalise_signature({}).items() if k != "dataset"}  # as older versions wrote it
+    legacy_id = signature_hash(legacy)
+    db.signatures_collection.delete_many({})
+    db.signatures_collection.insert_one({"_id": legacy_id, **legacy})
+    db.frames_collection.update_many({}, {"$set": {"signature_id": legacy_id}})
+    db.calculations_collection.update_many({}, {"$set": {"signature_id": legacy_id}})
+    read = db.frames()
+    assert {f.info["source"]: f.info["signature_id"] for f in read} == new_ids  # no crash, sources apart
+    assert not db.compatible({"query": {"source_path": str(a)}}, {"query": {"source_path": str(b)}}).ok
+    again = connect(mongo_uri, database=db.name)  # connect relabels the stored frames once
+    try:
+        assert set(again.frames_collection.distinct("signature_id")) == set(new_ids.values())
+        assert set(again.calculations_collection.distinct("signature_id")) == set(new_ids.values())
+        dataset = again.frames(query={"source_path": str(b)})[0].info["signature"]["dataset"]
+        assert len(again.frames(settings={"dataset": dataset})) == 8
+        assert again.split_undeclared_signatures() == 0  # idempotent
+    finally:
+        again.close()
 
 
 # -- export round trips --------------------------------------------------------------------------------

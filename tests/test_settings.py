@@ -190,3 +190,32 @@ def test_real_files_vasp_vs_qe_conflicts():
     c = by_key(compare_signatures(h2o, ge))  # no shared element; different cutoff, smearing and k-points
     assert all(x.severity == "warning" for x in c.values())
     assert {"encut", "smearing", "sigma", "gamma_only"} <= set(c)
+
+
+# -- issue 14.2: undeclared settings (extxyz, n2p2, DeePMD) ------------------------------------------------------
+def test_undeclared_signatures_of_different_sources_are_an_error():
+    from mlmd_lab.settings import declares_settings, with_dataset
+
+    a, b = with_dataset({}, "sha-of-a.xyz"), with_dataset({}, "sha-of-b.xyz")
+    assert not declares_settings(a) and a["dataset"] == "sha-of-a.xyz"
+    assert signature_hash(a) != signature_hash(b)
+    c = compare_signatures(a, b)
+    assert [x.key for x in c] == ["dataset"] and c[0].severity == "error"
+    assert "energy zeros cannot be checked" in c[0].message and c[0].message.endswith(".")
+    assert compare_signatures(a, with_dataset({}, "sha-of-a.xyz")) == []  # the same source: one energy zero
+    # undeclared against a declared run: one error (not a warning per unknown key)
+    c = compare_signatures(base(), a)
+    assert [(x.key, x.severity) for x in c] == [("dataset", "error")] and "second data set" in c[0].message
+    # settings declared at ingest make the data sets comparable like any run (equal: no conflict)
+    declared = {"code": "cp2k", "xc": "SCAN"}
+    assert with_dataset(declared, "x") == normalise_signature(declared)
+    assert compare_signatures(with_dataset(declared, "x"), with_dataset(declared, "y")) == []
+    # a declared data-set name puts several sources into one data set
+    named = with_dataset({"dataset": "water-2024"}, "sha-of-a.xyz")
+    assert named["dataset"] == "water-2024" and not declares_settings(named)
+
+
+def test_signature_ids_of_existing_databases_are_unchanged():
+    """Ids computed before the ``dataset`` key existed (databases written earlier stay valid)."""
+    assert signature_hash({}) == "8a42d3c9b058cfd5"  # the old shared "unknown" signature
+    assert signature_hash(base()) == "e0c83b367914d4b1"

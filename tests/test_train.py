@@ -218,13 +218,102 @@ def test_warnings_for_few_frames_missing_forces_and_mixed_settings(frames):
     few = [f.copy() for f in frames[:10]]
     for f, src in zip(few, frames[:10], strict=True):
         f.calc = SinglePointCalculator(f, energy=src.get_potential_energy())
-    few[0].info["signature_id"], few[1].info["signature_id"] = "a", "b"
+    for f, encut in ((few[0], 520.0), (few[1], 400.0)):  # declared settings that differ only in the cutoff
+        f.info["signature"] = {"code": "vasp", "xc": "PBE", "encut": encut}
+        f.info["signature_id"] = f"vasp-{encut:g}"
     with pytest.warns(TrainingWarning) as caught:
         Trainer(few, **FAST)
     text = " ".join(str(w.message) for w in caught)
     assert "no forces" in text and "only 10 frames" in text and "different calculation settings" in text
     with pytest.raises(MLMDError, match="too few"):
         Trainer(frames[:2], **FAST)
+
+
+def _two_water_sources(db, tmp_path, shift):
+    """a.xyz (12 frames) and b.xyz (8 frames, ``shift`` eV/atom higher) ingested without settings."""
+    from conftest import water_frames
+
+    from mlmd_lab.io.extxyz import write_extxyz
+
+    a, b = water_frames(12, seed=0), water_frames(8, seed=1, shift_per_atom=shift)
+    write_extxyz(tmp_path / "a.xyz", a)
+    write_extxyz(tmp_path / "b.xyz", b)
+    db.ingest([tmp_path / "a.xyz", tmp_path / "b.xyz"], progress=False)
+    water = db.frames(formula="H2O")
+    sig_of = {f.info["source"]: f.info["signature_id"] for f in water}
+    # the known offset: the constant plus the mean energy difference of the two sets' structures (eV/atom)
+    expected = shift + np.mean([f.get_potential_energy() / len(f) - shift for f in b]) - np.mean(
+        [f.get_potential_energy() / len(f) for f in a])
+    return water, a, b, sig_of[str(tmp_path / "a.xyz")], sig_of[str(tmp_path / "b.xyz")], expected
+
+
+def test_sources_without_declared_settings_are_refused_or_offset(db, tmp_path):
+    """Issue 14.2: two water files in energy zeros 132 eV/atom apart must not be mixed silently."""
+    from mlmd_lab.errors import MixedSettingsError
+
+    water, a, b, sig_a, sig_b, expected = _two_water_sources(db, tmp_path, shift=132.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        with pytest.raises(MixedSettingsError) as err:
+            Trainer(water, **FAST)
+        msg = str(err.value)
+        assert sig_a[:12] in msg and sig_b[:12] in msg and "12 frames" in msg and "8 frames" in msg
+        assert str(tmp_path / "a.xyz") in msg and str(tmp_path / "b.xyz") in msg
+        assert "settings={'dataset':" in msg and "energy_offsets='per_signature'" in msg
+        # the fix named first works: one signature trains
+        dataset = next(f for f in water if f.info["signature_id"] == sig_a).info["signature"]["dataset"]
+        assert len(Trainer(db.frames(formula="H2O", settings={"dataset": dataset}), **FAST).frames) == 12
+        trainer = Trainer(water, energy_offsets="per_signature", **FAST)
+    offsets = trainer.energy_offsets
+    assert offsets.reference == sig_a and offsets.per_atom[sig_a] == 0.0
+    assert offsets.per_atom[sig_b] == pytest.approx(expected, abs=1e-9) and expected == pytest.approx(132.0, abs=0.5)
+    from mlmd_lab.train.signatures import shift_energies
+
+    aligned = shift_energies(water, offsets)
+    per_atom = {k: [f.get_potential_energy() / len(f) for f in aligned if f.info["signature_id"] == k]
+                for k in (sig_a, sig_b)}
+    assert abs(np.mean(per_atom[sig_b]) - np.mean(per_atom[sig_a])) < 1e-9  # one energy zero
+    assert [f.info["frame_id"] for f in aligned] == water.ids  # same frames, same split
+    assert water[0].get_potential_energy() in {f.get_potential_energy() for f in a + b}  # inputs unchanged
+
+
+@pytest.mark.slow
+def test_per_signature_offsets_train_in_the_reference_zero(db, tmp_path):
+    water, a, b, sig_a, sig_b, expected = _two_water_sources(db, tmp_path, shift=132.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(water, energy_offsets="per_signature", max_epochs=1, **FAST)
+        model = trainer.fit()
+    offsets = model.metadata["energy_offsets"]
+    assert offsets["reference"] == sig_a and offsets["signatures"][sig_a]["offset_per_atom"] == 0.0
+    fitted = offsets["signatures"][sig_b]["offset_per_atom"]
+    assert fitted == pytest.approx(expected, abs=1e-9)
+    assert offsets["signatures"][sig_b]["frames"] == 8
+    assert offsets["signatures"][sig_b]["sources"] == [str(tmp_path / "b.xyz")]
+    # labels were brought to a.xyz's energy zero: held-out energies are learned, not 50-80 eV/atom off
+    assert trainer.errors["test"]["energy_rmse"] < 1.0
+    pred_b = np.array([p["energy"] / len(f) for f, p in zip(b, model.predict(b, warn=False), strict=True)])
+    e_b = np.array([f.get_potential_energy() / len(f) for f in b])
+    assert np.abs(pred_b - (e_b - fitted)).max() < 1.0  # predictions are in the reference zero
+
+
+def test_energy_offset_that_the_data_cannot_determine_is_an_error(frames):
+    from mlmd_lab.errors import MixedSettingsError
+    from mlmd_lab.train.signatures import fit_energy_offsets
+
+    cu = [f.copy() for f in emt_frames(4, alloy=False)]  # pure Cu, one signature
+    cual = [f.copy() for f in frames[:6]]  # CuAl alloys, another: no composition in common
+    for group, name in ((cu, "cu"), (cual, "cual")):
+        for f in group:
+            f.info["signature_id"], f.info["signature"] = name, {"code": name}
+    for f, src in zip(cu + cual, emt_frames(4, alloy=False) + frames[:6], strict=True):
+        f.calc = src.calc
+    with pytest.raises(MixedSettingsError, match="share no composition"):
+        fit_energy_offsets(cual + cu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        with pytest.raises(MLMDError, match="energy_offsets='per_sig' is not an option"):
+            Trainer(frames, energy_offsets="per_sig", **FAST)
 
 
 # ---------------------------------------------------------------------- background, stop

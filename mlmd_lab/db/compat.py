@@ -9,7 +9,7 @@ import numpy as np
 
 from mlmd_lab.frames import results_of
 from mlmd_lab.frameset import FrameSet
-from mlmd_lab.settings import Conflict, compare_signatures
+from mlmd_lab.settings import Conflict, compare_signatures, describe_signature
 
 
 @dataclass
@@ -37,6 +37,8 @@ class CompatibilityReport:
     shift: ReferenceShift | None
     signatures_a: int
     signatures_b: int
+    #: one line per settings signature of each set: id, frames, settings (or "not declared") and sources
+    signature_lines: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -46,6 +48,7 @@ class CompatibilityReport:
         head = "compatible" if self.ok else "NOT compatible"
         lines = [f"{head}: {len(self.conflicts)} conflict(s) between {self.signatures_a} and "
                  f"{self.signatures_b} settings signature(s)"]
+        lines += [f"  {line}" for line in self.signature_lines]
         lines += [f"  [{c.severity}] {c.key}: {c.a!r} vs {c.b!r} — {c.message}" for c in self.conflicts]
         if self.shift and self.shift.per_element:
             vals = ", ".join(f"{el} {v:+.4f}" for el, v in self.shift.per_element.items())
@@ -74,7 +77,28 @@ def compare_sets(a: FrameSet, b: FrameSet) -> CompatibilityReport:
                 conflicts.append(c)
     for name, frames in (("first", a), ("second", b)):
         conflicts += _mixed_references(frames, name)
-    return CompatibilityReport(conflicts, reference_shift(a, b), len(sigs_a), len(sigs_b))
+    lines = _signature_lines(a, "first") + _signature_lines(b, "second")
+    return CompatibilityReport(conflicts, reference_shift(a, b), len(sigs_a), len(sigs_b), lines)
+
+
+def _signature_lines(frames: FrameSet, name: str) -> list[str]:
+    """``"first set: signature 3fa2c1d4e5f6 (20 frames, settings not declared, ..., from a.xyz)"`` per signature."""
+    groups: dict[str, tuple[list[int], list[str], dict[str, Any]]] = {}
+    for f in frames:
+        sig_id = f.info.get("signature_id")
+        if not sig_id:
+            continue
+        count, sources, _ = groups.setdefault(sig_id, ([0], [], f.info.get("signature") or {}))
+        count[0] += 1
+        source = f.info.get("source")
+        if source and source not in sources:
+            sources.append(str(source))
+    out = []
+    for sig_id, (count, sources, sig) in groups.items():
+        where = f", from {', '.join(sources[:2])}{f' and {len(sources) - 2} more' if len(sources) > 2 else ''}" \
+            if sources else ""
+        out.append(f"{name} set: signature {sig_id[:12]} ({count[0]} frames, {describe_signature(sig)}{where})")
+    return out
 
 
 #: Spread of the median energy per atom between sources of one composition that signals different

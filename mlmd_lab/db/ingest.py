@@ -36,7 +36,7 @@ from pymongo.errors import BulkWriteError
 from mlmd_lab.db.documents import frame_document, mongo_safe
 from mlmd_lab.errors import InputFileError, MLMDError
 from mlmd_lab.io import detect_format, read
-from mlmd_lab.settings import normalise_signature, signature_hash
+from mlmd_lab.settings import normalise_signature, signature_hash, with_dataset
 
 #: Trees larger than this (bytes) are parsed in worker processes when ``workers`` is None.
 PARALLEL_THRESHOLD_BYTES = 64 * 2**20
@@ -168,20 +168,22 @@ def parse_source(path: Path, fmt: str, file_hash: str, options: _Options) -> _Pa
         raise InputFileError(path, f"{len(blank)} of {len(calc.frames)} frames carry energy 0 and all forces 0 "
                              f"(first: frame {blank[0]}): structures for prediction, not teacher data",
                              "ingest only files with reference energies and forces")
-    # data-set formats (extxyz, n2p2, DeePMD) know no run settings: their signature stays "unknown"
-    # unless the reader found some or the user declares them with settings=
+    # data-set formats (extxyz, n2p2, DeePMD) know no run settings: unless the reader found some or the user
+    # declares them with settings=, the source is its own data set (dataset = its content hash), so two
+    # such sources never share a signature (their energy zeros may differ; issue 14.2)
     base = dict(calc.signature)
     if base.get("code"):
         base.setdefault("code_version", calc.code_version)
     if options.settings:
         base.update(options.settings)
     signatures: dict[str, dict[str, Any]] = {}
-    calc_sig_id = _register(signatures, base)
+    calc_sig_id = _register(signatures, with_dataset(base, file_hash))
     now = _dt.datetime.now(_dt.UTC)
     frame_docs = []
     for atoms in calc.frames:
-        own = atoms.info.get("signature")
-        sig_id = _register(signatures, own) if isinstance(own, dict) and own else calc_sig_id
+        own = atoms.info.get("signature")  # an export of the database keeps the original's signature
+        own_id = _register(signatures, with_dataset(own, file_hash)) if isinstance(own, dict) and own else None
+        sig_id = own_id or calc_sig_id
         frame_docs.append(frame_document(atoms, calc_id=file_hash, signature_id=sig_id, source_path=str(path),
                                          file_hash=file_hash, tags=list(options.tags), now=now))
     calc_doc = {

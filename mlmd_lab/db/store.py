@@ -17,7 +17,7 @@ from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import pymongo
-from pymongo import MongoClient
+from pymongo import MongoClient, UpdateMany, UpdateOne
 from pymongo.errors import ConfigurationError, InvalidURI, OperationFailure, PyMongoError
 
 from mlmd_lab.db.documents import frame_from_document
@@ -73,6 +73,10 @@ def connect(
                             "database") from None
     db = Database(client, database, uri=uri, server=server)
     db.ensure_indexes()
+    try:
+        db.split_undeclared_signatures()
+    except OperationFailure:  # a read-only user: frames() still tells the sources apart when reading
+        pass
     return db
 
 
@@ -111,6 +115,8 @@ class DatabaseSummary:
         lines.append("frames by settings signature:")
         for s in self.by_signature:
             desc = ", ".join(f"{k}={s[k]}" for k in ("code", "xc", "vdw", "encut") if s.get(k) is not None)
+            if not desc and s.get("dataset"):
+                desc = f"settings not declared (data set {s['dataset'][:12]})"
             lines.append(f"  {s['_id'][:12]} {s['frames']:>8}  {desc or 'settings unknown'}")
         return "\n".join(lines)
 
@@ -140,6 +146,41 @@ class Database:
             f.create_index(keys)
         self.calculations_collection.create_index("status")
         self.calculations_collection.create_index("signature_id")
+
+    def split_undeclared_signatures(self) -> int:
+        """Give each source stored under the old shared "settings unknown" signature its own signature.
+
+        Before issue 14.2 every extxyz, n2p2 and DeePMD source without declared settings was stored under one
+        all-unknown signature, so sources with different DFT energy zeros compared equal. This relabels their
+        frames and calculations with the signature a new ingest gives them (``dataset`` = calculation id,
+        see :func:`mlmd_lab.settings.with_dataset`). Idempotent (run by :func:`connect`); returns the number
+        of calculations relabelled.
+        """
+        from mlmd_lab.settings import declares_settings, signature_hash, with_dataset
+
+        legacy = [s for s in self.signatures_collection.find({"dataset": None, "code": None, "xc": None})
+                  if not declares_settings({k: v for k, v in s.items() if k != "_id"})]
+        relabelled = 0
+        for old in legacy:
+            old_id = old.pop("_id")
+            calc_ids = set(self.frames_collection.distinct("calc_id", {"signature_id": old_id}))
+            calc_ids |= set(self.calculations_collection.distinct("_id", {"signature_id": old_id}))
+            if not calc_ids:
+                continue
+            sig_ops, frame_ops, calc_ops = [], [], []
+            for calc_id in sorted(calc_ids):
+                new = with_dataset(old, calc_id)
+                new_id = signature_hash(new)
+                sig_ops.append(UpdateOne({"_id": new_id}, {"$setOnInsert": new}, upsert=True))
+                frame_ops.append(UpdateMany({"signature_id": old_id, "calc_id": calc_id},
+                                            {"$set": {"signature_id": new_id}}))
+                calc_ops.append(UpdateMany({"_id": calc_id, "signature_id": old_id},
+                                           {"$set": {"signature_id": new_id}}))
+            self.signatures_collection.bulk_write(sig_ops, ordered=False)
+            self.frames_collection.bulk_write(frame_ops, ordered=False)
+            self.calculations_collection.bulk_write(calc_ops, ordered=False)
+            relabelled += len(calc_ids)
+        return relabelled
 
     # -- ingest -----------------------------------------------------------------------------------
     def ingest(
@@ -249,6 +290,7 @@ class Database:
         docs = list(cursor)
         sig_ids = {d.get("signature_id") for d in docs}
         sigs = {s.pop("_id"): s for s in self.signatures_collection.find({"_id": {"$in": list(sig_ids)}})}
+        _tell_undeclared_sources_apart(docs, sigs)
         frames = [frame_from_document(d, sigs.get(d.get("signature_id"))) for d in docs]
         return FrameSet(frames, query=q)
 
@@ -351,6 +393,23 @@ class Database:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tell_undeclared_sources_apart(docs: list[dict[str, Any]], sigs: dict[str, dict[str, Any]]) -> None:
+    """Frames still under the old shared "settings unknown" signature (written by an older version and not
+    yet relabelled by :meth:`Database.split_undeclared_signatures`) get, in ``docs`` and ``sigs``, the
+    per-source signature a new ingest gives them, so sources are never mixed as one."""
+    from mlmd_lab.settings import declares_settings, signature_hash, with_dataset
+
+    legacy = {k: s for k, s in sigs.items() if not s.get("dataset") and not declares_settings(s)}
+    if not legacy:
+        return
+    for d in docs:
+        old = legacy.get(d.get("signature_id"))
+        if old is not None:
+            new = with_dataset(old, d["calc_id"])
+            d["signature_id"] = signature_hash(new)
+            sigs.setdefault(d["signature_id"], new)
 
 
 def _element_list(elements: Iterable[str] | str) -> list[str]:

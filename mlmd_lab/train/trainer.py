@@ -50,6 +50,13 @@ from mlmd_lab.potentials.symfunc import sort_elements
 from mlmd_lab.train.callbacks import Callback, CallbackList, ConsoleProgress, Metrics, Stopper
 from mlmd_lab.train.data import capacities, labels_of, reference_energies, scaling_statistics, stack
 from mlmd_lab.train.features import block_columns, compute_features
+from mlmd_lab.train.signatures import (
+    EnergyOffsets,
+    check_signatures,
+    fit_energy_offsets,
+    shift_energies,
+    signature_groups,
+)
 from mlmd_lab.train.step import StepConfig, make_functions
 
 CHECKPOINT = "checkpoint.pkl"
@@ -97,6 +104,14 @@ class TrainingConfig:
         fractions: train, validation, test fractions. The test split is held out from everything.
         group_by: keep frames sharing this info key (e.g. "calc_id": one MD run) on one side of the splits.
         seed: seeds the split, the initial weights and the batch order (fully deterministic).
+        energy_offsets: ``"shared"`` (default): the frames must share one DFT energy zero; frames of settings
+            signatures that :func:`~mlmd_lab.settings.compare_signatures` reports an error for (other code,
+            functional, pseudopotentials, or data sets without declared settings from different sources) are
+            refused with a :class:`~mlmd_lab.errors.MixedSettingsError`. ``"per_signature"``: fit one energy
+            offset per signature (eV/atom, jointly with the per-element reference energies; see
+            :mod:`mlmd_lab.train.signatures`) on all frames and subtract it from the labels, so the model
+            predicts in the energy zero of the signature with the most frames; the offsets and that reference
+            are recorded in ``model.metadata["energy_offsets"]``.
         dtype: "float32" (default; half the memory, faster) or "float64" for the training arithmetic.
             The exported model is always float64.
     """
@@ -123,6 +138,7 @@ class TrainingConfig:
     group_by: str | None = None
     seed: int = 0
     dtype: str = "float32"
+    energy_offsets: str = "shared"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -167,6 +183,7 @@ class Trainer:
         self.errors: dict[str, dict[str, float]] = {}
         self._features: dict[str, list] = {}
         self._state: dict[str, Any] = {}
+        self.energy_offsets: EnergyOffsets | None = None
         self.elements = self._check_data()
 
     @classmethod
@@ -202,12 +219,24 @@ class Trainer:
         if len(frames) < 50 or atoms < 2000:
             warnings.warn(f"only {len(frames)} frames ({atoms} atoms): expect a potential valid only close to these "
                           "structures; a few hundred diverse frames are typical", TrainingWarning, stacklevel=3)
-        signatures = {a.info.get("signature_id") for a in frames} - {None}
-        if len(signatures) > 1:
+        self._check_signatures()
+        return elements
+
+    def _check_signatures(self) -> None:
+        """Refuse frames of conflicting settings signatures, or fit their energy offsets (``energy_offsets``)."""
+        mode = self.config.energy_offsets
+        if mode not in ("shared", "per_signature"):
+            raise MLMDError(f"energy_offsets={mode!r} is not an option; use 'shared' (one energy zero) or "
+                            "'per_signature' (fit one energy offset per settings signature)")
+        groups = signature_groups(self.frames)
+        signatures = [k for k in groups if k is not None]
+        if mode == "per_signature" and len(groups) > 1:
+            self.energy_offsets = fit_energy_offsets(self.frames, groups)
+        elif len(signatures) > 1:
+            check_signatures(groups)  # raises MixedSettingsError on conflicting energy zeros
             warnings.warn(f"the frames come from {len(signatures)} different calculation settings "
                           f"({sorted(signatures)[:4]}...): energies of different DFT settings are not comparable; "
-                          "select one with settings={...} or check db.compatible()", TrainingWarning, stacklevel=3)
-        return elements
+                          "select one with settings={...} or check db.compatible()", TrainingWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ step 1: the model
     def write_nn(self, path: str | os.PathLike | None = None) -> HDNNP:
@@ -262,8 +291,10 @@ class Trainer:
         cfg = self.config
         _, f_valid, f_test = cfg.fractions
         split_seed = self._state.get("split_seed", cfg.seed)
-        pool, test = self.frames.split((1.0 - f_test, f_test), seed=split_seed, group_by=cfg.group_by) \
-            if f_test > 0 else (self.frames, FrameSet([]))
+        frames = self.frames if self.energy_offsets is None else FrameSet(shift_energies(self.frames,
+                                                                                         self.energy_offsets))
+        pool, test = frames.split((1.0 - f_test, f_test), seed=split_seed, group_by=cfg.group_by) \
+            if f_test > 0 else (frames, FrameSet([]))
         self._pool = pool
         self._pool_features = compute_features(self.model, pool, dtype=cfg.dtype)
         return self.resplit(seed=cfg.seed, test=test, path=path)
@@ -540,6 +571,7 @@ class Trainer:
             "query": _jsonable(self.query),
             "frame_ids": {name: getattr(self.split, name).ids for name in ("train", "validation", "test")},
             "signatures": self.frames.signatures(),
+            "energy_offsets": None if self.energy_offsets is None else self.energy_offsets.to_dict(),
             "config": self.config.to_dict(),
             "energy_scale": self._state.get("energy_scale"),
             "errors": self.errors,
