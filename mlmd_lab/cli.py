@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE",
                      help="settings to declare for data without run settings, e.g. code=cp2k xc=SCAN")
     ing.add_argument("--tags", nargs="*", default=[])
+    ing.add_argument("--keys", nargs="*", default=[], metavar="LABEL=COLUMN",
+                     help="extxyz: which column holds a label where a file has two, e.g. forces=REF_forces")
     ing.add_argument("--last-only", action="store_true", help="keep only the last ionic step of each run")
     ing.add_argument("--allow-unfinished", action="store_true", help="keep complete steps of unfinished runs")
     ing.add_argument("--workers", type=int, help="parser processes (default: automatic)")
@@ -331,7 +333,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     db = _connect(args)
     report = db.ingest(args.paths, units=args.units, settings=parse_pairs(args.settings) or None,
                        tags=args.tags, last_only=args.last_only, allow_unfinished=args.allow_unfinished,
-                       workers=args.workers, progress=not args.no_progress)
+                       workers=args.workers, progress=not args.no_progress,
+                       keys={k: str(v) for k, v in parse_pairs(args.keys).items()} or None)
     print(report)
     return 1 if report.failed and not (report.added or report.skipped) else 0
 
