@@ -191,8 +191,10 @@ def _md_args(sub) -> None:
     source.add_argument("--model", help="name of a potential in the potential database")
     source.add_argument("--n2p2", metavar="FOLDER", help="folder with input.nn, scaling.data, weights.NNN.data")
     md.add_argument("--version", type=int, help="model version (default: latest)")
-    md.add_argument("--energy-unit", default="eV", help="n2p2 potential's energy unit (e.g. Ha; default eV)")
-    md.add_argument("--length-unit", default="Angstrom", help="n2p2 potential's length unit (e.g. Bohr; default Å)")
+    md.add_argument("--units", help="n2p2 potential's energy,length units, e.g. Ha,Bohr (n2p2 files carry none; "
+                    "default: as input.nn's comments state, else inferred from input.data beside it, else an error)")
+    md.add_argument("--energy-unit", help="n2p2 potential's energy unit (e.g. Ha), with --length-unit")
+    md.add_argument("--length-unit", help="n2p2 potential's length unit (e.g. Bohr), with --energy-unit")
     md.add_argument("--structure", help="starting structure, any ASE-readable file (not needed with --resume)")
     md.add_argument("--index", default="-1", help="frame of the structure file (default: the last)")
     md.add_argument("--repeat", type=int, nargs=3, metavar=("NA", "NB", "NC"), help="supercell of the structure")
@@ -221,7 +223,8 @@ def cmd_md(args: argparse.Namespace) -> int:
     else:
         from mlmd_lab.potentials.model import HDNNP
 
-        potential = HDNNP.from_n2p2(args.n2p2, energy_unit=args.energy_unit, length_unit=args.length_unit)
+        potential = HDNNP.from_n2p2(args.n2p2, energy_unit=args.energy_unit, length_unit=args.length_unit,
+                                    units=args.units)
     if args.resume:
         result = resume(potential, args.workdir, steps=args.steps, progress=sys.stderr.isatty())
     else:

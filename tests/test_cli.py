@@ -64,3 +64,18 @@ def test_ingest_keys_chooses_the_force_column(cli_db, tmp_path):
     assert out.returncode == 1 and "forces and REF_forces" in out.stdout
     out = cli(*cli_db, "ingest", str(tmp_path), "--keys", "forces=REF_forces", "--no-progress")
     assert out.returncode == 0 and "1 frames added" in out.stdout, out.stdout + out.stderr
+
+
+def test_md_with_n2p2_potential_without_units_fails_with_fix(tmp_path):
+    pot = tmp_path / "pot"
+    pot.mkdir()
+    for name in ("input.nn", "scaling.data", "weights.001.data", "weights.008.data"):
+        text = (external("n2p2/H2O_RPBE-D3") / name).read_text()
+        if name == "input.nn":  # the potential's own statement of its units removed: n2p2 needs none
+            text = "".join(ln for ln in text.splitlines(keepends=True) if "unit" not in ln.lower())
+        (pot / name).write_text(text)
+    args = ["md", "--n2p2", str(pot), "--structure", "none.xyz", "--workdir", str(tmp_path / "md")]
+    out = cli(*args)
+    assert out.returncode == 2 and "n2p2 files carry no units" in out.stderr and "Traceback" not in out.stderr
+    out = cli(*args, "--units", "Ha,Bohr")
+    assert out.returncode == 2 and "none.xyz" in out.stderr  # the potential loaded; the structure is missing
