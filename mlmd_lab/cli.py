@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE",
                      help="settings to declare for data without run settings, e.g. code=cp2k xc=SCAN")
     ing.add_argument("--tags", nargs="*", default=[])
+    ing.add_argument("--keys", nargs="*", default=[], metavar="LABEL=COLUMN",
+                     help="extxyz: which column holds a label where a file has two, e.g. forces=REF_forces")
     ing.add_argument("--last-only", action="store_true", help="keep only the last ionic step of each run")
     ing.add_argument("--allow-unfinished", action="store_true", help="keep complete steps of unfinished runs")
     ing.add_argument("--workers", type=int, help="parser processes (default: automatic)")
@@ -189,8 +191,10 @@ def _md_args(sub) -> None:
     source.add_argument("--model", help="name of a potential in the potential database")
     source.add_argument("--n2p2", metavar="FOLDER", help="folder with input.nn, scaling.data, weights.NNN.data")
     md.add_argument("--version", type=int, help="model version (default: latest)")
-    md.add_argument("--energy-unit", default="eV", help="n2p2 potential's energy unit (e.g. Ha; default eV)")
-    md.add_argument("--length-unit", default="Angstrom", help="n2p2 potential's length unit (e.g. Bohr; default Å)")
+    md.add_argument("--units", help="n2p2 potential's energy,length units, e.g. Ha,Bohr (n2p2 files carry none; "
+                    "default: as input.nn's comments state, else inferred from input.data beside it, else an error)")
+    md.add_argument("--energy-unit", help="n2p2 potential's energy unit (e.g. Ha), with --length-unit")
+    md.add_argument("--length-unit", help="n2p2 potential's length unit (e.g. Bohr), with --energy-unit")
     md.add_argument("--structure", help="starting structure, any ASE-readable file (not needed with --resume)")
     md.add_argument("--index", default="-1", help="frame of the structure file (default: the last)")
     md.add_argument("--repeat", type=int, nargs=3, metavar=("NA", "NB", "NC"), help="supercell of the structure")
@@ -219,7 +223,8 @@ def cmd_md(args: argparse.Namespace) -> int:
     else:
         from mlmd_lab.potentials.model import HDNNP
 
-        potential = HDNNP.from_n2p2(args.n2p2, energy_unit=args.energy_unit, length_unit=args.length_unit)
+        potential = HDNNP.from_n2p2(args.n2p2, energy_unit=args.energy_unit, length_unit=args.length_unit,
+                                    units=args.units)
     if args.resume:
         result = resume(potential, args.workdir, steps=args.steps, progress=sys.stderr.isatty())
     else:
@@ -331,7 +336,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     db = _connect(args)
     report = db.ingest(args.paths, units=args.units, settings=parse_pairs(args.settings) or None,
                        tags=args.tags, last_only=args.last_only, allow_unfinished=args.allow_unfinished,
-                       workers=args.workers, progress=not args.no_progress)
+                       workers=args.workers, progress=not args.no_progress,
+                       keys={k: str(v) for k, v in parse_pairs(args.keys).items()} or None)
     print(report)
     return 1 if report.failed and not (report.added or report.skipped) else 0
 

@@ -1,7 +1,8 @@
 """Unit names and conversion factors to mlmd_lab's internal units (ASE's: eV, Å, eV/Å, eV/Å³).
 
 Formats without units (n2p2 ``input.data``, some extxyz and DeePMD sets) are converted at the
-boundary with the factors here; the caller names the units, nothing is guessed.
+boundary with the factors here; the caller names the units, nothing is guessed (an n2p2 potential
+without them: :mod:`mlmd_lab.potentials.n2p2_units` uses stated ones, or infers them only from clear evidence).
 """
 
 from __future__ import annotations

@@ -86,6 +86,64 @@ def test_ingest_extxyz_roundtrip_values(db, tmp_path):
         assert a.info["source"].endswith("cu.xyz") and a.info["calc_id"] == a.info["file_hash"]
 
 
+def _renamed_columns(path, frames, **names):
+    """Write frames with ASE, then rename label columns/keys as other programs spell them (force, dft_energy)."""
+    write_xyz(path, frames)
+    text = path.read_text()
+    if "forces" in names:
+        text = text.replace(":forces:R:3", f":{names['forces']}:R:3")
+    if "energy" in names:
+        text = text.replace(" energy=", f" {names['energy']}=")
+    path.write_text(text)
+    return path
+
+
+def test_ingest_stores_forces_of_a_force_column(db, tmp_path):
+    """QUIP/GAP and some public benchmark files name the forces `force` (issue 20.5: they were dropped)."""
+    frames = emt_frames(5)
+    path = _renamed_columns(tmp_path / "gap.xyz", frames, forces="force", energy="dft_energy")
+    assert ":force:R:3" in path.read_text() and " dft_energy=" in path.read_text()
+    report = db.ingest(tmp_path, progress=False)
+    assert (report.added, report.failed) == (5, [])
+    by_energy = {round(a.get_potential_energy(), 9): a for a in db.frames(elements=["Cu"])}
+    for ref in frames:
+        got = by_energy[round(ref.get_potential_energy(), 9)]
+        np.testing.assert_allclose(got.get_forces(), ref.get_forces(), atol=1e-12)
+
+
+def test_ingest_refuses_two_differing_force_columns_and_keys_chooses(db, tmp_path):
+    frames = emt_frames(3)
+    path = write_xyz(tmp_path / "two.xyz", frames)
+    lines = path.read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines):  # add a column REF_forces = forces + 0.02 (a reference beside a prediction)
+        n = int(lines[i])
+        out += [lines[i], lines[i + 1].replace(":forces:R:3", ":forces:R:3:REF_forces:R:3")]
+        for row in lines[i + 2:i + 2 + n]:
+            parts = row.split()
+            out.append(row + " " + " ".join(repr(float(v) + 0.02) for v in parts[4:7]))
+        i += 2 + n
+    path.write_text("\n".join(out) + "\n")
+    report = db.ingest(tmp_path, progress=False)
+    assert report.added == 0 and len(report.failed) == 1
+    reason = report.failed[0][1]
+    assert "two forces columns with different values, forces and REF_forces" in reason
+    assert "keys={'forces': 'REF_forces'}" in reason
+    report = db.ingest(tmp_path, progress=False, keys={"forces": "REF_forces"})
+    assert (report.added, report.failed) == (3, [])
+    by_energy = {round(a.get_potential_energy(), 9): a for a in db.frames(elements=["Cu"])}
+    for ref in frames:
+        got = by_energy[round(ref.get_potential_energy(), 9)]
+        np.testing.assert_allclose(got.get_forces(), ref.get_forces() + 0.02, atol=1e-6)
+
+
+def test_ingest_without_forces_names_the_per_atom_columns(db, tmp_path):
+    _renamed_columns(tmp_path / "grad.xyz", emt_frames(2), forces="gradient")
+    report = db.ingest(tmp_path, progress=False)
+    (path, reason), = report.failed
+    assert "2 of 2 frames have no forces" in reason and "keys={'forces': 'gradient'}" in reason
+
+
 def test_reingest_adds_nothing_and_records_second_path(db, tmp_path):
     path = write_xyz(tmp_path / "a" / "cu.xyz", emt_frames(4))
     first = db.ingest(tmp_path, progress=False)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import ase.io
@@ -259,3 +262,129 @@ def test_qe_pbe_short_names_and_indices_map_to_pbe():
         assert qe_signature({"output": output, "input": {}}, None)["xc"] == "PBE"
     hybrid = qe_signature({"output": {"xc": "SOMENEWNAME", "xc_indices": [1, 4, 3, 4, 0, 1, 0]}, "input": {}}, None)
     assert hybrid["xc"] == "SOMENEWNAME"  # extra indices (hybrid, meta-GGA): not guessed
+
+
+# -- `!` on every SCF iteration (pw.x with iprint, issue 14.1) ---------------------------------------------
+# pw.x marks the total energy of every SCF iteration with "!" when iprint is set (e.g. iprint = 1; seen with
+# pw.x 6.7 for scf and relax), not only the converged one. Ionic steps are what ends them, not "!" lines.
+_ITERATION_ENERGY = re.compile(r"^     total energy( +=)", flags=re.M)
+_CH4_RUN01_ENERGY = "!    total energy              =     -16.15090531 Ry"
+
+
+def _bang_on_every_iteration(text: str) -> str:
+    """A pw.x output as printed with iprint = 1: each SCF iteration's total-energy line starts with '!'."""
+    marked, count = _ITERATION_ENERGY.subn(r"!    total energy\1", text)
+    assert count > 1
+    return marked
+
+
+def _scf_body_and_tail(text: str) -> tuple[str, str, str]:
+    """(header, one ionic step: SCF iterations to the stress block, timings and JOB DONE) of run 01."""
+    head, rest = text.split("     Self-consistent Calculation", 1)
+    cut = rest.index("     init_run     :")
+    return head, "     Self-consistent Calculation" + rest[:cut], rest[cut:]
+
+
+def _positions_block(positions) -> str:
+    rows = "".join(f"{s}  {x:.10f}  {y:.10f}  {z:.10f}\n" for s, (x, y, z) in zip("HHHHC", positions, strict=True))
+    return f"\nATOMIC_POSITIONS (angstrom)\n{rows}\n"
+
+
+def _between_steps(kind: str, step: int, positions, final: bool = False) -> str:
+    """What pw.x prints after an ionic step's forces (text shapes as pw.x 6.7 prints them)."""
+    if kind == "md":
+        return (f"     Entering Dynamics:    iteration =     {step}\n\n{_positions_block(positions)}"
+                "     kinetic energy (Ekin) =           0.00000000 Ry\n\n")
+    if final:
+        return ("     bfgs converged in   2 scf cycles and   1 bfgs steps\n\n     End of BFGS Geometry Optimization\n\n"
+                f"Begin final coordinates\n{_positions_block(positions)}End final coordinates\n\n")
+    return (f"     BFGS Geometry Optimization\n\n     number of scf cycles    =   {step}\n\n"
+            f"{_positions_block(positions)}\n     Writing output data file ./out/water.save/\n\n")
+
+
+def test_scf_with_bang_on_every_scf_iteration_is_one_ionic_step(tmp_path):
+    original = read_pw_output(qe_file("01.out"))
+    out = tmp_path / "01.out"
+    out.write_text(_bang_on_every_iteration(qe_file("01.out").read_text()))
+    shutil.copy(qe_file("01.in"), tmp_path / "01.in")
+    assert out.read_text().count("!    total energy") == 8  # one per SCF iteration
+    calc = read_pw_output(out)
+    assert calc.warnings == [] and calc.signature == original.signature
+    assert len(calc.frames) == 1 and calc.frames[0].info == {"step": 0, "converged": True}
+    # the converged energy, not the first iteration's (-16.01273774 Ry, which ASE alone would take)
+    assert results_of(calc.frames[0])["energy"] == pytest.approx(-16.15090531 * RY_2006, abs=1e-7)
+    assert_same_as_ase(calc, ase.io.read(qe_file("01.out"), index=":", format="espresso-out"))
+
+
+@pytest.mark.parametrize("kind", ["relax", "md"])
+def test_relax_and_md_with_bang_on_every_iteration_give_one_frame_per_ionic_step(tmp_path, kind):
+    head, body, tail = _scf_body_and_tail(_bang_on_every_iteration(qe_file("01.out").read_text()))
+    first = reference("ch4_coord")
+    second = first + [0.01, -0.02, 0.005]
+    body2 = body.replace(_CH4_RUN01_ENERGY, _CH4_RUN01_ENERGY.replace("-16.15090531", "-16.15100000"))
+    assert body2 != body
+    out = tmp_path / f"{kind}.out"
+    out.write_text(head + body + _between_steps(kind, 1, second) + body2
+                   + _between_steps(kind, 2, second + 0.003, final=True) + tail)
+    calc = read_pw_output(out)
+    assert [f.info["step"] for f in calc.frames] == [0, 1]  # 2 ionic steps of 8 SCF iterations, 16 "!" lines
+    energies = [results_of(f)["energy"] for f in calc.frames]
+    assert energies == pytest.approx([-16.15090531 * RY_2006, -16.15100000 * RY_2006], abs=1e-7)
+    np.testing.assert_allclose(calc.frames[0].positions, first, atol=1e-6)
+    np.testing.assert_allclose(calc.frames[1].positions, second, atol=1e-9)
+    ref = results_of(read_pw_output(qe_file("01.out")).frames[0])
+    for frame in calc.frames:
+        assert np.array_equal(results_of(frame)["forces"], ref["forces"])
+        assert np.array_equal(results_of(frame)["stress"], ref["stress"])
+
+
+_H2_INPUT = """&control
+  calculation='{calculation}', prefix='h2', pseudo_dir='/usr/share/espresso/pseudo', outdir='./out',
+  tprnfor=.true., nstep=3, dt=20 {iprint}
+/
+&system
+  ibrav=1, a=6.0, nat=2, ntyp=1, ecutwfc=20
+/
+&electrons
+  conv_thr=1e-8
+/
+&ions
+/
+ATOMIC_SPECIES
+H 1.008 H.pz-vbc.UPF
+ATOMIC_POSITIONS angstrom
+H 0.0 0.0 0.0
+H 0.0 0.0 0.80
+K_POINTS gamma
+"""
+
+
+def _run_pw(folder: Path, calculation: str, iprint: str) -> Path:
+    folder.mkdir()
+    (folder / "h2.in").write_text(_H2_INPUT.format(calculation=calculation, iprint=iprint))
+    with open(folder / "h2.out", "w") as out:
+        subprocess.run(["pw.x", "-in", "h2.in"], cwd=folder, stdout=out, stderr=subprocess.STDOUT, check=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return folder / "h2.out"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pw.x") is None or not Path("/usr/share/espresso/pseudo/H.pz-vbc.UPF").is_file(),
+                    reason="pw.x and quantum-espresso-data not installed (scripts/apt-packages.txt, as root)")
+@pytest.mark.parametrize("calculation", ["scf", "relax", "md"])
+def test_real_pw_x_with_iprint_reads_as_without(tmp_path, calculation):
+    """The same real H2 run with iprint = 1 (pw.x marks every SCF iteration with '!') and without."""
+    plain = read_pw_output(_run_pw(tmp_path / "plain", calculation, ""))
+    marked_path = _run_pw(tmp_path / "iprint", calculation, ", iprint=1")
+    marked = read_pw_output(marked_path)
+    text = marked_path.read_text()
+    steps = text.count("convergence has been achieved")
+    assert len(plain.frames) == len(marked.frames) == steps == {"scf": 1, "relax": 2, "md": 3}[calculation]
+    if calculation != "md":  # pw.x 6.7 prints the per-iteration marks for scf and relax
+        assert text.count("!    total energy") > steps
+    assert marked.warnings == plain.warnings == []
+    for a, b in zip(plain.frames, marked.frames, strict=True):
+        assert a.info == b.info
+        assert results_of(a)["energy"] == results_of(b)["energy"]
+        assert np.array_equal(a.positions, b.positions)
+        assert np.array_equal(results_of(a)["forces"], results_of(b)["forces"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from mlmd_lab.errors import InputFileError
+from mlmd_lab.errors import InputFileError, MLMDError
 from mlmd_lab.frames import labelled_atoms, results_of
 from mlmd_lab.io.deepmd import read_deepmd, write_deepmd
 from mlmd_lab.io.extxyz import read_extxyz, write_extxyz
@@ -192,3 +192,122 @@ def test_cross_format_deepmd_n2p2_extxyz(tmp_path):
     for a, b in zip(original, final, strict=True):
         _assert_same(a, b, rtol=1e-14)
         assert b.info["step"] == a.info["step"]
+
+
+# -- label spellings (issue 20.5): recognised, or refused naming the column --------------------------------
+def _emt_frames(n: int = 3):
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    frames = []
+    for seed in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.rattle(0.05, seed=seed)
+        atoms.calc = EMT()
+        frames.append(labelled_atoms(atoms.get_chemical_symbols(), atoms.positions, atoms.cell.array, True,
+                                     energy=atoms.get_potential_energy(), forces=atoms.get_forces(),
+                                     stress=atoms.get_stress()))
+    return frames
+
+
+def _xyz(frames, energy="energy", forces="forces", stress=None, virial=None, extra_forces=None) -> str:
+    """extxyz text with the labels under the given names (as other programs write them); ``extra_forces``:
+    {name: (N, 3) array per frame} of further per-atom columns."""
+    out = []
+    for k, a in enumerate(frames):
+        cols = [("species", "S", 1), ("pos", "R", 3)] + ([(forces, "R", 3)] if forces else [])
+        extra = {name: arrays[k] for name, arrays in (extra_forces or {}).items()}
+        cols += [(name, "R", 3) for name in extra]
+        head = [f'Lattice="{" ".join(repr(float(v)) for v in a.cell.array.ravel())}"',
+                "Properties=" + ":".join(f"{n}:{t}:{c}" for n, t, c in cols)]
+        if energy:
+            head.append(f"{energy}={a.get_potential_energy()!r}")
+        s = a.get_stress(voigt=False)
+        if stress:
+            head.append(f'{stress}="{" ".join(repr(float(v)) for v in s.ravel())}"')
+        if virial:
+            head.append(f'{virial}="{" ".join(repr(float(v)) for v in (-s * a.get_volume()).ravel())}"')
+        head.append('pbc="T T T"')
+        out += [str(len(a)), " ".join(head)]
+        for i, (sym, p) in enumerate(zip(a.get_chemical_symbols(), a.positions, strict=True)):
+            row = [sym, *map(repr, map(float, p))]
+            if forces:
+                row += map(repr, map(float, a.get_forces()[i]))
+            for arr in extra.values():
+                row += map(repr, map(float, arr[i]))
+            out.append(" ".join(row))
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("forces", ["forces", "force", "Force", "dft_force", "DFT_forces", "REF_forces", "F"])
+@pytest.mark.parametrize("energy", ["energy", "Energy", "dft_energy", "REF_energy", "TotEnergy", "total_energy",
+                                    "E", "free_energy"])
+def test_common_label_spellings_are_read(tmp_path, forces, energy):
+    frames = _emt_frames(2)
+    path = tmp_path / "data.xyz"
+    path.write_text(_xyz(frames, energy=energy, forces=forces))
+    back = read_extxyz(path)
+    for a, b in zip(frames, back, strict=True):
+        assert b.get_potential_energy() == a.get_potential_energy()
+        np.testing.assert_array_equal(b.get_forces(), a.get_forces())
+        assert forces not in b.arrays and energy not in b.info  # the label column is not kept twice
+
+
+@pytest.mark.parametrize("stress,virial", [("stress", None), ("dft_stress", None), (None, "virial"),
+                                           (None, "dft_virial"), (None, "REF_virials"), ("stress", "virial")])
+def test_stress_and_virial_spellings(tmp_path, stress, virial):
+    frames = _emt_frames(2)
+    path = tmp_path / "data.xyz"
+    path.write_text(_xyz(frames, forces="force", stress=stress, virial=virial))
+    for a, b in zip(frames, read_extxyz(path), strict=True):
+        np.testing.assert_allclose(b.get_stress(), a.get_stress(), rtol=1e-12, atol=1e-15)
+
+
+def test_two_differing_force_columns_are_refused_naming_both_and_keys_chooses(tmp_path):
+    frames = _emt_frames(2)
+    predicted = [a.get_forces() + 0.01 for a in frames]  # e.g. a model's forces written beside the reference
+    path = tmp_path / "data.xyz"
+    path.write_text(_xyz(frames, forces="REF_forces", extra_forces={"force": predicted}))
+    with pytest.raises(InputFileError, match=r"frame 0 has two forces columns with different values, "
+                                             r"REF_forces and force .*keys=\{'forces': 'REF_forces'\}") as err:
+        read_extxyz(path)
+    assert str(path) in str(err.value)
+    chosen = read_extxyz(path, keys={"forces": "REF_forces"})
+    np.testing.assert_array_equal(chosen[1].get_forces(), frames[1].get_forces())
+    other = read_extxyz(path, keys={"forces": "force"})
+    np.testing.assert_array_equal(other[1].get_forces(), predicted[1])
+    with pytest.raises(InputFileError, match=r"no column or key 'dft_forces'.*'REF_forces'"):
+        read_extxyz(path, keys={"forces": "dft_forces"})
+    with pytest.raises(MLMDError, match="unknown label"):
+        read_extxyz(path, keys={"force": "REF_forces"})
+
+
+def test_equal_duplicate_columns_are_accepted(tmp_path):
+    frames = _emt_frames(2)
+    path = tmp_path / "data.xyz"
+    path.write_text(_xyz(frames, forces="forces", extra_forces={"dft_force": [a.get_forces() for a in frames]}))
+    back = read_extxyz(path)
+    np.testing.assert_array_equal(back[0].get_forces(), frames[0].get_forces())
+    assert "dft_force" not in back[0].arrays
+
+
+def test_stress_and_virial_that_disagree_are_refused(tmp_path):
+    frame = _emt_frames(1)[0]
+    virial = -1.1 * frame.get_stress(voigt=False) * frame.get_volume()  # 10 % off the stress column
+    text = _xyz([frame], stress="stress").replace(
+        'pbc="T T T"', 'virial="' + " ".join(repr(float(v)) for v in virial.ravel()) + '" pbc="T T T"')
+    path = tmp_path / "data.xyz"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match="two stress columns with different values, stress and virial"):
+        read_extxyz(path)
+    np.testing.assert_allclose(read_extxyz(path, keys={"virial": "virial"})[0].get_stress(),
+                               1.1 * frame.get_stress(), rtol=1e-12)
+
+
+def test_force_column_of_wrong_shape_is_named(tmp_path):
+    text = ("2\nProperties=species:S:1:pos:R:3:force:R:1 energy=-1.5 pbc=\"F F F\"\n"
+            "H 0 0 0 0.1\nH 0.7 0 0 -0.1\n")
+    path = tmp_path / "data.xyz"
+    path.write_text(text)
+    with pytest.raises(InputFileError, match=r"column force has shape \(2,\).*forces need \(2, 3\)"):
+        read_extxyz(path)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import external
 
-from mlmd_lab.errors import InputFileError, MLMDError
-from mlmd_lab.io.n2p2 import read_input_data
+from mlmd_lab.errors import InputFileError, MLMDError, UnitsError
+from mlmd_lab.io.n2p2 import read_input_data, write_input_data
 from mlmd_lab.potentials import HDNNP, SymmetryFunction
 from mlmd_lab.potentials.n2p2_files import read_input_nn
 
@@ -176,3 +176,90 @@ def test_symmetry_function_line_round_trip():
     assert SymmetryFunction.from_n2p2(sf.to_n2p2()) == sf
     radial = SymmetryFunction.from_n2p2("symfunction_short Cu 2 S 2.000E+00 1.500E+00 6.000E+00")
     assert (radial.eta, radial.rs, radial.rc) == (2.0, 1.5, 6.0)
+
+
+# -- units (issue 20.6): given, stated in input.nn, inferred from the data beside it, or refused ------------
+def _unstated_copy(tmp_path, name, data=True):
+    """A copy of a shared potential whose input.nn states no units (its 'Energy unit'/'Length unit' comments
+    removed), with or without the input.data files beside it."""
+    copy = tmp_path / name
+    shutil.copytree(external(f"n2p2/{name}"), copy)
+    for path in copy.iterdir():
+        path.chmod(0o644)
+        if not data and path.name.startswith("input.data"):
+            path.unlink()
+    text = (copy / "input.nn").read_text()
+    (copy / "input.nn").write_text("".join(ln for ln in text.splitlines(keepends=True) if "unit" not in ln.lower()))
+    return copy
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_units_stated_in_input_nn_are_used_and_recorded(name):
+    """n2p2's examples state their units in input.nn comments; without units= they were read as eV and Å."""
+    folder = external(f"n2p2/{name}")
+    model = HDNNP.from_n2p2(folder)
+    assert (model.energy_unit, model.length_unit) == CASES[name][:2]
+    record = model.metadata["n2p2_units"]
+    assert record["source"] == "stated" and "input.nn (comment lines 4, 5)" in record["evidence"]
+    given = HDNNP.from_n2p2(folder, units=CASES[name][:2])
+    assert given.metadata["n2p2_units"]["source"] == "given" and given.energy_factor == model.energy_factor
+
+
+def test_units_written_by_mlmd_lab_are_stated(tmp_path, water_like):
+    model = HDNNP.create(["O", "H"], cutoff=4.0, hidden=(4,), activations="tl")
+    model.energy_unit, model.length_unit = "Ha", "Bohr"
+    model.to_n2p2(tmp_path)
+    again = HDNNP.from_n2p2(tmp_path)
+    assert (again.energy_unit, again.length_unit) == ("Ha", "Bohr")
+    assert again.metadata["n2p2_units"]["source"] == "stated"
+
+
+def test_units_contradicting_input_nn_are_refused():
+    folder = external("n2p2/H2O_RPBE-D3")
+    with pytest.raises(UnitsError, match=r"units \('eV', 'Angstrom'\) were given, but .*input.nn .*states energy "
+                                         r"Ha, length Bohr"):
+        HDNNP.from_n2p2(folder, units=("eV", "Angstrom"))
+    with pytest.raises(UnitsError, match="give both the energy and the length unit"):
+        HDNNP.from_n2p2(folder, energy_unit="Ha")
+    assert HDNNP.from_n2p2(folder, "Hartree", "bohr").energy_factor == pytest.approx(27.211386, rel=1e-6)
+
+
+def test_no_units_anywhere_is_refused_saying_how_to_pass_them(tmp_path):
+    folder = _unstated_copy(tmp_path, "H2O_RPBE-D3", data=False)
+    with pytest.raises(UnitsError, match=r"n2p2 files carry no units.*no input.data.*units=\('Ha', 'Bohr'\)"):
+        HDNNP.from_n2p2(folder)
+    assert HDNNP.from_n2p2(folder, units="Ha,Bohr").metadata["n2p2_units"]["source"] == "given"
+
+
+def test_bohr_data_give_the_length_but_not_the_energy_unit(tmp_path):
+    """Water in Bohr: the geometry says Bohr, but nothing in the data tells Hartree from Rydberg: refused."""
+    folder = _unstated_copy(tmp_path, "H2O_RPBE-D3")
+    with pytest.raises(UnitsError, match=r"length unit is Bohr \(in input.data the median nearest-neighbour "
+                                         r"distance is 1.9\d covalent-radius sums .*1.0\d in Å.*\).*Ha or Ry.*"
+                                         r"units=\('Ha', 'Bohr'\)"):
+        HDNNP.from_n2p2(folder)
+
+
+@pytest.mark.slow
+def test_angstrom_data_that_the_potential_reproduces_give_ev_and_angstrom(tmp_path):
+    from mlmd_lab.potentials.n2p2_units import UnitsInferredWarning
+
+    folder = _unstated_copy(tmp_path, "Cu2S_PBE")
+    with pytest.warns(UnitsInferredWarning, match=r"using energy eV, length Angstrom, inferred: .*0\.9\d+ covalent"):
+        model = HDNNP.from_n2p2(folder)
+    assert (model.energy_unit, model.length_unit) == ("eV", "Angstrom")
+    record = model.metadata["n2p2_units"]
+    assert record["source"] == "inferred" and "reproduces the energies of 1 structure(s) of input.data" in \
+        record["evidence"]
+
+
+@pytest.mark.slow
+def test_data_in_other_energy_units_than_the_potential_are_no_evidence(tmp_path):
+    """The same Cu2S potential beside its data converted to Hartree: the energies do not match, refused."""
+    folder = _unstated_copy(tmp_path, "Cu2S_PBE")
+    frames = read_input_data(folder / "input.data", "eV", "Angstrom")
+    (folder / "input.data.set20").unlink()
+    write_input_data(folder / "input.data", frames, "Ha", "Angstrom")
+    with pytest.raises(UnitsError, match=r"does not reproduce the energies of input.data \(relative difference "
+                                         r"up to 26 on 1 structure"):
+        HDNNP.from_n2p2(folder)

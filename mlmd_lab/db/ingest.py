@@ -102,6 +102,7 @@ class _Options:
     allow_unfinished: bool
     settings: dict[str, Any] | None
     tags: tuple[str, ...]
+    keys: dict[str, str] | None = None
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -156,13 +157,16 @@ def source_hash(path: Path) -> tuple[str, int]:
 def parse_source(path: Path, fmt: str, file_hash: str, options: _Options) -> _Parsed:
     """Read one source and build its calculation and frame documents. Raises InputFileError."""
     calc = read(path, fmt, units=options.units, last_only=options.last_only,
-                allow_unfinished=options.allow_unfinished)
+                allow_unfinished=options.allow_unfinished, keys=options.keys)
     if not calc.frames:
         raise InputFileError(path, "contains no labelled frames", "check the run finished and wrote results")
     missing = [i for i, a in enumerate(calc.frames) if a.calc is None or "forces" not in a.calc.results]
     if missing:
+        vectors = _vector_columns(calc.frames[missing[0]])
+        fix = (f"if one of its per-atom columns {vectors} holds the forces, choose it with "
+               f"keys={{'forces': {vectors[0]!r}}}" if vectors else "training needs forces; re-run with forces on")
         raise InputFileError(path, f"{len(missing)} of {len(calc.frames)} frames have no forces "
-                             f"(first: frame {missing[0]})", "training needs forces; re-run with forces on")
+                             f"(first: frame {missing[0]})", fix)
     blank = [i for i, a in enumerate(calc.frames) if _unlabelled(a)]
     if blank:
         raise InputFileError(path, f"{len(blank)} of {len(calc.frames)} frames carry energy 0 and all forces 0 "
@@ -201,6 +205,13 @@ def parse_source(path: Path, fmt: str, file_hash: str, options: _Options) -> _Pa
         "ingested_at": now,
     }
     return _Parsed(str(path), calc_doc, frame_docs, signatures, list(calc.warnings))
+
+
+def _vector_columns(atoms) -> list[str]:
+    """Names of a frame's per-atom (N, 3) number columns that are not positions, momenta or velocities."""
+    skip = {"numbers", "positions", "momenta", "velocities", "initial_magmoms"}
+    return sorted(name for name, arr in atoms.arrays.items()
+                  if name not in skip and arr.dtype.kind in "fi" and arr.shape == (len(atoms), 3))
 
 
 def _unlabelled(atoms) -> bool:

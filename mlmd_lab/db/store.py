@@ -194,6 +194,7 @@ class Database:
         allow_unfinished: bool = False,
         workers: int | None = None,
         progress: bool | Callable[[int, int], None] = True,
+        keys: dict[str, str] | None = None,
     ) -> IngestReport:
         """Ingest every recognised file below ``path`` (see :mod:`mlmd_lab.io` for the formats).
 
@@ -207,13 +208,20 @@ class Database:
             allow_unfinished: keep the complete steps of runs that stopped early (default: fail them).
             workers: parser processes (None: one for small trees, up to 4 for trees over 64 MB).
             progress: show a progress bar, or a ``callback(done, total)``.
+            keys: for extxyz files, which column holds a label, e.g. ``{"forces": "REF_forces"}``, where a
+                file has two differing columns of one label (common spellings such as ``force``,
+                ``dft_energy`` or ``virial`` are recognised without it; see :mod:`mlmd_lab.io.extxyz`).
 
         Returns:
             an :class:`IngestReport`; bad files are listed in ``.failed`` and never stop the batch.
         """
+        from mlmd_lab.io.extxyz import check_keys
+
         paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+        keys = check_keys(keys)
         options = _Options(units=units, last_only=last_only, allow_unfinished=allow_unfinished,
-                           settings=dict(settings) if settings else None, tags=tuple(tags))
+                           settings=dict(settings) if settings else None, tags=tuple(tags),
+                           keys=dict(keys) if keys else None)
         return Ingestor(self).run(paths, options, workers=workers, progress=progress)
 
     # -- queries ----------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ def read(
     units: str | tuple[str, str] | None = None,
     last_only: bool = False,
     allow_unfinished: bool = False,
+    keys: dict[str, str] | None = None,
 ) -> Calculation:
     """Read one file or DeePMD folder into a :class:`Calculation` (frames in eV, Å, eV/Å, eV/Å³).
 
@@ -131,6 +132,9 @@ def read(
             required for n2p2, ignored for VASP and QE (their units are known).
         last_only: keep only the last ionic step of a run.
         allow_unfinished: return the complete ionic steps of a run that stopped early (default: error).
+        keys: extxyz only (ignored for other formats): which column holds a label, e.g.
+            ``{"forces": "REF_forces"}``, for files with two differing columns of one label (see
+            :mod:`mlmd_lab.io.extxyz` for the spellings recognised without it).
 
     Raises:
         InputFileError: the file is empty, corrupt, truncated, has no forces, or is not what its name says.
@@ -151,7 +155,7 @@ def read(
         from mlmd_lab.io.espresso import read_pw_output
 
         return read_pw_output(p, last_only=last_only, allow_unfinished=allow_unfinished)
-    frames, code = _read_dataset(p, fmt, parsed)
+    frames, code = _read_dataset(p, fmt, parsed, keys)
     if last_only and frames:
         frames = frames[-1:]
     calc = Calculation(code=code, frames=frames, source=str(p))
@@ -160,7 +164,7 @@ def read(
     return calc
 
 
-def _read_dataset(p: Path, fmt: str, units: tuple[str, str] | None):
+def _read_dataset(p: Path, fmt: str, units: tuple[str, str] | None, keys: dict[str, str] | None = None):
     if fmt == "n2p2":
         if units is None:
             raise InputFileError(p, "n2p2 input.data files carry no units",
@@ -176,7 +180,7 @@ def _read_dataset(p: Path, fmt: str, units: tuple[str, str] | None):
     if fmt == "extxyz":
         from mlmd_lab.io.extxyz import read_extxyz
 
-        frames = read_extxyz(p)
+        frames = read_extxyz(p, keys=keys)
         if units is not None:
             _scale(frames, energy_factor(energy_unit), length_factor(length_unit))
         return frames, "extxyz"

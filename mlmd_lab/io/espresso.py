@@ -5,6 +5,11 @@ Frames come from ASE's ``espresso-out`` reader, so values equal ASE's own readin
 is the free energy), forces in eV/Å (from Ry/Bohr), stress in eV/Å³ with ASE's sign (tensile positive:
 ``stress = -σ_QE``, so the virial is ``-stress × volume``).
 
+Ionic steps are counted as ASE delimits configurations (the program start and the ``ATOMIC_POSITIONS``
+blocks that relax/md print between steps), not by ``!`` lines: with ``iprint`` (e.g. ``iprint = 1``) pw.x
+marks every SCF iteration's total energy with ``!``. ASE takes a step's first ``!`` line, so the text it is
+given keeps only each step's last one, the converged energy.
+
 The settings come from the input file's namelists and cards (ASE's ``read_fortran_namelist``) when the input
 is found, and from the output header, which holds what ASE drops: program version, the functional, cutoffs,
 k-points, smearing, spin, pseudopotential files and their MD5 sums.
@@ -392,23 +397,43 @@ def _add_unique(d: dict[str, str], key: str, value: str) -> None:
 # steps
 
 
+#: Lines where ASE's ``espresso-out`` reader starts a new configuration (one per ionic step): the program
+#: start and each ``ATOMIC_POSITIONS`` block that relax/md/vc-relax print between ionic steps.
+_CONFIG_MARKERS = ("Program PWSCF", "ATOMIC_POSITIONS")
+#: The total-energy line as ASE finds it. pw.x marks it with ``!`` at SCF convergence, and with
+#: ``iprint`` (some builds and verbosity settings) on every SCF iteration too.
+_TOTAL_ENERGY = "!    total energy"
+
+
 def _scan_steps(lines: list[str], natoms: int | None) -> list[dict[str, Any]]:
-    """One record per ``!    total energy`` line: line index, SCF converged, forces/stress complete, and
-    ``end`` (index of the line after the step's last block)."""
+    """One record per ionic step, in file order.
+
+    An ionic step is a configuration as ASE's reader delimits them (from one :data:`_CONFIG_MARKERS` line to
+    the next) that holds at least one ``!    total energy`` line. Its energy is the *last* such line in it:
+    when pw.x prints ``!`` on every SCF iteration, the earlier ones are unconverged iterations.
+
+    Record keys: ``line`` (index of the step's ``!`` line), ``extra_marks`` (indices of the step's other
+    ``!`` lines, SCF iterations), ``converged`` (no "convergence NOT achieved"), ``forces``/``stress``
+    (blocks complete) and ``end`` (index of the line after the step's last block).
+    """
+    starts = [i for i, ln in enumerate(lines) if any(m in ln for m in _CONFIG_MARKERS)] or [0]
+    bounds = zip(starts, [*starts[1:], len(lines)], strict=True)
     steps: list[dict[str, Any]] = []
-    prev = 0
-    toten = [i for i, ln in enumerate(lines) if ln.startswith("!") and "total energy" in ln]
-    for n, i in enumerate(toten):
-        nxt = toten[n + 1] if n + 1 < len(toten) else len(lines)
-        block = lines[prev:i]
-        conv = not any("convergence NOT achieved" in ln for ln in block)
-        rec: dict[str, Any] = {"line": i, "converged": conv, "forces": False, "stress": False, "end": i + 1}
-        for j in range(i + 1, nxt):
+    for first, stop in bounds:
+        marks = [i for i in range(first, stop) if _TOTAL_ENERGY in lines[i]]
+        if not marks:
+            continue
+        i = marks[-1]
+        rec: dict[str, Any] = {"line": i, "extra_marks": marks[:-1], "converged": True, "forces": False,
+                               "stress": False, "end": i + 1}
+        scf_end = stop
+        for j in range(i + 1, stop):
             ln = lines[j]
             if "Forces acting on atoms" in ln:
+                scf_end = min(scf_end, j)
                 got = 0
                 k = j + 1
-                while k < nxt and got < (natoms or 10**9):
+                while k < stop and got < (natoms or 10**9):
                     if "force =" in lines[k] and lines[k].strip().startswith("atom"):
                         got += 1
                     elif got and not lines[k].strip():
@@ -422,9 +447,19 @@ def _scan_steps(lines: list[str], natoms: int | None) -> list[dict[str, Any]]:
                 rec["stress"] = ok
                 if ok:
                     rec["end"] = j + 4
+        rec["converged"] = not any("convergence NOT achieved" in lines[k] for k in range(first, scf_end))
         steps.append(rec)
-        prev = i
     return steps
+
+
+def _for_ase(lines: list[str], steps: list[dict[str, Any]]) -> str:
+    """The output text with each step's SCF-iteration ``!`` marks removed (``!`` → space), so that ASE, which
+    takes a step's first ``!    total energy`` line, reads the converged one."""
+    out = list(lines)
+    for step in steps:
+        for k in step["extra_marks"]:
+            out[k] = out[k].replace("!", " ", 1)
+    return "".join(out)
 
 
 def read_pw_output(
@@ -436,7 +471,8 @@ def read_pw_output(
     """Read a pw.x output (plain or gzip) into a :class:`Calculation`.
 
     Frames: one per ionic step with a ``!`` total energy and forces, values exactly as ASE's
-    ``espresso-out`` reader gives them (``energy`` = ``free_energy`` = the ``!`` total energy in eV,
+    ``espresso-out`` reader gives them (``energy`` = ``free_energy`` = the step's last ``!`` total energy in eV,
+    the converged one also where pw.x marks every SCF iteration with ``!``;
     ``forces`` (N, 3) eV/Å, ``stress`` Voigt eV/Å³ with ASE's sign when pw.x printed it);
     ``atoms.info["step"]`` (0-based) and ``["converged"]``.
     ``settings``: ``output`` (header, see :func:`parse_output_header`), ``input`` (see :func:`parse_pw_input`;
@@ -507,7 +543,7 @@ def read_pw_output(
         raise InputFileError(p, f"has no forces in any of its {len(steps)} ionic steps",
                              "rerun pw.x with tprnfor=.true. in &CONTROL")
 
-    images = ase.io.read(io.StringIO("".join(lines)), index=":", format="espresso-out")
+    images = ase.io.read(io.StringIO(_for_ase(lines, steps)), index=":", format="espresso-out")
     images = [a for a in images if results_of(a).get("energy") is not None]
     if len(images) != len(steps):
         raise InputFileError(p, f"ASE read {len(images)} ionic steps with energies where the file has "

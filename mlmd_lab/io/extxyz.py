@@ -2,11 +2,19 @@
 
 Units are ASE's (eV, Å, eV/Å, eV/Å³; stress Voigt ``xx yy zz yz xz xy``, positive = tensile).
 
-Reading puts the labels into a :class:`~ase.calculators.singlepoint.SinglePointCalculator` whichever way
-the file stores them: ASE's own keys (``energy``, ``free_energy``, ``forces``, ``stress``), the same keys
-with a ``REF_`` or ``DFT_`` prefix (used by MACE, NequIP, ... for reference data), or a ``virial``
-(energy, 3×3 or 9 values) converted to ``stress = -virial / volume``. Plain keys win over prefixed ones;
-the prefixed ones are then left in ``info``/``arrays``.
+Reading puts the labels into a :class:`~ase.calculators.singlepoint.SinglePointCalculator` whichever of the
+common spellings the file uses (:data:`LABEL_SPELLINGS`, compared without regard to case): ASE's own keys
+(``energy``, ``free_energy``, ``forces``, ``stress``); the same with a ``REF_`` or ``DFT_`` prefix (MACE and
+NequIP reference data, libAtoms/GAP data sets: ``dft_energy``, ``dft_force``, ``dft_virial``); the singular
+``force`` and ``virial`` of QUIP/GAP and the plural ``virials`` of MACE; ``total_energy`` (NequIP) and
+``TotEnergy`` (the water set of Cheng et al. in the MACE tutorials); ``E`` and ``F`` (sGDML/MD17, exact
+case). A ``virial`` (eV; 3×3, 9 or 6 values) becomes ``stress = -virial / volume``. A frame with only a free
+energy gets it as its energy too (the energy whose gradient the forces are).
+
+Two columns for the same label (``forces`` and ``REF_forces``, ``stress`` and ``virial``, ...) are fine when
+they agree (to 1e-7 relative, 1e-6 absolute in eV, eV/Å, eV/Å³); the duplicates are dropped. When they
+differ the file is refused, naming both: choose with ``keys={"forces": "REF_forces"}``. Only the chosen
+column then counts; the other columns of that label are dropped.
 
 Writing is ASE-readable extxyz with full float precision (``repr``, the shortest text that reads back
 as the same float64; ASE's own writer rounds per-atom columns to 8 decimals). ``atoms.info`` entries that
@@ -21,7 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +41,41 @@ from ase.io import read as ase_read
 from ase.io.extxyz import key_val_dict_to_str, key_val_str_to_dict, per_atom_properties, per_config_properties
 from ase.io.formats import string2index
 
-from mlmd_lab.errors import InputFileError
+from mlmd_lab.errors import InputFileError, MLMDError
 from mlmd_lab.frames import json_default, labelled_atoms, results_of
 from mlmd_lab.io import open_text
 
-__all__ = ["read_extxyz", "write_extxyz"]
+__all__ = ["LABEL_SPELLINGS", "label_of", "read_extxyz", "write_extxyz"]
 
-_PREFIXES = ("", "REF_", "DFT_", "ref_", "dft_")
+#: The labels read, and the names (lower case; compared without regard to case) that files store them under:
+#: the base names below, each also with a ``ref_`` or ``dft_`` prefix, plus :data:`EXACT_SPELLINGS`.
+LABEL_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "energy": ("energy", "total_energy", "totenergy"),
+    "free_energy": ("free_energy",),
+    "forces": ("forces", "force"),
+    "stress": ("stress",),
+    "virial": ("virial", "virials"),
+}
+LABEL_PREFIXES = ("", "ref_", "dft_")
+#: Single-letter names, matched with exact case only (sGDML / MD17 data sets).
+EXACT_SPELLINGS: dict[str, tuple[str, ...]] = {"energy": ("E",), "forces": ("F",)}
+#: Names accepted in ``keys=`` (``"virial"``: the stress comes from that virial column).
+KEY_LABELS = tuple(LABEL_SPELLINGS)
+_RTOL, _ATOL = 1e-7, 1e-6
 _RESERVED = {"pbc", "Lattice", "Properties", "species", "pos", "Time"}
 _JSON_SUFFIX = "_json"
 _B64_SUFFIX = "_json_b64"
 
 
-def read_extxyz(path: str | Path, index: int | str | slice = ":") -> list[Atoms]:
+def read_extxyz(path: str | Path, index: int | str | slice = ":", keys: Mapping[str, str] | None = None) -> list[Atoms]:
     """Read frames of an extxyz file; every frame must carry an energy.
 
     Args:
         path: the ``.xyz``/``.extxyz`` file (UTF-8).
         index: which frames, as for ``ase.io.read`` (``":"``, ``"-1"``, ``"2:10:2"``, an int or a slice).
+        keys: which column holds a label, ``{label: column}`` with labels from :data:`KEY_LABELS`, e.g.
+            ``{"forces": "REF_forces"}``; needed only when a file has two differing columns for one label
+            (see the module docstring for the spellings recognised without it).
 
     Returns:
         Frames (eV, Å) with a SinglePointCalculator holding ``energy`` and, where present,
@@ -59,9 +84,11 @@ def read_extxyz(path: str | Path, index: int | str | slice = ":") -> list[Atoms]
         to the frame's position in the file when absent.
 
     Raises:
-        InputFileError: unreadable, not UTF-8, malformed, or a frame without energy.
+        InputFileError: unreadable, not UTF-8, malformed, a frame without energy, two differing columns for
+            one label, a label column of the wrong shape, or a ``keys`` column the frame lacks.
     """
     path = Path(path)
+    chosen_keys = check_keys(keys)
     with open_text(path) as fh:
         try:
             images = ase_read(fh, index=":", format="extxyz")
@@ -89,45 +116,149 @@ def read_extxyz(path: str | Path, index: int | str | slice = ":") -> list[Atoms]
         raise InputFileError(
             path, f"has {len(images)} frames, index {index!r} is out of range", "choose an existing frame"
         ) from None
-    return [_normalise(images[i], i, path) for i in chosen]
+    return [_normalise(images[i], i, path, chosen_keys) for i in chosen]
 
 
-def _normalise(atoms: Atoms, position: int, path: Path) -> Atoms:
+def check_keys(keys: Mapping[str, str] | None) -> dict[str, str]:
+    """``keys`` as a dict, checked: labels from :data:`KEY_LABELS`, not both stress and virial."""
+    keys = dict(keys or {})
+    unknown = sorted(set(keys) - set(KEY_LABELS))
+    if unknown:
+        raise MLMDError(f"keys: unknown label(s) {unknown}; use {list(KEY_LABELS)}, e.g. keys={{'forces': 'force'}}")
+    if "stress" in keys and "virial" in keys:
+        raise MLMDError("keys: give 'stress' or 'virial', not both (both set the stress)")
+    return keys
+
+
+def label_of(name: str) -> str | None:
+    """The label (:data:`KEY_LABELS`) that a column or info key of this name holds, or None."""
+    low = name.lower()
+    for label, bases in LABEL_SPELLINGS.items():
+        if any(low == prefix + base for prefix in LABEL_PREFIXES for base in bases):
+            return label
+    for label, names in EXACT_SPELLINGS.items():
+        if name in names:
+            return label
+    return None
+
+
+def _candidates(atoms: Atoms, results: dict[str, Any], keys: dict[str, str], position: int,
+                path: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """``{label: {column name: raw value}}`` of the frame's label columns (ASE's parsed results first), and
+    the names of all label columns found (to drop from info/arrays).
+
+    With ``keys``, a label's only candidate is the named column; it is an error if the frame lacks it.
+    """
+    found: dict[str, dict[str, Any]] = {label: {} for label in KEY_LABELS}
+    for name in ("energy", "free_energy", "forces", "stress"):
+        if name in results:
+            found[name][name] = results.pop(name)
+    for name, value in atoms.info.items():
+        label = label_of(name)
+        if label is not None and label != "forces":
+            found[label].setdefault(name, value)
+    for name, value in atoms.arrays.items():
+        if label_of(name) == "forces":
+            found["forces"].setdefault(name, value)
+    names = {name for group in found.values() for name in group}
+    for label, column in keys.items():
+        seen = {name: value for group in found.values() for name, value in group.items()}
+        value = seen.get(column, atoms.info.get(column, atoms.arrays.get(column)))
+        if value is None or column in ("numbers", "positions"):
+            columns = sorted((set(atoms.info) | set(atoms.arrays) | set(seen)) - {"numbers", "positions"})
+            raise InputFileError(
+                path, f"frame {position} has no column or key {column!r} (keys={{{label!r}: {column!r}}}); "
+                f"it has {columns}", "name a column of the file in keys=",
+            )
+        if label in ("stress", "virial"):
+            found["stress"], found["virial"] = {}, {}
+        found[label] = {column: value}
+        names.add(column)
+    return found, names
+
+
+def _value(label: str, name: str, value: Any, atoms: Atoms, position: int, path: Path) -> Any:
+    """A candidate's value in the calculator's form (float; (N, 3); Voigt stress, virials turned into it)."""
+    if label in ("energy", "free_energy"):
+        try:
+            arr = np.asarray(value, dtype=float).reshape(-1)
+        except (TypeError, ValueError):
+            arr = np.zeros(0)
+        if arr.size != 1:
+            raise InputFileError(path, f"frame {position}: {name} = {value!r} is not one number",
+                                 f"write {name} as a single number (eV)")
+        return float(arr[0])
+    if label == "forces":
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fi" or arr.shape != (len(atoms), 3):
+            raise InputFileError(path, f"frame {position}: column {name} has shape {arr.shape} ({arr.dtype}), "
+                                 f"forces need ({len(atoms)}, 3) numbers",
+                                 f"store the forces as {name}:R:3 or choose another column with keys=")
+        return np.array(arr, dtype=float)
+    voigt = _voigt(value, path, position, name)
+    if label == "virial":
+        volume = abs(atoms.cell.volume) if atoms.cell.rank == 3 else 0.0
+        if volume <= 0.0:
+            raise InputFileError(
+                path, f"frame {position} has a virial but no 3-D cell", "add a Lattice or drop the virial"
+            )
+        return -voigt / volume
+    return voigt
+
+
+def _pick(label: str, values: dict[str, Any], position: int, path: Path) -> tuple[str, Any] | None:
+    """The one value of a label: the first candidate, after checking the others agree with it."""
+    if not values:
+        return None
+    (first, ref), *others = values.items()
+    for name, value in others:
+        if not np.allclose(value, ref, rtol=_RTOL, atol=_ATOL):
+            diff = float(np.max(np.abs(np.asarray(value) - np.asarray(ref))))
+            what = "stress" if label == "stress" else label.replace("_", " ")
+            raise InputFileError(
+                path, f"frame {position} has two {what} columns with different values, {first} and {name} "
+                f"(largest difference {diff:.3g})",
+                f"choose one with keys={{{label!r}: {first!r}}} or keys={{{label!r}: {name!r}}} "
+                "(read_extxyz, mlmd_lab.io.read, db.ingest), or remove the other from the file",
+            )
+    return first, ref
+
+
+def _normalise(atoms: Atoms, position: int, path: Path, keys: dict[str, str]) -> Atoms:
     results = dict(results_of(atoms))
-    info = atoms.info
-    for prefix in _PREFIXES:
-        for key in ("energy", "free_energy"):
-            if key not in results and prefix + key in info:
-                results[key] = float(np.asarray(info.pop(prefix + key)).reshape(-1)[0])
-        if "forces" not in results and prefix + "forces" in atoms.arrays:
-            results["forces"] = np.array(atoms.arrays[prefix + "forces"], dtype=float)
-            del atoms.arrays[prefix + "forces"]
-        if "stress" not in results and prefix + "stress" in info:
-            results["stress"] = _voigt(info.pop(prefix + "stress"), path, position, prefix + "stress")
-    for prefix in _PREFIXES:
-        if "stress" not in results and prefix + "virial" in info:
-            virial = _voigt(info.pop(prefix + "virial"), path, position, prefix + "virial")
-            volume = abs(atoms.cell.volume) if atoms.cell.rank == 3 else 0.0
-            if volume <= 0.0:
-                raise InputFileError(
-                    path, f"frame {position} has a virial but no 3-D cell", "add a Lattice or drop the virial"
-                )
-            results["stress"] = -virial / volume
-    if results.get("energy") is None:
+    found, names = _candidates(atoms, results, keys, position, path)
+    labels: dict[str, Any] = {}
+    for label in ("energy", "free_energy", "forces", "stress"):
+        values = {name: _value(label, name, v, atoms, position, path) for name, v in found[label].items()}
+        if label == "stress":
+            values.update({name: _value("virial", name, v, atoms, position, path)
+                           for name, v in found["virial"].items()})
+        picked = _pick(label, values, position, path)
+        if picked is not None:
+            labels[label] = picked[1]
+    for name in names:
+        atoms.info.pop(name, None)
+        if name in atoms.arrays and name not in ("numbers", "positions"):
+            del atoms.arrays[name]
+    if "energy" not in labels and "free_energy" in labels:
+        labels["energy"] = labels["free_energy"]
+    if labels.get("energy") is None:
         raise InputFileError(
             path,
-            f"frame {position} has no energy (looked for energy, REF_energy, DFT_energy)",
-            "label the frames or name the energy key 'energy'",
+            f"frame {position} has no energy (looked for {_spelled('energy')})",
+            "label the frames, name the energy key 'energy' or choose it with keys={'energy': ...}",
         )
+    info = atoms.info
     new_info = _decode_info(info)
     new_info.setdefault("step", position)
-    known = {k: results.pop(k) for k in ("energy", "free_energy", "forces", "stress", "magmoms") if k in results}
+    known = {k: results.pop(k) for k in ("magmoms",) if k in results}
     frame = labelled_atoms(
         atoms.get_chemical_symbols(),
         atoms.positions,
         cell=atoms.cell.array,
         pbc=atoms.pbc,
         info=new_info,
+        **labels,
         **known,
     )
     for name, arr in atoms.arrays.items():
@@ -136,6 +267,11 @@ def _normalise(atoms: Atoms, position: int, path: Path) -> Atoms:
     # (re)attach after setting arrays such as initial_charges, which are part of the calculator's state
     frame.calc = SinglePointCalculator(frame, **frame.calc.results, **results)
     return frame
+
+
+def _spelled(label: str) -> str:
+    names = [prefix + base for prefix in ("", "REF_", "DFT_") for base in LABEL_SPELLINGS[label]]
+    return ", ".join(names + list(EXACT_SPELLINGS.get(label, ())))
 
 
 def _voigt(value: Any, path: Path, position: int, key: str) -> np.ndarray:

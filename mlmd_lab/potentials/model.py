@@ -68,13 +68,18 @@ class HDNNP:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_n2p2(cls, path: str | Path, energy_unit: str = "eV", length_unit: str = "Angstrom",
-                  dtype: str = "float64") -> HDNNP:
+    def from_n2p2(cls, path: str | Path, energy_unit: str | None = None, length_unit: str | None = None,
+                  dtype: str = "float64", *, units: str | tuple[str, str] | None = None) -> HDNNP:
         """Read n2p2's ``input.nn``, ``scaling.data`` and ``weights.NNN.data`` from a folder.
 
-        n2p2 files carry no units: ``energy_unit`` and ``length_unit`` name those the potential was trained
-        in (e.g. "Ha" and "Bohr" for n2p2's H2O example), as accepted by :mod:`mlmd_lab.units`.
+        n2p2 files carry no units. Name those the potential was trained in with ``units=("Ha", "Bohr")``
+        (or ``energy_unit`` and ``length_unit``; names as in :mod:`mlmd_lab.units`). Without them, the units
+        stated in ``input.nn`` comments are used, else inferred from the ``input.data*`` beside the potential
+        when the evidence is clear (with a warning), else :class:`~mlmd_lab.errors.UnitsError`; see
+        :mod:`mlmd_lab.potentials.n2p2_units`. The decision is in ``metadata["n2p2_units"]``.
         """
+        from mlmd_lab.potentials.n2p2_units import resolve_units
+
         folder = Path(path)
         settings = n2p2_files.read_input_nn(folder / "input.nn")
         functions = sort_symmetry_functions(settings.symmetry_functions)
@@ -93,10 +98,13 @@ class HDNNP:
                 networks[element] = unflatten(values, sizes)
             except MLMDError as err:
                 raise MLMDError(f"{weights_file}: {err}") from None
-        energy_factor(energy_unit), length_factor(length_unit)  # validate names early
-        return cls(elements=settings.elements, functions=functions, networks=networks,
-                   scaling_stats=dict(zip(settings.elements, tables, strict=True)), settings=settings,
-                   energy_unit=energy_unit, length_unit=length_unit, dtype=dtype)
+        # read with unit factors 1 (the files' own units) until the units are decided
+        model = cls(elements=settings.elements, functions=functions, networks=networks,
+                    scaling_stats=dict(zip(settings.elements, tables, strict=True)), settings=settings, dtype=dtype)
+        decided = resolve_units(folder, model, units, energy_unit, length_unit)
+        model = replace(model, energy_unit=decided.energy, length_unit=decided.length, _cache={})
+        model.metadata["n2p2_units"] = decided.record()
+        return model
 
     @classmethod
     def create(cls, elements: Sequence[str], functions: Sequence[SymmetryFunction] | None = None, *,
