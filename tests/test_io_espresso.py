@@ -121,7 +121,7 @@ def test_settings_and_signature_run01():
         "code": "qe", "code_version": "5.4.0", "xc": "PBE", "xc_family": "GGA", "vdw": None,
         "encut": round(110 * units.Ry, 2), "ecutrho": round(440 * units.Ry, 2), "prec": None,
         "kpoints": [1, 1, 1], "kspacing": round(2 * np.pi / (18.897261 * units.Bohr), 4), "gamma_only": True,
-        "smearing": "fixed", "sigma": 0.0, "spin": False, "hubbard_u": None,
+        "smearing": "fixed", "sigma": 0.0, "spin": False, "hubbard_u": None, "dataset": None,
         "pseudopotentials": {"H": "H.tm.pbe.UPF", "C": "C.tm.pbe.UPF"},
         "extra": {"pseudopotential_md5": {"H": "4b614d66af87240b7a5107bfa527a767",
                                           "C": "a4f27fcb9b24331b00ace8e732a7e062"},

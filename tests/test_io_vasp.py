@@ -101,7 +101,7 @@ def test_ge_settings_and_signature():
         "code": "vasp", "code_version": "5.4.4.18Apr17-6-g9f103f2a35", "xc": "PBE", "xc_family": "GGA",
         "vdw": None, "encut": 226.0, "ecutrho": None, "prec": "NORMAL", "kpoints": [7, 5, 1],
         "kspacing": round(kspacing, 4), "gamma_only": False, "smearing": "methfessel-paxton-1", "sigma": 0.1,
-        "spin": False, "hubbard_u": None, "pseudopotentials": {"Ge": "PAW_PBE Ge 05Jan2001"},
+        "spin": False, "hubbard_u": None, "dataset": None, "pseudopotentials": {"Ge": "PAW_PBE Ge 05Jan2001"},
         "extra": {"ADDGRID": False, "ENAUG": 385.843, "GGA": "PE", "GGA_COMPAT": True, "LASPH": False,
                   "LREAL": "A"},
     }
