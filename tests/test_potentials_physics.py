@@ -306,3 +306,50 @@ def test_extrapolation_is_flagged():
         result = model.predict(squeezed)[0]
     assert (result["extrapolation"] > 0).all()
     assert (model.predict(_zno(rattle=0.0, seed=1), warn=False)[0]["extrapolation"] >= 0).all()
+
+
+# --------------------------------------------------------------------------- metals: r_lower and scaling floor
+def _metal(symbol, a, n=2):
+    frames = []
+    for seed in range(n):
+        atoms = bulk(symbol, "fcc", a=a, cubic=True)
+        atoms.rattle(0.05, seed=seed)
+        frames.append(atoms)
+    return frames
+
+
+def test_metal_with_default_functions_is_finite_in_float32():
+    """Default functions (r_lower 0.8 Å) in fcc Pb: the innermost Gaussians are ~1e-58 with a spread to match;
+    1/spread overflowed float32 and inf x 0 gave NaN. Such functions now count as constant (factor 0)."""
+    frames = _metal("Pb", 4.95)
+    model = HDNNP.create(["Pb"], hidden=(4,), activations="tl")
+    model.fit_scaling(frames)
+    stats = model.scaling_stats["Pb"]
+    assert stats[:, 3].min() < 1e-40  # the case: a spread far below float32's range
+    W, b = model.networks["Pb"][-1]
+    model.networks["Pb"][-1] = (np.random.default_rng(0).normal(0, 0.5, W.shape), b)
+    r64 = model.predict(frames, warn=False)
+    r32 = model.with_dtype("float32").predict(frames, warn=False)
+    for a, b in zip(r64, r32, strict=True):
+        assert np.isfinite(b["energy"]) and np.isfinite(b["forces"]).all() and np.isfinite(b["stress"]).all()
+        # Loose: functions of value ~1e-9 with a spread ~1e-10 are legal and scaled by ~1e10, which magnifies
+        # float32's rounding of exp(-50) (measured: 1e-3 relative in the energy).
+        assert b["energy"] == pytest.approx(a["energy"], rel=1e-2, abs=1e-3)
+        np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-2 * max(1.0, np.abs(a["forces"]).max()))
+
+
+def test_create_takes_r_lower_from_frames():
+    from mlmd_lab.potentials.defaults import r_lower_from
+
+    frames = _metal("Cu", 3.61)
+    shortest = min(np.min(a.get_all_distances(mic=True)[np.triu_indices(len(a), 1)]) for a in frames)
+    assert r_lower_from(frames) == pytest.approx(0.9 * shortest, rel=1e-12)
+    model = HDNNP.create(["Cu"], frames=frames)
+    radial = [sf for sf in model.functions["Cu"] if sf.type == 2]
+    assert min(sf.rs for sf in radial) == pytest.approx(0.9 * shortest, rel=1e-12)  # not 0.8 Å
+    given = HDNNP.create(["Cu"], r_lower=1.5)
+    assert min(sf.rs for sf in given.functions["Cu"] if sf.type == 2) == pytest.approx(1.5)
+    default = HDNNP.create(["Cu"])
+    assert min(sf.rs for sf in default.functions["Cu"] if sf.type == 2) == pytest.approx(0.8)
+    with pytest.raises(MLMDError, match="explicit"):
+        HDNNP.create(["Zn", "O"], _functions(), frames=frames)

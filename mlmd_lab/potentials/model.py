@@ -102,18 +102,31 @@ class HDNNP:
     def create(cls, elements: Sequence[str], functions: Sequence[SymmetryFunction] | None = None, *,
                cutoff: float = 6.0, hidden: Sequence[int] = (25, 25), activations: str = "ttl",
                cutoff_type: int | str = "poly2", cutoff_alpha: float = 0.0, scaling: str = "scalesigma",
-               atom_energy: dict[str, float] | None = None, seed: int = 0) -> HDNNP:
+               atom_energy: dict[str, float] | None = None, seed: int = 0,
+               frames: Sequence[Atoms] | None = None, r_lower: float | None = None) -> HDNNP:
         """A new, untrained potential in eV and Å.
 
         Without ``functions``, a symmetry-function set is generated from the elements and ``cutoff`` (Å) by
-        :func:`mlmd_lab.potentials.defaults.generate_symmetry_functions`. Scaling statistics start neutral
-        (mean 0, sigma 1, range unbounded) until :meth:`fit_scaling` sets them from data.
+        :func:`mlmd_lab.potentials.defaults.generate_symmetry_functions`, its innermost radial centre at
+        ``r_lower`` (Å). ``r_lower`` is, in this order: the value given; taken from ``frames`` (the structures
+        the potential is for) as the :class:`~mlmd_lab.train.Trainer` does, 0.9 x the shortest interatomic
+        distance, at least 0.5 Å (:func:`~mlmd_lab.potentials.defaults.r_lower_from`); or, with neither,
+        0.8 Å — right for molecules with O-H/C-H bonds, but in metals (nearest neighbours 2.5-3.5 Å) the
+        innermost functions then see only the far tails of their Gaussians (values ~1e-25 and below, useless
+        and below float32's range), so give ``frames`` or ``r_lower`` there. ``frames`` only choose
+        ``r_lower``; scaling statistics start neutral (mean 0, sigma 1, range unbounded) until
+        :meth:`fit_scaling` sets them from data.
         """
         elements = sort_elements(elements)
         if functions is None:
-            from mlmd_lab.potentials.defaults import generate_symmetry_functions
+            from mlmd_lab.potentials.defaults import generate_symmetry_functions, r_lower_from
 
-            functions = generate_symmetry_functions(elements, cutoff)
+            if r_lower is None:
+                r_lower = r_lower_from(frames, cutoff) if frames is not None else 0.8
+            functions = generate_symmetry_functions(elements, cutoff, r_lower=r_lower)
+        elif frames is not None or r_lower is not None:
+            raise MLMDError("frames= and r_lower= choose the generated symmetry functions; with explicit "
+                            "functions give neither (set each function's r_s and eta yourself)")
         by_element = sort_symmetry_functions(functions)
         missing = [e for e in elements if e not in by_element]
         if missing:
@@ -388,29 +401,42 @@ def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):
     return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": force, "virial": virial}
 
 
+#: Relative spread below which a symmetry function counts as constant in the data: its spread (sigma, or
+#: max - min) must exceed SPREAD_FLOOR x max(1, |G_mean|). A single neighbour at a Gaussian's centre
+#: contributes 1, so 1 is the natural size of a symmetry function; 1e-12 is far below any real variation
+#: (n2p2's example potentials: >= 5e-4) and far above float64 rounding noise (1e-16 relative).
+SPREAD_FLOOR = 1e-12
+
+
 def _scaling_constants(kind: str, stats: np.ndarray, smin: float, smax: float) -> tuple[np.ndarray, np.ndarray]:
-    """(reference, factor) so that scaled = smin + factor * (G - reference), as n2p2's SymFnc::scale."""
+    """(reference, factor) so that scaled = smin + factor * (G - reference), as n2p2's SymFnc::scale.
+
+    A function constant in the data (spread at most :data:`SPREAD_FLOOR` relative to its size) gets factor 0,
+    i.e. a constant input, where n2p2 divides by the (near-)zero spread: e.g. a Gaussian centred at 0.8 Å
+    in a metal has values ~1e-25..1e-58 and a spread to match, whose inverse overflows float32 (inf x 0 = NaN).
+    """
     gmin, gmax, gmean, gsigma = stats.T
     n = len(gmin)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    size = np.maximum(1.0, np.abs(gmean))
+    with np.errstate(over="ignore"):  # neutral statistics hold +-max float: their range overflows to inf
         if kind == "none":
             return np.zeros(n), np.ones(n)
         if kind == "scale":
-            return gmin, _safe_ratio(smax - smin, gmax - gmin)
+            return gmin, _safe_ratio(smax - smin, gmax - gmin, size)
         if kind == "center":
             return gmean, np.ones(n)
         if kind == "scalecenter":
-            return gmean, _safe_ratio(smax - smin, gmax - gmin)
+            return gmean, _safe_ratio(smax - smin, gmax - gmin, size)
         if kind == "scalesigma":
-            return gmean, _safe_ratio(smax - smin, gsigma)
+            return gmean, _safe_ratio(smax - smin, gsigma, size)
     raise MLMDError(f"unknown scaling type {kind!r}; use one of {n2p2_files.SCALING_TYPES}")
 
 
-def _safe_ratio(numerator: float, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, 0 where a symmetry function never varied (n2p2 would divide by zero)."""
-    out = np.zeros_like(denominator, dtype=np.float64)
-    ok = denominator != 0
-    out[ok] = numerator / denominator[ok]
+def _safe_ratio(numerator: float, spread: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """numerator / spread, 0 where a symmetry function never varied (spread <= SPREAD_FLOOR x size)."""
+    out = np.zeros_like(spread, dtype=np.float64)
+    ok = spread > SPREAD_FLOOR * size
+    out[ok] = numerator / spread[ok]
     return out
 
 
