@@ -284,16 +284,18 @@ class HDNNP:
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
     def predict(self, atoms_list: Atoms | Sequence[Atoms], forces: bool = True, stress: bool = True,
-                warn: bool = True) -> list[dict]:
+                warn: bool = True) -> dict | list[dict]:
         """Energy (eV), free energy, per-atom energies (eV), forces (eV/Å) and stress (eV/Å³, Voigt) per structure.
 
-        Each result also has ``extrapolation`` (per atom: number of symmetry functions outside the scaling
-        range). An :class:`ExtrapolationWarning` is issued when any atom extrapolates.
+        One ``Atoms`` gives one result (a dict); a sequence of them gives a list of results, in order (one
+        batched evaluation). Each result also has ``extrapolation`` (per atom: number of symmetry functions
+        outside the scaling range). An :class:`ExtrapolationWarning` is issued when any atom extrapolates.
         """
         single = isinstance(atoms_list, Atoms)
         atoms_list = [atoms_list] if single else list(atoms_list)
         out = self.evaluate_graph(self.graph(atoms_list), forces=forces or stress)
-        return self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        results = self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        return results[0] if single else results
 
     def results(self, out: dict, atoms_list: Sequence[Atoms], forces: bool = True, stress: bool = True,
                 warn: bool = True) -> list[dict]:
