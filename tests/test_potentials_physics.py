@@ -367,3 +367,18 @@ def test_create_takes_r_lower_from_frames():
     assert min(sf.rs for sf in default.functions["Cu"] if sf.type == 2) == pytest.approx(0.8)
     with pytest.raises(MLMDError, match="explicit"):
         HDNNP.create(["Zn", "O"], _functions(), frames=frames)
+
+
+def test_public_evaluate_is_what_evaluate_graph_runs(model):
+    from mlmd_lab.potentials import evaluate
+
+    atoms = _zno(seed=15)
+    graph = model.graph([atoms])
+    out = evaluate(model.energy_function(), model.padding_distance, model.parameters(), graph.arrays(),
+                   graph.layout, True)
+    expected = model.evaluate_graph(graph)
+    n = len(atoms)
+    assert out["forces"].shape == (graph.layout.n_atoms, 3) and out["virial"].shape == (1, 3, 3)
+    np.testing.assert_allclose(np.asarray(out["energy"]), expected["energy"], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(out["forces"])[:n], expected["forces"][:n], atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out["virial"]), expected["virial"], atol=1e-12)

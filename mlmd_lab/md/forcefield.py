@@ -26,7 +26,7 @@ import numpy as np
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
-from mlmd_lab.potentials.model import HDNNP, _evaluate
+from mlmd_lab.potentials.model import HDNNP, evaluate
 from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder
 
 
@@ -112,7 +112,7 @@ class ForceField:
         dt = jnp.float64 if self.dtype == "float64" else jnp.float32
         R = jnp.zeros((layout.n_atoms, 3), dt).at[:n].set((positions / lf).astype(dt))
         local = dict(arrays, positions=R, cells=(cell / lf).astype(dt)[None])
-        outs = [_evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
+        outs = [evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
         energies = jnp.stack([o["energy"][0] for o in outs]).astype(jnp.float64) * ef
         forces = jnp.stack([o["forces"][:n] for o in outs]).astype(jnp.float64) * (ef / lf)
         virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
@@ -155,7 +155,7 @@ def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceF
     return ForceField(
         elements=tuple(first.elements), cutoff=first.cutoff, skin=float(skin), length_factor=first.length_factor,
         energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
-        members=[(m.energy_function(), m.parameters()) for m in models], far=first._far(),
+        members=[(m.energy_function(), m.parameters()) for m in models], far=first.padding_distance,
         is_ensemble=members is not None, source=potential)
 
 

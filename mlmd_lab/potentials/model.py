@@ -27,7 +27,7 @@ from mlmd_lab.potentials import n2p2_files
 from mlmd_lab.potentials.cutoff import cutoff_code
 from mlmd_lab.potentials.descriptors import DescriptorPlan, pair_vectors, symmetry_functions
 from mlmd_lab.potentials.n2p2_files import N2P2Settings
-from mlmd_lab.potentials.neighbours import Graph, NeighbourBuilder
+from mlmd_lab.potentials.neighbours import Graph, Layout, NeighbourBuilder
 from mlmd_lab.potentials.network import apply, flatten, init_layers, layer_sizes, unflatten
 from mlmd_lab.potentials.symfunc import SymmetryFunction, sort_elements, sort_symmetry_functions
 from mlmd_lab.units import energy_factor, length_factor
@@ -257,16 +257,23 @@ class HDNNP:
     def energy_function(self):
         """f(params, arrays, d, layout) -> (per-structure energies, per-atom energies, extrapolation counts).
 
-        Energies in model units; d are pair vectors (P, 3) in model length units.
+        Energies in model units; d are pair vectors (P, 3) in model length units. :func:`evaluate` turns it
+        into energies, forces and virials of a neighbour graph.
         """
         return _energy_function(*self._static_key()[:4])
 
     def _compiled(self):
         key = self._static_key()
         if key not in _COMPILED:
-            _COMPILED[key] = jax.jit(partial(_evaluate, self.energy_function(), self._far()),
+            _COMPILED[key] = jax.jit(partial(evaluate, self.energy_function(), self._far()),
                                      static_argnames=("layout", "forces"))
         return _COMPILED[key]
+
+    @property
+    def padding_distance(self) -> float:
+        """Length (model unit) of the pair vector given to padded pair slots: beyond every cutoff (the ``far``
+        argument of :func:`evaluate`)."""
+        return self._far()
 
     def _far(self) -> float:
         return 2.0 * self.plan.max_cutoff + 1.0
@@ -382,8 +389,25 @@ def _energy_function(plan, smin, acts, normalize):
     return energies
 
 
-def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):
-    """Energies, and forces and virials from dE/dd (one backward pass)."""
+def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces: bool) -> dict:
+    """Energies, and forces and virials from dE/dd (one backward pass), of a padded neighbour graph. Pure JAX:
+    jit-able with ``layout`` and ``forces`` static; this is what :meth:`HDNNP.evaluate_graph` compiles and
+    what the MD engine (:mod:`mlmd_lab.md.forcefield`) integrates. Everything in the model's own units.
+
+    Args:
+        energy_fn: f(params, arrays, d, layout) -> (energies (B,), atomic energies (N,), extrapolation counts
+            (N,)), e.g. :meth:`HDNNP.energy_function`; d are the pair vectors (P, 3).
+        far: length of the pair vector of padded pair slots, beyond every cutoff (:attr:`HDNNP.padding_distance`).
+        params: the parameter pytree (:meth:`HDNNP.parameters`).
+        arrays: :meth:`Graph.arrays <mlmd_lab.potentials.neighbours.Graph.arrays>` (positions (N, 3), cells
+            (B, 3, 3), pair and triplet indices; N, P padded), as numpy or JAX arrays.
+        layout: the graph's :class:`~mlmd_lab.potentials.neighbours.Layout`.
+        forces: also return forces and virials.
+
+    Returns:
+        ``energy`` (B,), ``atomic`` (N,), ``extrapolation`` (N,) int; with ``forces`` also ``forces`` (N, 3) =
+        -dE/dr and ``virial`` (B, 3, 3) = sum over pairs of d (x) dE/dd (ASE's stress is virial / volume).
+    """
     d = pair_vectors(arrays, far)
     if not forces:
         energy, atomic, extrapolated = energy_fn(params, arrays, d, layout)
