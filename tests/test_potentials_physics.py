@@ -301,6 +301,42 @@ def test_calculator_reuses_neighbours_and_matches_rebuild(model):
     assert atoms.calc.rebuilds == rebuilds + 1
 
 
+def test_calculator_keeps_neighbours_under_a_small_cell_change(model):
+    """The calculator uses the MD engine's reuse rule (skin_holds): a slightly strained cell keeps the lists
+    (results as from a fresh build), a strong compression rebuilds them."""
+    atoms = _zno(seed=16)
+    atoms.calc = model.calculator(skin=1.0)
+    atoms.get_potential_energy()
+    rebuilds = atoms.calc.rebuilds
+    atoms.set_cell(atoms.cell.array @ np.diag([1.004, 0.997, 1.002]), scale_atoms=True)
+    energy, stress = atoms.get_potential_energy(), atoms.get_stress()
+    assert atoms.calc.rebuilds == rebuilds
+    fresh = model.predict(atoms)
+    assert energy == pytest.approx(fresh["energy"], rel=1e-13)
+    np.testing.assert_allclose(stress, fresh["stress"], atol=1e-12)
+    atoms.set_cell(atoms.cell * 0.85, scale_atoms=True)
+    atoms.get_potential_energy()
+    assert atoms.calc.rebuilds == rebuilds + 1
+
+
+def test_skin_rule_is_one_function_for_numpy_and_jax():
+    import jax.numpy as jnp
+
+    from mlmd_lab.md.forcefield import forcefield, neighbours_valid
+    from mlmd_lab.potentials.neighbours import skin_holds
+
+    rng = np.random.default_rng(3)
+    R0, h0 = rng.uniform(0, 8, (20, 3)), np.diag([8.0, 8.5, 9.0])
+    ff = forcefield(_model(), skin=0.6)
+    for shift, strain, variable in [(0.2, 1.0, False), (0.31, 1.0, False), (0.1, 0.99, True), (0.1, 0.9, True)]:
+        R = R0 + shift * np.eye(3)[0]
+        h = h0 * strain
+        host = bool(skin_holds(R, h, R0, h0, ff.cutoff, ff.skin, variable))
+        assert host == bool(neighbours_valid(ff, jnp.asarray(R), jnp.asarray(h), jnp.asarray(R0), jnp.asarray(h0),
+                                             variable))
+        assert host == {(0.2, False): True, (0.31, False): False, (0.1, True): strain > 0.95}[(shift, variable)]
+
+
 def test_ase_optimiser_lowers_energy(model):
     from ase.optimize import BFGS
 

@@ -12,7 +12,7 @@ for fast statistical tests of the integrators) behind two calls:
 Why not jax-md's ``partition``: jax-md 0.2.8 (the newest release) does not import with JAX 0.10
 (``jax.lib.xla_bridge`` is gone), and its neighbour lists have no triplets, which Behler–Parrinello angular
 functions need. The neighbour data here are the potential's own (vesin pairs, numba triplets), kept valid
-by the engine's skin test (see :func:`neighbours_valid`).
+by the engine's skin test (see :func:`neighbours_valid`, the same rule as the ASE calculator's).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.potentials.model import HDNNP, evaluate
-from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder
+from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
 
 
 @dataclass(frozen=True)
@@ -187,18 +187,7 @@ def _lennard_jones(lj: LennardJones, skin: float, dtype: str) -> ForceField:
 
 def neighbours_valid(ff: ForceField, positions, cell, reference_positions, reference_cell, variable_cell: bool):
     """True while neighbour data built at (reference_positions, reference_cell) still hold every pair and
-    triplet within the cutoff (JAX).
-
-    Positions are split into the affine map of the cell change M = h0^-1 h and a remainder u_i; a distance
-    can shrink at most to sigma_min(M) |d0| - 2 max|u|. Pairs farther than cutoff + skin at build time
-    stay beyond the cutoff while (cutoff + skin) sigma_min(M) - 2 max|u| > cutoff. At fixed cell this is the
-    usual half-skin rule; under a barostat it also covers the compression of the cell.
-    """
-    if not variable_cell:  # also the only case for non-periodic structures (their cell may be zero)
-        u = positions - reference_positions
-        return 2.0 * jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1))) < ff.skin
-    M = jnp.linalg.solve(reference_cell, cell)
-    u = positions - reference_positions @ M
-    largest = jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1)))
-    smallest_stretch = jnp.min(jnp.linalg.svd(M, compute_uv=False))
-    return (ff.cutoff + ff.skin) * smallest_stretch - 2.0 * largest > ff.cutoff
+    triplet within the cutoff (JAX; Å): :func:`mlmd_lab.potentials.neighbours.skin_holds` with this force
+    field's cutoff and skin, the same rule the ASE calculator uses."""
+    return skin_holds(positions, cell, reference_positions, reference_cell, ff.cutoff, ff.skin, variable_cell,
+                      xp=jnp)
