@@ -52,6 +52,7 @@ from ase import Atoms, units
 
 from mlmd_lab.cluster.mpi import mpi_command, mpi_flavour
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_write_text
 from mlmd_lab.frames import canonical_json, content_hash
 from mlmd_lab.settings import kspacing_from_divisions, normalise_signature
 
@@ -263,9 +264,7 @@ class Recipe:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_json_default))
 
 
 def _json_default(obj: Any) -> Any:
