@@ -40,7 +40,14 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Pat
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path. ``fsync`` as in :func:`atomic_path`."""
     with atomic_path(path, fsync=fsync) as tmp:
         tmp.write_text(text, encoding="utf-8")
+    return Path(path).expanduser()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path. ``fsync`` as in :func:`atomic_path`."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
     return Path(path).expanduser()

@@ -277,7 +277,7 @@ def test_written_potential_predicts_identically(tmp_path, name):
     again = HDNNP.from_n2p2(folder / "hdnnp", *UNITS[name])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an isolated molecule extrapolates the liquid-water potential
-        before, after = model.predict(atoms)[0], again.predict(atoms)[0]
+        before, after = model.predict(atoms), again.predict(atoms)
     assert after["energy"] == pytest.approx(before["energy"], rel=1e-14)
     assert np.allclose(after["forces"], before["forces"], rtol=0, atol=1e-12)
 
@@ -395,7 +395,7 @@ def test_pair_style_hdnnp_energy_equals_predict(tmp_path, name):
     thermo = _thermo_step0(_run_lammps(command, env, folder, "in.lammps"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = model.predict(atoms)[0]
+        expected = model.predict(atoms)
     # mlmd_lab equals n2p2's nnp-predict to better than 1e-9 (test_potentials_n2p2); LAMMPS prints 12 digits.
     assert thermo["PotEng"] == pytest.approx(expected["energy"], rel=1e-9)
     pressure = -np.mean(expected["stress"][:3]) / ase_units.bar  # ASE stress is minus the pressure

@@ -349,7 +349,7 @@ def test_water_nve_with_n2p2_potential_conserves_energy(tmp_path):
     drift = energy_drift(r.thermo["time_fs"], r.thermo["etot_eV"], len(r.atoms))
     assert abs(drift.slope_mev_atom_ps) < 0.5 and drift.rms_mev_atom < 0.1, str(drift)
     # the forces MD used are the potential's own (n2p2-exact) forces
-    ref = pot.predict(r.atoms)[0]
+    ref = pot.predict(r.atoms)
     np.testing.assert_allclose(r.atoms.get_forces(), ref["forces"], atol=1e-8)
     assert r.atoms.get_potential_energy() == pytest.approx(ref["energy"], abs=1e-8)
 
@@ -365,7 +365,7 @@ def test_ensemble_spread_is_logged_and_can_stop_md():
     other.networks[element][0] = (W * 1.05, b)
     committee = Ensemble([pot, other])
     out = forcefield(committee).single_point(water_box())
-    ref = committee.predict(water_box())[0]
+    ref = committee.predict(water_box())
     np.testing.assert_allclose(out["force_std"], ref["forces_std"], rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(out["forces"], ref["forces"], atol=1e-8)
     limit = float(np.max(ref["forces_std"])) * 0.5

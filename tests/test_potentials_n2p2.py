@@ -30,7 +30,7 @@ def _load(name):
 def _energy_in_model_units(model, atoms):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return model.predict(atoms)[0]["energy"] / model.energy_factor
+        return model.predict(atoms)["energy"] / model.energy_factor
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -85,7 +85,7 @@ def test_round_trip_predicts_identically(name, tmp_path):
         assert np.array_equal(model.scaling_stats[element], again.scaling_stats[element])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        first, second = model.predict(atoms)[0], again.predict(atoms)[0]
+        first, second = model.predict(atoms), again.predict(atoms)
     assert first["energy"] == second["energy"]
     assert np.array_equal(first["forces"], second["forces"])
     # Written again, the files are identical (a fixed point).
@@ -110,7 +110,7 @@ def test_created_model_round_trips(tmp_path, water_like):
     _randomise_output(model)
     model.to_n2p2(tmp_path)
     again = HDNNP.from_n2p2(tmp_path)
-    first, second = model.predict(water_like)[0], again.predict(water_like)[0]
+    first, second = model.predict(water_like), again.predict(water_like)
     assert first["energy"] == second["energy"]
     assert np.array_equal(first["forces"], second["forces"])
 

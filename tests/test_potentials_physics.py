@@ -170,14 +170,14 @@ def test_stress_is_strain_derivative(model):
 
 def test_per_atom_energies_sum_to_total(model):
     atoms = _zno(seed=6)
-    result = model.predict(atoms)[0]
+    result = model.predict(atoms)
     assert result["energies"].sum() == pytest.approx(result["energy"], rel=1e-13)
 
 
 # --------------------------------------------------------------------------- invariances
 def test_translation_rotation_and_permutation(model):
     atoms = _zno(seed=7)
-    reference = model.predict(atoms)[0]
+    reference = model.predict(atoms)
     moved = atoms.copy()
     moved.translate([0.37, -1.2, 2.9])
     moved.wrap()
@@ -186,15 +186,15 @@ def test_translation_rotation_and_permutation(model):
     permutation = np.random.default_rng(0).permutation(len(atoms))
     shuffled = atoms[permutation]
     for other in (moved, rotated, shuffled):
-        assert model.predict(other)[0]["energy"] == pytest.approx(reference["energy"], rel=1e-12)
+        assert model.predict(other)["energy"] == pytest.approx(reference["energy"], rel=1e-12)
     R = rotated.get_cell().array.T @ np.linalg.inv(atoms.get_cell().array.T)
-    np.testing.assert_allclose(model.predict(rotated)[0]["forces"], reference["forces"] @ R.T, atol=1e-10)
-    np.testing.assert_allclose(model.predict(shuffled)[0]["forces"], reference["forces"][permutation], atol=1e-10)
+    np.testing.assert_allclose(model.predict(rotated)["forces"], reference["forces"] @ R.T, atol=1e-10)
+    np.testing.assert_allclose(model.predict(shuffled)["forces"], reference["forces"][permutation], atol=1e-10)
 
 
 def test_choice_of_periodic_image_and_cell(model):
     atoms = _zno(seed=8)
-    energy = model.predict(atoms)[0]["energy"]
+    energy = model.predict(atoms)["energy"]
     # Atoms moved by lattice vectors, and an equivalent cell (b -> b + a, c -> c - b).
     shifted = atoms.copy()
     shifted.positions[::3] += atoms.cell[0] - 2 * atoms.cell[2]
@@ -205,9 +205,9 @@ def test_choice_of_periodic_image_and_cell(model):
     sheared.set_cell(new_cell, scale_atoms=False)
     sheared.wrap()
     supercell = atoms.repeat((2, 1, 1))
-    assert model.predict(shifted)[0]["energy"] == pytest.approx(energy, rel=1e-12)
-    assert model.predict(sheared)[0]["energy"] == pytest.approx(energy, rel=1e-12)
-    assert model.predict(supercell)[0]["energy"] == pytest.approx(2 * energy, rel=1e-12)
+    assert model.predict(shifted)["energy"] == pytest.approx(energy, rel=1e-12)
+    assert model.predict(sheared)["energy"] == pytest.approx(energy, rel=1e-12)
+    assert model.predict(supercell)["energy"] == pytest.approx(2 * energy, rel=1e-12)
 
 
 def test_cell_smaller_than_cutoff_uses_many_images():
@@ -216,8 +216,8 @@ def test_cell_smaller_than_cutoff_uses_many_images():
     small.rattle(0.05, seed=1)
     model.fit_scaling([small])
     big = small.repeat((3, 3, 3))
-    e_small = model.predict(small)[0]["energy"]
-    assert model.predict(big)[0]["energy"] == pytest.approx(27 * e_small, rel=1e-11)
+    e_small = model.predict(small)["energy"]
+    assert model.predict(big)["energy"] == pytest.approx(27 * e_small, rel=1e-11)
     small.calc = model.calculator(skin=0.0)
     np.testing.assert_allclose(small.get_forces(), calculate_numerical_forces(small, 1e-5), atol=1e-7)
 
@@ -244,7 +244,7 @@ def test_slab_periodic_in_two_directions(model):
 
 def test_isolated_atom_has_offset_energy():
     model = _model()
-    result = model.predict(Atoms("O", positions=[[0, 0, 0]]))[0]
+    result = model.predict(Atoms("O", positions=[[0, 0, 0]]))
     np.testing.assert_allclose(result["forces"], 0.0)
     assert np.isfinite(result["energy"])
 
@@ -252,8 +252,8 @@ def test_isolated_atom_has_offset_energy():
 # --------------------------------------------------------------------------- precision, batching, ASE
 def test_float32_is_close_to_float64(model):
     atoms = _zno(seed=9)
-    r64 = model.predict(atoms)[0]
-    r32 = model.with_dtype("float32").predict(atoms)[0]
+    r64 = model.predict(atoms)
+    r32 = model.with_dtype("float32").predict(atoms)
     assert r32["energy"] == pytest.approx(r64["energy"], rel=1e-5)
     np.testing.assert_allclose(r32["forces"], r64["forces"], atol=1e-3 * np.abs(r64["forces"]).max())
     with pytest.raises(MLMDError, match="float64"):
@@ -264,9 +264,23 @@ def test_batch_equals_single_structures(model):
     structures = [_zno(seed=10), bulk("ZnO", "rocksalt", a=4.3) * (2, 2, 2), _zno(seed=11)[:-3]]
     batch = model.predict(structures)
     for atoms, result in zip(structures, batch, strict=True):
-        single = model.predict(atoms)[0]
+        single = model.predict(atoms)
         assert result["energy"] == pytest.approx(single["energy"], rel=1e-13)
         np.testing.assert_allclose(result["forces"], single["forces"], atol=1e-12)
+
+
+def test_predict_gives_one_result_for_one_structure_and_a_list_for_a_list(model):
+    from mlmd_lab.train.ensemble import Ensemble
+
+    atoms = _zno(seed=14)
+    for potential in (model, Ensemble([model, model])):
+        one = potential.predict(atoms)
+        assert isinstance(one, dict) and one["forces"].shape == (len(atoms), 3)
+        listed = potential.predict([atoms])
+        assert isinstance(listed, list) and len(listed) == 1
+        assert listed[0]["energy"] == one["energy"]
+        both = potential.predict((atoms, atoms[:-2]))
+        assert [len(r["forces"]) for r in both] == [len(atoms), len(atoms) - 2]
 
 
 def test_calculator_reuses_neighbours_and_matches_rebuild(model):
@@ -278,13 +292,49 @@ def test_calculator_reuses_neighbours_and_matches_rebuild(model):
     for _ in range(3):
         atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
         energy, forces = atoms.get_potential_energy(), atoms.get_forces()
-        fresh = model.predict(atoms)[0]
+        fresh = model.predict(atoms)
         assert energy == pytest.approx(fresh["energy"], rel=1e-13)
         np.testing.assert_allclose(forces, fresh["forces"], atol=1e-12)
     assert atoms.calc.rebuilds == rebuilds  # moved < skin / 2: lists reused
     atoms.positions[0] += 0.8
     atoms.get_potential_energy()
     assert atoms.calc.rebuilds == rebuilds + 1
+
+
+def test_calculator_keeps_neighbours_under_a_small_cell_change(model):
+    """The calculator uses the MD engine's reuse rule (skin_holds): a slightly strained cell keeps the lists
+    (results as from a fresh build), a strong compression rebuilds them."""
+    atoms = _zno(seed=16)
+    atoms.calc = model.calculator(skin=1.0)
+    atoms.get_potential_energy()
+    rebuilds = atoms.calc.rebuilds
+    atoms.set_cell(atoms.cell.array @ np.diag([1.004, 0.997, 1.002]), scale_atoms=True)
+    energy, stress = atoms.get_potential_energy(), atoms.get_stress()
+    assert atoms.calc.rebuilds == rebuilds
+    fresh = model.predict(atoms)
+    assert energy == pytest.approx(fresh["energy"], rel=1e-13)
+    np.testing.assert_allclose(stress, fresh["stress"], atol=1e-12)
+    atoms.set_cell(atoms.cell * 0.85, scale_atoms=True)
+    atoms.get_potential_energy()
+    assert atoms.calc.rebuilds == rebuilds + 1
+
+
+def test_skin_rule_is_one_function_for_numpy_and_jax():
+    import jax.numpy as jnp
+
+    from mlmd_lab.md.forcefield import forcefield, neighbours_valid
+    from mlmd_lab.potentials.neighbours import skin_holds
+
+    rng = np.random.default_rng(3)
+    R0, h0 = rng.uniform(0, 8, (20, 3)), np.diag([8.0, 8.5, 9.0])
+    ff = forcefield(_model(), skin=0.6)
+    for shift, strain, variable in [(0.2, 1.0, False), (0.31, 1.0, False), (0.1, 0.99, True), (0.1, 0.9, True)]:
+        R = R0 + shift * np.eye(3)[0]
+        h = h0 * strain
+        host = bool(skin_holds(R, h, R0, h0, ff.cutoff, ff.skin, variable))
+        assert host == bool(neighbours_valid(ff, jnp.asarray(R), jnp.asarray(h), jnp.asarray(R0), jnp.asarray(h0),
+                                             variable))
+        assert host == {(0.2, False): True, (0.31, False): False, (0.1, True): strain > 0.95}[(shift, variable)]
 
 
 def test_ase_optimiser_lowers_energy(model):
@@ -303,6 +353,68 @@ def test_extrapolation_is_flagged():
     squeezed = _zno(rattle=0.02, seed=1)
     squeezed.set_cell(squeezed.cell * 0.8, scale_atoms=True)
     with pytest.warns(UserWarning, match="outside the training range"):
-        result = model.predict(squeezed)[0]
+        result = model.predict(squeezed)
     assert (result["extrapolation"] > 0).all()
-    assert (model.predict(_zno(rattle=0.0, seed=1), warn=False)[0]["extrapolation"] >= 0).all()
+    assert (model.predict(_zno(rattle=0.0, seed=1), warn=False)["extrapolation"] >= 0).all()
+
+
+# --------------------------------------------------------------------------- metals: r_lower and scaling floor
+def _metal(symbol, a, n=2):
+    frames = []
+    for seed in range(n):
+        atoms = bulk(symbol, "fcc", a=a, cubic=True)
+        atoms.rattle(0.05, seed=seed)
+        frames.append(atoms)
+    return frames
+
+
+def test_metal_with_default_functions_is_finite_in_float32():
+    """Default functions (r_lower 0.8 Å) in fcc Pb: the innermost Gaussians are ~1e-58 with a spread to match;
+    1/spread overflowed float32 and inf x 0 gave NaN. Such functions now count as constant (factor 0)."""
+    frames = _metal("Pb", 4.95)
+    model = HDNNP.create(["Pb"], hidden=(4,), activations="tl")
+    model.fit_scaling(frames)
+    stats = model.scaling_stats["Pb"]
+    assert stats[:, 3].min() < 1e-40  # the case: a spread far below float32's range
+    W, b = model.networks["Pb"][-1]
+    model.networks["Pb"][-1] = (np.random.default_rng(0).normal(0, 0.5, W.shape), b)
+    r64 = model.predict(frames, warn=False)
+    r32 = model.with_dtype("float32").predict(frames, warn=False)
+    for a, b in zip(r64, r32, strict=True):
+        assert np.isfinite(b["energy"]) and np.isfinite(b["forces"]).all() and np.isfinite(b["stress"]).all()
+        # Loose: functions of value ~1e-9 with a spread ~1e-10 are legal and scaled by ~1e10, which magnifies
+        # float32's rounding of exp(-50) (measured: 1e-3 relative in the energy).
+        assert b["energy"] == pytest.approx(a["energy"], rel=1e-2, abs=1e-3)
+        np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-2 * max(1.0, np.abs(a["forces"]).max()))
+
+
+def test_create_takes_r_lower_from_frames():
+    from mlmd_lab.potentials.defaults import r_lower_from
+
+    frames = _metal("Cu", 3.61)
+    shortest = min(np.min(a.get_all_distances(mic=True)[np.triu_indices(len(a), 1)]) for a in frames)
+    assert r_lower_from(frames) == pytest.approx(0.9 * shortest, rel=1e-12)
+    model = HDNNP.create(["Cu"], frames=frames)
+    radial = [sf for sf in model.functions["Cu"] if sf.type == 2]
+    assert min(sf.rs for sf in radial) == pytest.approx(0.9 * shortest, rel=1e-12)  # not 0.8 Å
+    given = HDNNP.create(["Cu"], r_lower=1.5)
+    assert min(sf.rs for sf in given.functions["Cu"] if sf.type == 2) == pytest.approx(1.5)
+    default = HDNNP.create(["Cu"])
+    assert min(sf.rs for sf in default.functions["Cu"] if sf.type == 2) == pytest.approx(0.8)
+    with pytest.raises(MLMDError, match="explicit"):
+        HDNNP.create(["Zn", "O"], _functions(), frames=frames)
+
+
+def test_public_evaluate_is_what_evaluate_graph_runs(model):
+    from mlmd_lab.potentials import evaluate
+
+    atoms = _zno(seed=15)
+    graph = model.graph([atoms])
+    out = evaluate(model.energy_function(), model.padding_distance, model.parameters(), graph.arrays(),
+                   graph.layout, True)
+    expected = model.evaluate_graph(graph)
+    n = len(atoms)
+    assert out["forces"].shape == (graph.layout.n_atoms, 3) and out["virial"].shape == (1, 3, 3)
+    np.testing.assert_allclose(np.asarray(out["energy"]), expected["energy"], rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(out["forces"])[:n], expected["forces"][:n], atol=1e-12)
+    np.testing.assert_allclose(np.asarray(out["virial"]), expected["virial"], atol=1e-12)

@@ -209,7 +209,7 @@ def test_divergence_is_reported_and_best_weights_kept(frames):
         warnings.simplefilter("ignore")
         with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
             trainer.fit()
-        result = trainer.model.predict(frames[0], warn=False)[0]
+        result = trainer.model.predict(frames[0], warn=False)
     assert np.isfinite(result["energy"]) and np.isfinite(result["forces"]).all()
 
 
@@ -360,11 +360,11 @@ def test_ensemble_trains_saves_and_reloads(db, frames, tmp_path):
     assert seeds == [0, 1, 2]
     test_ids = ensemble.metadata["frame_ids"]["test"]
     assert test_ids and not set(test_ids) & set(ensemble.metadata["frame_ids"]["train"])
-    result = ensemble.predict(frames[0], warn=False)[0]
+    result = ensemble.predict(frames[0], warn=False)
     assert result["forces_std"].shape == (32,) and (result["forces_std"] > 0).all()
     record = db.models.save(ensemble, "CuAl-committee")
     loaded = db.models.load("CuAl-committee")
-    again = loaded.predict(frames[0], warn=False)[0]
+    again = loaded.predict(frames[0], warn=False)
     np.testing.assert_array_equal(again["forces"], result["forces"])
     np.testing.assert_array_equal(again["forces_std"], result["forces_std"])
     assert record.version == 1 and loaded.metadata["members"][0]["seed"] == 0
@@ -419,8 +419,8 @@ def test_training_on_a_dask_cluster_gives_the_local_result(frames):
             remote = Trainer(frames, config, progress=False)
             model = remote.fit(cluster=client)
     assert remote.errors["test"]["force_rmse"] == pytest.approx(local.errors["test"]["force_rmse"], rel=1e-6)
-    a = model.predict(frames[0], warn=False)[0]
-    b = local.model.predict(frames[0], warn=False)[0]
+    a = model.predict(frames[0], warn=False)
+    b = local.model.predict(frames[0], warn=False)
     np.testing.assert_allclose(a["forces"], b["forces"], atol=1e-9)
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_write_text
 
 #: Cluster kinds understood by :func:`mlmd_lab.cluster.cluster`.
 KINDS: tuple[str, ...] = ("local", "pbs", "slurm", "sge", "pjm")
@@ -318,11 +319,7 @@ def save_profile(name: str, kind: str, path: str | os.PathLike | None = None, **
         entry["description"] = str(description)
     entry.update(checked)
     profiles[name] = entry
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(_dump_profiles(profiles), encoding="utf-8")
-    os.replace(tmp, file)
-    return file
+    return atomic_write_text(file, _dump_profiles(profiles))
 
 
 def _toml_value(value: Any) -> str:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections import Counter
+from collections.abc import Iterable
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.formula import Formula
 from bson.binary import Binary
 
+from mlmd_lab.errors import MLMDError
 from mlmd_lab.frames import content_hash, results_of
 
 #: ``atoms.info`` keys that are database metadata, not copied into ``info`` of a stored frame.
@@ -168,3 +171,26 @@ def _is_plain(value: Any) -> bool:
     return isinstance(value, str | int | float | bool) or (
         isinstance(value, list | tuple) and all(isinstance(v, str | int | float | bool) for v in value)
     )
+
+
+def element_list(elements: Iterable[str] | str) -> list[str]:
+    """Element symbols from a list or a string such as ``"Ti O"`` / ``"Ti,O"``; error for unknown symbols."""
+    from ase.data import atomic_numbers
+
+    items = elements.replace(",", " ").split() if isinstance(elements, str) else list(elements)
+    bad = [e for e in items if e not in atomic_numbers]
+    if bad:
+        raise MLMDError(f"unknown element symbol(s) {', '.join(map(repr, bad))}: use symbols like 'Ti', 'O'")
+    return items
+
+
+def elements_filter(elements: Iterable[str] | str, exclusive: bool) -> dict[str, Any]:
+    """MongoDB filter on the ``chemsys`` and ``elements`` fields (of frames and of saved models).
+
+    ``exclusive=True``: documents whose elements are all among ``elements`` (any subsystem, e.g. H, O and
+    H-O for ["H", "O"]); ``exclusive=False``: documents containing every one of them (and maybe others).
+    """
+    els = sorted(set(element_list(elements)))
+    if exclusive:
+        return {"chemsys": {"$in": ["-".join(c) for k in range(1, len(els) + 1) for c in combinations(els, k)]}}
+    return {"$and": [{"elements": el} for el in els]}

@@ -30,7 +30,6 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +40,7 @@ from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from mlmd_lab.db.documents import elements_filter
 from mlmd_lab.errors import DatabaseError, MLMDError
 
 if TYPE_CHECKING:
@@ -286,13 +286,7 @@ class ModelStore:
         if name is not None:
             q["name"] = name
         if elements:
-            from mlmd_lab.db.store import _element_list
-
-            els = sorted(set(_element_list(elements)))
-            if exclusive:
-                q["chemsys"] = {"$in": ["-".join(c) for k in range(1, len(els) + 1) for c in combinations(els, k)]}
-            else:
-                q["$and"] = [{"elements": el} for el in els]
+            q.update(elements_filter(elements, exclusive))
         if tags:
             q.setdefault("$and", []).extend({"tags": t} for t in tags)
         docs = list(self.collection.find(q).sort([("name", ASCENDING), ("version", ASCENDING)]))

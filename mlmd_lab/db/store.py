@@ -13,14 +13,13 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from itertools import combinations
 from typing import TYPE_CHECKING, Any
 
 import pymongo
 from pymongo import MongoClient, UpdateMany, UpdateOne
 from pymongo.errors import ConfigurationError, InvalidURI, OperationFailure, PyMongoError
 
-from mlmd_lab.db.documents import frame_from_document
+from mlmd_lab.db.documents import elements_filter, frame_from_document
 from mlmd_lab.db.ingest import Ingestor, IngestReport, _Options
 from mlmd_lab.db.server import EmbeddedServer
 from mlmd_lab.errors import DatabaseError, MLMDError
@@ -239,12 +238,7 @@ class Database:
         """The MongoDB filter :meth:`frames` uses (arguments as there)."""
         q: dict[str, Any] = {}
         if elements:
-            els = sorted(set(_element_list(elements)))
-            if exclusive:
-                systems = ["-".join(c) for k in range(1, len(els) + 1) for c in combinations(els, k)]
-                q["chemsys"] = {"$in": systems}
-            else:
-                q["$and"] = [{"elements": el} for el in els]
+            q.update(elements_filter(elements, exclusive))
         if formula:
             q["formula_reduced"] = _reduced_formula(formula)
         if tags:
@@ -418,16 +412,6 @@ def _tell_undeclared_sources_apart(docs: list[dict[str, Any]], sigs: dict[str, d
             new = with_dataset(old, d["calc_id"])
             d["signature_id"] = signature_hash(new)
             sigs.setdefault(d["signature_id"], new)
-
-
-def _element_list(elements: Iterable[str] | str) -> list[str]:
-    from ase.data import atomic_numbers
-
-    items = elements.replace(",", " ").split() if isinstance(elements, str) else list(elements)
-    bad = [e for e in items if e not in atomic_numbers]
-    if bad:
-        raise MLMDError(f"unknown element symbol(s) {', '.join(map(repr, bad))}: use symbols like 'Ti', 'O'")
-    return items
 
 
 def _reduced_formula(formula: str) -> str:

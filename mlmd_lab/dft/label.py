@@ -26,6 +26,7 @@ from ase import Atoms
 
 from mlmd_lab.dft.recipes import Recipe, _settings_hash, _structure_hash, ingest_settings
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_write_bytes
 
 LEDGER = "labelling"
 MAX_RETURN_BYTES = 64 * 2**20  # files larger than this stay on the worker (wavefunctions, charge densities)
@@ -212,9 +213,7 @@ def _ingest(db, ledger, key: str, recipe: Recipe, atoms: Atoms, outcome: dict, w
     for name, data in outcome["files"].items():
         target = folder / name
         if not (target.is_file() and target.stat().st_size == len(data)):
-            tmp = target.with_name(target.name + ".part")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            atomic_write_bytes(target, data)
     output = folder / outcome["output"]
     result = db.ingest(output, settings=ingest_settings(output), tags=tags, progress=False)
     if result.failed:

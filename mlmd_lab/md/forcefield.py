@@ -12,7 +12,7 @@ for fast statistical tests of the integrators) behind two calls:
 Why not jax-md's ``partition``: jax-md 0.2.8 (the newest release) does not import with JAX 0.10
 (``jax.lib.xla_bridge`` is gone), and its neighbour lists have no triplets, which Behler–Parrinello angular
 functions need. The neighbour data here are the potential's own (vesin pairs, numba triplets), kept valid
-by the engine's skin test (see :func:`neighbours_valid`).
+by the engine's skin test (see :func:`neighbours_valid`, the same rule as the ASE calculator's).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
-from mlmd_lab.potentials.model import HDNNP, _evaluate
-from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder
+from mlmd_lab.potentials.model import HDNNP, evaluate
+from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class ForceField:
         dt = jnp.float64 if self.dtype == "float64" else jnp.float32
         R = jnp.zeros((layout.n_atoms, 3), dt).at[:n].set((positions / lf).astype(dt))
         local = dict(arrays, positions=R, cells=(cell / lf).astype(dt)[None])
-        outs = [_evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
+        outs = [evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
         energies = jnp.stack([o["energy"][0] for o in outs]).astype(jnp.float64) * ef
         forces = jnp.stack([o["forces"][:n] for o in outs]).astype(jnp.float64) * (ef / lf)
         virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
@@ -155,7 +155,7 @@ def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceF
     return ForceField(
         elements=tuple(first.elements), cutoff=first.cutoff, skin=float(skin), length_factor=first.length_factor,
         energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
-        members=[(m.energy_function(), m.parameters()) for m in models], far=first._far(),
+        members=[(m.energy_function(), m.parameters()) for m in models], far=first.padding_distance,
         is_ensemble=members is not None, source=potential)
 
 
@@ -187,18 +187,7 @@ def _lennard_jones(lj: LennardJones, skin: float, dtype: str) -> ForceField:
 
 def neighbours_valid(ff: ForceField, positions, cell, reference_positions, reference_cell, variable_cell: bool):
     """True while neighbour data built at (reference_positions, reference_cell) still hold every pair and
-    triplet within the cutoff (JAX).
-
-    Positions are split into the affine map of the cell change M = h0^-1 h and a remainder u_i; a distance
-    can shrink at most to sigma_min(M) |d0| - 2 max|u|. Pairs farther than cutoff + skin at build time
-    stay beyond the cutoff while (cutoff + skin) sigma_min(M) - 2 max|u| > cutoff. At fixed cell this is the
-    usual half-skin rule; under a barostat it also covers the compression of the cell.
-    """
-    if not variable_cell:  # also the only case for non-periodic structures (their cell may be zero)
-        u = positions - reference_positions
-        return 2.0 * jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1))) < ff.skin
-    M = jnp.linalg.solve(reference_cell, cell)
-    u = positions - reference_positions @ M
-    largest = jnp.sqrt(jnp.max(jnp.sum(u * u, axis=1)))
-    smallest_stretch = jnp.min(jnp.linalg.svd(M, compute_uv=False))
-    return (ff.cutoff + ff.skin) * smallest_stretch - 2.0 * largest > ff.cutoff
+    triplet within the cutoff (JAX; Å): :func:`mlmd_lab.potentials.neighbours.skin_holds` with this force
+    field's cutoff and skin, the same rule the ASE calculator uses."""
+    return skin_holds(positions, cell, reference_positions, reference_cell, ff.cutoff, ff.skin, variable_cell,
+                      xp=jnp)

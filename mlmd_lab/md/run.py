@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ from ase.constraints import FixAtoms
 from ase.io import Trajectory
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_path, atomic_write_text
 from mlmd_lab.md import integrators as integ
 from mlmd_lab.md.forcefield import ForceField, forcefield, neighbours_valid
 from mlmd_lab.potentials.model import ExtrapolationWarning
@@ -308,11 +308,9 @@ def _layout_from_json(text: str) -> Layout:
 
 
 def _atomic_save(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """``np.savez`` to ``path`` atomically, flushed to disk (the restart a resumed run starts from)."""
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -714,9 +712,7 @@ def _truncate_log(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.startswith("#") or (line.strip() and int(float(line.split()[0])) <= step)]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
 
 
 def _truncate_trajectory(path: Path, step: int) -> None:
@@ -728,8 +724,6 @@ def _truncate_trajectory(path: Path, step: int) -> None:
     frames = read(path, ":")
     kept = [a for a in frames if int(a.info.get("step", -1)) <= step]
     if len(kept) != len(frames):
-        tmp = path.with_name(path.name + ".tmp.traj")
-        with Trajectory(tmp, "w") as writer:
+        with atomic_path(path) as tmp, Trajectory(tmp, "w") as writer:
             for atoms in kept:
                 writer.write(atoms)
-        os.replace(tmp, path)

@@ -1,13 +1,14 @@
 """Behler–Parrinello neural-network potentials in JAX, exactly compatible with n2p2.
 
 Main entry points: :class:`HDNNP` (``from_n2p2``, ``create``, ``to_n2p2``, ``predict``, ``calculator``),
-:func:`generate_symmetry_functions` (a sound default symmetry-function set), :class:`SymmetryFunction`.
+:func:`generate_symmetry_functions` (a sound default symmetry-function set), :class:`SymmetryFunction`, and
+:func:`evaluate` (energies, forces and virials of a neighbour graph in pure JAX, for engines such as the MD).
 """
 
-from mlmd_lab.potentials.model import HDNNP, ExtrapolationWarning
+from mlmd_lab.potentials.model import HDNNP, ExtrapolationWarning, evaluate
 from mlmd_lab.potentials.symfunc import SymmetryFunction
 
-__all__ = ["HDNNP", "ExtrapolationWarning", "SymmetryFunction", "generate_symmetry_functions"]
+__all__ = ["HDNNP", "ExtrapolationWarning", "SymmetryFunction", "evaluate", "generate_symmetry_functions"]
 
 
 def __getattr__(name):

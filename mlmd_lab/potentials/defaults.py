@@ -31,7 +31,10 @@ from collections.abc import Iterable, Sequence
 from itertools import combinations_with_replacement
 from numbers import Integral, Real
 
+import numpy as np
+
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials.neighbours import pair_list
 from mlmd_lab.potentials.symfunc import SymmetryFunction, sort_elements, sort_symmetry_functions
 
 GRIDS = ("shifted", "centered")
@@ -167,6 +170,33 @@ def generate_symmetry_functions(
             for lam in (-1.0, 1.0)
         ]
     return [sf for group in sort_symmetry_functions(functions).values() for sf in group]
+
+
+def r_lower_from(structures: Iterable, cutoff: float = 8.0, max_structures: int = 20,
+                 default: float = 0.8) -> float:
+    """``r_lower`` (Å) for :func:`generate_symmetry_functions` from the structures a potential is for.
+
+    0.9 x the shortest interatomic distance (at least 0.5 Å), the rule of :class:`mlmd_lab.train.Trainer`:
+    the innermost functions then sit just inside the closest approach seen, where atoms actually are
+    (e.g. 2.3 Å for fcc Cu, not 0.8 Å where a metal's functions would all be ~0).
+
+    Args:
+        structures: ASE ``Atoms`` (Å); up to ``max_structures`` of them, evenly spaced, are looked at.
+        cutoff: distances beyond this (Å) are not searched.
+        max_structures: how many structures to sample (the neighbour search is the cost).
+        default: returned when no two atoms are within ``cutoff`` (isolated atoms).
+
+    Returns:
+        r_lower in Å.
+    """
+    structures = list(structures)
+    step = max(1, len(structures) // max_structures)
+    shortest = math.inf
+    for atoms in structures[::step][:max_structures]:
+        _, _, _, D = pair_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+        if len(D):
+            shortest = min(shortest, float(np.sqrt(np.min(np.einsum("ij,ij->i", D, D)))))
+    return max(0.5, 0.9 * shortest) if math.isfinite(shortest) else float(default)
 
 
 def describe(functions: Iterable[SymmetryFunction]) -> str:

@@ -27,7 +27,7 @@ from mlmd_lab.potentials import n2p2_files
 from mlmd_lab.potentials.cutoff import cutoff_code
 from mlmd_lab.potentials.descriptors import DescriptorPlan, pair_vectors, symmetry_functions
 from mlmd_lab.potentials.n2p2_files import N2P2Settings
-from mlmd_lab.potentials.neighbours import Graph, NeighbourBuilder
+from mlmd_lab.potentials.neighbours import Graph, Layout, NeighbourBuilder
 from mlmd_lab.potentials.network import apply, flatten, init_layers, layer_sizes, unflatten
 from mlmd_lab.potentials.symfunc import SymmetryFunction, sort_elements, sort_symmetry_functions
 from mlmd_lab.units import energy_factor, length_factor
@@ -110,18 +110,31 @@ class HDNNP:
     def create(cls, elements: Sequence[str], functions: Sequence[SymmetryFunction] | None = None, *,
                cutoff: float = 6.0, hidden: Sequence[int] = (25, 25), activations: str = "ttl",
                cutoff_type: int | str = "poly2", cutoff_alpha: float = 0.0, scaling: str = "scalesigma",
-               atom_energy: dict[str, float] | None = None, seed: int = 0) -> HDNNP:
+               atom_energy: dict[str, float] | None = None, seed: int = 0,
+               frames: Sequence[Atoms] | None = None, r_lower: float | None = None) -> HDNNP:
         """A new, untrained potential in eV and Å.
 
         Without ``functions``, a symmetry-function set is generated from the elements and ``cutoff`` (Å) by
-        :func:`mlmd_lab.potentials.defaults.generate_symmetry_functions`. Scaling statistics start neutral
-        (mean 0, sigma 1, range unbounded) until :meth:`fit_scaling` sets them from data.
+        :func:`mlmd_lab.potentials.defaults.generate_symmetry_functions`, its innermost radial centre at
+        ``r_lower`` (Å). ``r_lower`` is, in this order: the value given; taken from ``frames`` (the structures
+        the potential is for) as the :class:`~mlmd_lab.train.Trainer` does, 0.9 x the shortest interatomic
+        distance, at least 0.5 Å (:func:`~mlmd_lab.potentials.defaults.r_lower_from`); or, with neither,
+        0.8 Å — right for molecules with O-H/C-H bonds, but in metals (nearest neighbours 2.5-3.5 Å) the
+        innermost functions then see only the far tails of their Gaussians (values ~1e-25 and below, useless
+        and below float32's range), so give ``frames`` or ``r_lower`` there. ``frames`` only choose
+        ``r_lower``; scaling statistics start neutral (mean 0, sigma 1, range unbounded) until
+        :meth:`fit_scaling` sets them from data.
         """
         elements = sort_elements(elements)
         if functions is None:
-            from mlmd_lab.potentials.defaults import generate_symmetry_functions
+            from mlmd_lab.potentials.defaults import generate_symmetry_functions, r_lower_from
 
-            functions = generate_symmetry_functions(elements, cutoff)
+            if r_lower is None:
+                r_lower = r_lower_from(frames, cutoff) if frames is not None else 0.8
+            functions = generate_symmetry_functions(elements, cutoff, r_lower=r_lower)
+        elif frames is not None or r_lower is not None:
+            raise MLMDError("frames= and r_lower= choose the generated symmetry functions; with explicit "
+                            "functions give neither (set each function's r_s and eta yourself)")
         by_element = sort_symmetry_functions(functions)
         missing = [e for e in elements if e not in by_element]
         if missing:
@@ -252,16 +265,23 @@ class HDNNP:
     def energy_function(self):
         """f(params, arrays, d, layout) -> (per-structure energies, per-atom energies, extrapolation counts).
 
-        Energies in model units; d are pair vectors (P, 3) in model length units.
+        Energies in model units; d are pair vectors (P, 3) in model length units. :func:`evaluate` turns it
+        into energies, forces and virials of a neighbour graph.
         """
         return _energy_function(*self._static_key()[:4])
 
     def _compiled(self):
         key = self._static_key()
         if key not in _COMPILED:
-            _COMPILED[key] = jax.jit(partial(_evaluate, self.energy_function(), self._far()),
+            _COMPILED[key] = jax.jit(partial(evaluate, self.energy_function(), self._far()),
                                      static_argnames=("layout", "forces"))
         return _COMPILED[key]
+
+    @property
+    def padding_distance(self) -> float:
+        """Length (model unit) of the pair vector given to padded pair slots: beyond every cutoff (the ``far``
+        argument of :func:`evaluate`)."""
+        return self._far()
 
     def _far(self) -> float:
         return 2.0 * self.plan.max_cutoff + 1.0
@@ -279,16 +299,18 @@ class HDNNP:
         return {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
 
     def predict(self, atoms_list: Atoms | Sequence[Atoms], forces: bool = True, stress: bool = True,
-                warn: bool = True) -> list[dict]:
+                warn: bool = True) -> dict | list[dict]:
         """Energy (eV), free energy, per-atom energies (eV), forces (eV/Å) and stress (eV/Å³, Voigt) per structure.
 
-        Each result also has ``extrapolation`` (per atom: number of symmetry functions outside the scaling
-        range). An :class:`ExtrapolationWarning` is issued when any atom extrapolates.
+        One ``Atoms`` gives one result (a dict); a sequence of them gives a list of results, in order (one
+        batched evaluation). Each result also has ``extrapolation`` (per atom: number of symmetry functions
+        outside the scaling range). An :class:`ExtrapolationWarning` is issued when any atom extrapolates.
         """
         single = isinstance(atoms_list, Atoms)
         atoms_list = [atoms_list] if single else list(atoms_list)
         out = self.evaluate_graph(self.graph(atoms_list), forces=forces or stress)
-        return self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        results = self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        return results[0] if single else results
 
     def results(self, out: dict, atoms_list: Sequence[Atoms], forces: bool = True, stress: bool = True,
                 warn: bool = True) -> list[dict]:
@@ -375,8 +397,25 @@ def _energy_function(plan, smin, acts, normalize):
     return energies
 
 
-def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):
-    """Energies, and forces and virials from dE/dd (one backward pass)."""
+def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces: bool) -> dict:
+    """Energies, and forces and virials from dE/dd (one backward pass), of a padded neighbour graph. Pure JAX:
+    jit-able with ``layout`` and ``forces`` static; this is what :meth:`HDNNP.evaluate_graph` compiles and
+    what the MD engine (:mod:`mlmd_lab.md.forcefield`) integrates. Everything in the model's own units.
+
+    Args:
+        energy_fn: f(params, arrays, d, layout) -> (energies (B,), atomic energies (N,), extrapolation counts
+            (N,)), e.g. :meth:`HDNNP.energy_function`; d are the pair vectors (P, 3).
+        far: length of the pair vector of padded pair slots, beyond every cutoff (:attr:`HDNNP.padding_distance`).
+        params: the parameter pytree (:meth:`HDNNP.parameters`).
+        arrays: :meth:`Graph.arrays <mlmd_lab.potentials.neighbours.Graph.arrays>` (positions (N, 3), cells
+            (B, 3, 3), pair and triplet indices; N, P padded), as numpy or JAX arrays.
+        layout: the graph's :class:`~mlmd_lab.potentials.neighbours.Layout`.
+        forces: also return forces and virials.
+
+    Returns:
+        ``energy`` (B,), ``atomic`` (N,), ``extrapolation`` (N,) int; with ``forces`` also ``forces`` (N, 3) =
+        -dE/dr and ``virial`` (B, 3, 3) = sum over pairs of d (x) dE/dd (ASE's stress is virial / volume).
+    """
     d = pair_vectors(arrays, far)
     if not forces:
         energy, atomic, extrapolated = energy_fn(params, arrays, d, layout)
@@ -396,29 +435,42 @@ def _evaluate(energy_fn, far, params, arrays, layout, forces: bool):
     return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": force, "virial": virial}
 
 
+#: Relative spread below which a symmetry function counts as constant in the data: its spread (sigma, or
+#: max - min) must exceed SPREAD_FLOOR x max(1, |G_mean|). A single neighbour at a Gaussian's centre
+#: contributes 1, so 1 is the natural size of a symmetry function; 1e-12 is far below any real variation
+#: (n2p2's example potentials: >= 5e-4) and far above float64 rounding noise (1e-16 relative).
+SPREAD_FLOOR = 1e-12
+
+
 def _scaling_constants(kind: str, stats: np.ndarray, smin: float, smax: float) -> tuple[np.ndarray, np.ndarray]:
-    """(reference, factor) so that scaled = smin + factor * (G - reference), as n2p2's SymFnc::scale."""
+    """(reference, factor) so that scaled = smin + factor * (G - reference), as n2p2's SymFnc::scale.
+
+    A function constant in the data (spread at most :data:`SPREAD_FLOOR` relative to its size) gets factor 0,
+    i.e. a constant input, where n2p2 divides by the (near-)zero spread: e.g. a Gaussian centred at 0.8 Å
+    in a metal has values ~1e-25..1e-58 and a spread to match, whose inverse overflows float32 (inf x 0 = NaN).
+    """
     gmin, gmax, gmean, gsigma = stats.T
     n = len(gmin)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    size = np.maximum(1.0, np.abs(gmean))
+    with np.errstate(over="ignore"):  # neutral statistics hold +-max float: their range overflows to inf
         if kind == "none":
             return np.zeros(n), np.ones(n)
         if kind == "scale":
-            return gmin, _safe_ratio(smax - smin, gmax - gmin)
+            return gmin, _safe_ratio(smax - smin, gmax - gmin, size)
         if kind == "center":
             return gmean, np.ones(n)
         if kind == "scalecenter":
-            return gmean, _safe_ratio(smax - smin, gmax - gmin)
+            return gmean, _safe_ratio(smax - smin, gmax - gmin, size)
         if kind == "scalesigma":
-            return gmean, _safe_ratio(smax - smin, gsigma)
+            return gmean, _safe_ratio(smax - smin, gsigma, size)
     raise MLMDError(f"unknown scaling type {kind!r}; use one of {n2p2_files.SCALING_TYPES}")
 
 
-def _safe_ratio(numerator: float, denominator: np.ndarray) -> np.ndarray:
-    """numerator / denominator, 0 where a symmetry function never varied (n2p2 would divide by zero)."""
-    out = np.zeros_like(denominator, dtype=np.float64)
-    ok = denominator != 0
-    out[ok] = numerator / denominator[ok]
+def _safe_ratio(numerator: float, spread: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """numerator / spread, 0 where a symmetry function never varied (spread <= SPREAD_FLOOR x size)."""
+    out = np.zeros_like(spread, dtype=np.float64)
+    ok = spread > SPREAD_FLOOR * size
+    out[ok] = numerator / spread[ok]
     return out
 
 

@@ -8,13 +8,13 @@ Numbers are written with 17 significant digits, which read back to the identical
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from mlmd_lab.errors import InputFileError, MLMDError
+from mlmd_lab.files import atomic_write_text
 from mlmd_lab.potentials.network import ACTIVATIONS
 from mlmd_lab.potentials.symfunc import SymmetryFunction, atomic_number, sort_elements
 
@@ -190,7 +190,7 @@ def write_input_nn(path: str | Path, settings: N2P2Settings, functions_by_elemen
     lines.append("")
     for element in s.elements:
         lines += [sf.to_n2p2() for sf in functions_by_element[element]]
-    _write_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def read_scaling(path: str | Path, n_per_element: list[int]) -> list[np.ndarray]:
@@ -242,7 +242,7 @@ def write_scaling(path: str | Path, tables: list[np.ndarray]) -> None:
         for e, table in enumerate(tables, 1)
         for i, row in enumerate(table, 1)
     ]
-    _write_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def weights_path(folder: str | Path, element: str) -> Path:
@@ -289,7 +289,7 @@ def write_weights(path: str | Path, values: np.ndarray, sizes: list[int]) -> Non
         for k in range(n_out):
             lines.append(f"{values[index]:24.16E} b {index + 1:9d} {layer + 1:5d} {k + 1:5d}")
             index += 1
-    _write_atomic(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _read_text(path: Path) -> str:
@@ -301,13 +301,6 @@ def _read_text(path: Path) -> str:
         return path.read_text()
     except UnicodeDecodeError:
         raise InputFileError(path, "not a text file") from None
-
-
-def _write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _num(value: float) -> str:

@@ -113,6 +113,38 @@ def pair_list(positions, cell, pbc, cutoff: float):
     return i.astype(np.int64), j.astype(np.int64), S.astype(np.int64), D
 
 
+def skin_holds(positions, cell, reference_positions, reference_cell, cutoff: float, skin: float,
+               variable_cell: bool, xp=np):
+    """True while neighbour data built with ``skin`` at (reference_positions, reference_cell) still hold every
+    pair and triplet within ``cutoff``: the one reuse rule of the ASE calculator and the MD engine.
+
+    Positions are split into the affine map of the cell change M = h0^-1 h and a remainder u_i; a distance
+    can shrink at most to sigma_min(M) |d0| - 2 max|u|. Pairs farther than cutoff + skin at build time
+    stay beyond the cutoff while (cutoff + skin) sigma_min(M) - 2 max|u| > cutoff. At fixed cell this is the
+    usual half-skin rule (2 max|u| < skin); with a changing cell it also covers its compression.
+
+    Args:
+        positions, reference_positions: (N, 3), unwrapped (same image of every atom as at build time).
+        cell, reference_cell: (3, 3), rows are cell vectors; only read with ``variable_cell``.
+        cutoff: the interaction range the lists must cover, without the skin; same length unit throughout.
+        skin: the extra distance the lists were built with.
+        variable_cell: the cell may differ from the reference one (needs an invertible reference cell);
+            False for a fixed cell and for non-periodic structures.
+        xp: the array module, ``numpy`` (host, the default) or ``jax.numpy`` (inside a compiled MD step).
+
+    Returns:
+        A boolean scalar (numpy or JAX).
+    """
+    if not variable_cell:
+        u = positions - reference_positions
+        return 2.0 * xp.sqrt(xp.max(xp.sum(u * u, axis=1))) < skin
+    M = xp.linalg.solve(reference_cell, cell)
+    u = positions - reference_positions @ M
+    largest = xp.sqrt(xp.max(xp.sum(u * u, axis=1)))
+    smallest_stretch = xp.min(xp.linalg.svd(M, compute_uv=False))
+    return (cutoff + skin) * smallest_stretch - 2.0 * largest > cutoff
+
+
 @numba.njit(cache=True, nogil=True)
 def _grow(array, size):
     out = np.empty(size, array.dtype)

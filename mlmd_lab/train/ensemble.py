@@ -108,13 +108,14 @@ class Ensemble:
         return results
 
     def predict(self, atoms_list: Atoms | Sequence[Atoms], forces: bool = True, stress: bool = True,
-                warn: bool = True) -> list[dict]:
-        """As :meth:`HDNNP.predict`, with the committee mean and ``energy_std``, ``energies_std``,
-        ``forces_std`` (eV, eV, eV/Å)."""
+                warn: bool = True) -> dict | list[dict]:
+        """As :meth:`HDNNP.predict` (one result for one ``Atoms``, a list for a list), with the committee mean
+        and ``energy_std``, ``energies_std``, ``forces_std`` (eV, eV, eV/Å)."""
         single = isinstance(atoms_list, Atoms)
         atoms_list = [atoms_list] if single else list(atoms_list)
         out = self.evaluate_graph(self.graph(atoms_list), forces=forces or stress)
-        return self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        results = self.results(out, atoms_list, forces=forces, stress=stress, warn=warn)
+        return results[0] if single else results
 
     def calculator(self, skin: float = 1.0):
         """An ASE calculator giving the committee mean; the spreads are in ``calc.results``."""

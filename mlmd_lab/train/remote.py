@@ -18,7 +18,7 @@ def fit_on_cluster(trainer, cluster: Any):
 
     client = cluster if isinstance(cluster, Client) else Client(cluster)
     try:
-        future = client.submit(_fit_remote, list(trainer.frames), trainer.config, trainer.query,
+        future = client.submit(_fit_remote, type(trainer), list(trainer.frames), trainer.config, trainer.query,
                                None if trainer.workdir is None else str(trainer.workdir), pure=False)
         try:
             model, errors, history, split_ids = future.result()
@@ -32,10 +32,10 @@ def fit_on_cluster(trainer, cluster: Any):
     return model
 
 
-def _fit_remote(frames, config, query, workdir):
-    from mlmd_lab.train.trainer import Trainer
-
-    trainer = Trainer(frames, config, workdir=workdir, progress=False, query=query)
+def _fit_remote(trainer_class, frames, config, query, workdir):
+    """On the worker: a fresh ``trainer_class`` (the caller's :class:`~mlmd_lab.train.trainer.Trainer`, sent
+    by reference, so that this module needs no import of the trainer: it sits below it) runs ``fit()``."""
+    trainer = trainer_class(frames, config, workdir=workdir, progress=False, query=query)
     model = trainer.fit()
     ids = {name: getattr(trainer.split, name).ids for name in ("train", "validation", "test")}
     return model, trainer.errors, trainer.history, ids

@@ -716,16 +716,14 @@ def _rmse(sums: dict, cfg: StepConfig) -> dict[str, float]:
 
 
 def _save_checkpoint(path: Path, fingerprint: str, state: dict) -> None:
-    """Atomic write (tmp + rename): a kill during the write leaves the previous checkpoint intact."""
+    """Atomic write, flushed to disk: a kill during the write leaves the previous checkpoint intact."""
+    from mlmd_lab.files import atomic_path
+
     payload = {"format": 1, "fingerprint": fingerprint,
                **{k: (jax.tree.map(np.asarray, v) if k in ("params", "opt_state", "best_params") else v)
                   for k, v in state.items()}}
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as fh:
         pickle.dump(payload, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _load_checkpoint(path: Path, fingerprint: str, fresh: dict) -> dict:
