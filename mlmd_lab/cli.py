@@ -211,7 +211,7 @@ def _md_args(sub) -> None:
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--interval", type=int, default=10, help="steps between log rows and trajectory frames")
     md.add_argument("--on-extrapolation", default="warn", choices=("warn", "stop", "ignore"))
-    md.add_argument("--max-force-spread", type=float, help="stop above this committee force spread (eV/Å)")
+    md.add_argument("--max-force-spread", type=float, help="stop above this calibrated committee force error (eV/Å)")
     md.set_defaults(func=cmd_md)
 
 

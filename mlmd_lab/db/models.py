@@ -6,6 +6,10 @@
 >>> model = db.models.load("CuS-pbe")                                            # an HDNNP or an Ensemble
 >>> db.models.export("CuS-pbe", "nnp/")                                          # n2p2 files for LAMMPS/n2p2
 
+An ensemble's force calibration (the per-element factors from raw committee spread to calibrated uncertainty,
+:meth:`~mlmd_lab.train.ensemble.Ensemble.calibrate`) is stored in the document (``calibration``) and restored
+on load, so MD and active learning use it.
+
 Storage: the n2p2 files (``input.nn``, ``scaling.data``, ``weights.NNN.data``; an ensemble's members in
 ``member_K/``) go to the GridFS bucket ``models`` (collections ``models.files`` and ``models.chunks``), byte
 for byte as :meth:`HDNNP.to_n2p2` wrote them, with their SHA-256 in the model document. Each save adds one
@@ -85,6 +89,7 @@ class ModelRecord:
     software: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     member_provenance: list[dict[str, Any]] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
     chemsys: str = ""
     id: str | None = None
 
@@ -143,6 +148,10 @@ class ModelRecord:
                 ("architecture", _architecture_text(self.architecture, self.symmetry_functions)),
                 ("training frames", "-" if n is None else str(n)),
                 ("created", created)]
+        if self.calibration:
+            scale = ", ".join(f"{e} x{float(v):.3g}" for e, v in self.calibration.get("force_scale", {}).items())
+            rows.append(("force calibration", f"{scale} (on {self.calibration.get('n_frames', '?')} "
+                                              f"{self.calibration.get('split', '')} frames)"))
         if self.tags:
             rows.append(("tags", ", ".join(self.tags)))
         if self.description:
@@ -221,6 +230,8 @@ class ModelStore:
         doc["provenance"] = _abridged(safe) if big else safe
         doc["member_provenance"] = [_bson_safe(dict(m.metadata or {}), f"member {k} metadata")
                                     for k, m in enumerate(members)] if kind == "ensemble" else []
+        calibration = getattr(model, "calibration", None) if kind == "ensemble" else None
+        doc["calibration"] = None if calibration is None else _bson_safe(calibration, "calibration")
         _check_bson(doc, name)
         uploaded: list[ObjectId] = []
         try:
@@ -331,7 +342,7 @@ class ModelStore:
 
         for member, meta in zip(members, record.member_provenance, strict=False):
             member.metadata = meta
-        return Ensemble(members, metadata=record.provenance)
+        return Ensemble(members, metadata=record.provenance, calibration=record.calibration)
 
     def export(self, name: str, folder: str | os.PathLike, version: int | None = None) -> Path:
         """Write the stored n2p2 files (exactly the stored bytes; an ensemble's in ``member_K/``) and

@@ -6,8 +6,9 @@ for fast statistical tests of the integrators) behind two calls:
 
 - :meth:`ForceField.build` (host, numpy): padded neighbour data with a skin, in the potential's units;
 - :meth:`ForceField.compute` (pure JAX, jit-able): energy (eV), forces (eV/Å), virial (eV) and the safety
-  signals (symmetry functions outside the training range per atom, committee force spread per atom in eV/Å)
-  for positions and cell in Å, using neighbour data built earlier.
+  signals (symmetry functions outside the training range per atom; committee force uncertainty per atom in
+  eV/Å, calibrated with the ensemble's fitted scale, and the raw spread) for positions and cell in Å, using
+  neighbour data built earlier.
 
 Why not jax-md's ``partition``: jax-md 0.2.8 (the newest release) does not import with JAX 0.10
 (``jax.lib.xla_bridge`` is gone), and its neighbour lists have no triplets, which Behler–Parrinello angular
@@ -71,6 +72,7 @@ class ForceField:
     is_ensemble: bool = False
     single_kind: bool = False  # every element is the same kind (pair potentials such as LennardJones)
     source: object = None
+    force_scale: np.ndarray | None = None  # (E,) raw committee spread -> calibrated uncertainty, per element
     _compiled: dict = field(default_factory=dict, repr=False)
 
     def species(self, atoms: Atoms) -> np.ndarray:
@@ -106,7 +108,9 @@ class ForceField:
 
     def compute(self, arrays: dict, layout: Layout, positions, cell) -> dict:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
-        extrapolation (N,) counts and force_std (N,) eV/Å (zero for a single potential). Pure JAX."""
+        extrapolation (N,) counts, force_std (N,) eV/Å, the calibrated committee force uncertainty (raw spread
+        times the ensemble's per-element :attr:`force_scale`), and force_std_raw (N,) eV/Å, the raw spread
+        sqrt(mean_m |F_m - F_mean|^2) (both zero for a single potential). Pure JAX."""
         n = positions.shape[0]
         lf, ef = self.length_factor, self.energy_factor
         dt = jnp.float64 if self.dtype == "float64" else jnp.float32
@@ -118,9 +122,12 @@ class ForceField:
         virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
         mean_forces = jnp.mean(forces, axis=0)
         spread = jnp.sqrt(jnp.mean(jnp.sum((forces - mean_forces) ** 2, axis=2), axis=0))
+        calibrated = spread
+        if self.force_scale is not None:
+            calibrated = spread * jnp.asarray(self.force_scale, jnp.float64)[arrays["species"][:n]]
         extrapolation = jnp.max(jnp.stack([o["extrapolation"][:n] for o in outs]), axis=0)
         return {"energy": jnp.mean(energies), "forces": mean_forces, "virial": jnp.mean(virials, axis=0),
-                "extrapolation": extrapolation, "force_std": spread}
+                "extrapolation": extrapolation, "force_std": calibrated, "force_std_raw": spread}
 
     def compiled(self, layout: Layout):
         """:meth:`compute` jit-compiled for ``layout``: f(arrays, positions, cell), compiled once per layout."""
@@ -138,7 +145,8 @@ class ForceField:
 def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceField:
     """Prepare ``potential`` (HDNNP, Ensemble or LennardJones) for MD with a neighbour skin in Å.
 
-    ``dtype`` ("float64" or "float32") overrides the potential's own evaluation precision.
+    ``dtype`` ("float64" or "float32") overrides the potential's own evaluation precision. An ensemble's force
+    calibration (:attr:`~mlmd_lab.train.ensemble.Ensemble.force_scale`) is applied to ``force_std``.
     """
     if skin < 0:
         raise MLMDError(f"skin must be >= 0 Å, got {skin}")
@@ -156,7 +164,15 @@ def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceF
         elements=tuple(first.elements), cutoff=first.cutoff, skin=float(skin), length_factor=first.length_factor,
         energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
         members=[(m.energy_function(), m.parameters()) for m in models], far=first.padding_distance,
-        is_ensemble=members is not None, source=potential)
+        is_ensemble=members is not None, source=potential, force_scale=_force_scale(potential))
+
+
+def _force_scale(potential) -> np.ndarray | None:
+    """An ensemble's per-element force calibration factors (None when uncalibrated or a single potential)."""
+    scale = getattr(potential, "force_scale_array", None)
+    if scale is None or getattr(potential, "calibration", None) is None:
+        return None
+    return np.asarray(scale(), np.float64)
 
 
 def _lennard_jones(lj: LennardJones, skin: float, dtype: str) -> ForceField:

@@ -143,7 +143,10 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         trajectory_interval, log_interval, restart_interval: in steps (0 disables).
         block: steps per compiled block (between host round trips).
         on_extrapolation: "warn", "stop" or "ignore" when symmetry functions leave the training range.
-        max_force_spread: stop when the committee force spread of any atom passes this (eV/Å; ensembles).
+        max_force_spread: stop when the committee force uncertainty of any atom passes this (eV/Å; ensembles):
+            the calibrated one (raw spread times the ensemble's fitted per-element ``force_scale``, see
+            :mod:`mlmd_lab.train.ensemble`; the raw spread for an uncalibrated ensemble), also the log column
+            ``max_force_std_eV_A``.
         max_temperature: stop above this (K; default 10 x target + 1000).
         callbacks: functions called with each log row (a dict of :data:`LOG_COLUMNS`, plus "atoms" when a
             trajectory frame is written). A callback returning True ends the run cleanly at the end of the current
@@ -293,6 +296,8 @@ def _fingerprint(ff: ForceField) -> str:
     for _, params in ff.members:
         for leaf in jax.tree_util.tree_leaves(params):
             digest.update(np.asarray(leaf, np.float64).tobytes())
+    if ff.force_scale is not None:  # calibrated ensembles only (the fingerprints of others stay as they were)
+        digest.update(np.asarray(ff.force_scale, np.float64).tobytes())
     return digest.hexdigest()[:16]
 
 

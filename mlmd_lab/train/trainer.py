@@ -299,6 +299,24 @@ class Trainer:
         self._pool_features = compute_features(self.model, pool, dtype=cfg.dtype)
         return self.resplit(seed=cfg.seed, test=test, path=path)
 
+    def hold_out(self, fraction: float) -> FrameSet:
+        """Take ``fraction`` of the non-test frames out of training and validation, for this trainer and every
+        :meth:`member` made from it afterwards; returns them (an ensemble calibrates its spread on them).
+
+        The frames continue the test split's reproducible order (same seed): test first, then these.
+        """
+        if not 0.0 <= fraction < 1.0:
+            raise MLMDError(f"the held-out fraction must be in [0, 1), not {fraction}")
+        if self.split is None:
+            self.write_data()
+        split_seed = self._state.get("split_seed", self.config.seed)
+        pool, held = self._pool.split((1.0 - fraction, fraction), seed=split_seed, group_by=self.config.group_by)
+        where = {fid: k for k, fid in enumerate(self._pool.ids)}
+        self._pool_features = [self._pool_features[where[fid]] for fid in pool.ids]
+        self._pool = pool
+        self.resplit(self.config.seed)
+        return held
+
     def resplit(self, seed: int, test: FrameSet | None = None, path: str | os.PathLike | None = None) -> _Split:
         """A new train/validation split of the non-test frames (features are reused)."""
         cfg = self.config
@@ -617,12 +635,19 @@ class TrainingRun:
 
 def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: TrainingConfig | None = None, *,
                    workdir: str | os.PathLike | None = None, callbacks: Sequence[Callback] = (),
-                   progress: bool = True, query: dict | None = None, **overrides: Any):
+                   progress: bool = True, query: dict | None = None, calibration_fraction: float = 0.1,
+                   **overrides: Any):
     """A committee of ``n_members`` potentials differing in initial weights and train/validation split.
 
     They share the symmetry functions, the precomputed features and the held-out test split; the committee's
     spread estimates the error (see :class:`~mlmd_lab.train.ensemble.Ensemble`). Members train one after the
     other (``workdir/member_K`` holds each one's checkpoint and log).
+
+    Each member validates on its own share of the frames the others train on, so no member's validation frames
+    are new to the committee. ``calibration_fraction`` of the non-test frames are therefore held out from
+    every member (training, validation and scaling) as the committee's validation split: the force spread is
+    calibrated on them (:meth:`~mlmd_lab.train.ensemble.Ensemble.calibrate`; 0: uncalibrated). The test split
+    stays untouched for reporting.
     """
     from mlmd_lab.train.ensemble import Ensemble
 
@@ -634,6 +659,7 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
     base.stopper.reset()  # one stop request (shared by the members) ends the whole ensemble
     base.write_nn()
     base.write_data()
+    held = base.hold_out(calibration_fraction) if calibration_fraction else FrameSet([])
     members, trainers = [], []
     for k in range(n_members):
         trainer = base if k == 0 else base.member(k)
@@ -645,6 +671,13 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
     ensemble.metadata = dict(base.provenance())
     ensemble.metadata["errors"] = {"test": evaluate_model(ensemble, base.split.test)} if len(base.split.test) else {}
     ensemble.metadata["members"] = [{"seed": t.config.seed, "errors": t.errors} for t in trainers]
+    ensemble.metadata["frame_ids"]["calibration"] = held.ids
+    if any(results_of(a).get("forces") is not None for a in held):
+        ensemble.calibrate(held, split="calibration")
+    elif calibration_fraction:
+        warnings.warn(f"no held-out frames with forces to calibrate the committee's force spread on ({len(held)} "
+                      "held out): forces_std is the raw spread, which usually underestimates the error; use more "
+                      "frames or a larger calibration_fraction", TrainingWarning, stacklevel=2)
     return ensemble
 
 
