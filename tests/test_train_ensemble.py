@@ -93,9 +93,9 @@ def test_fitted_scale_recovers_the_error_to_spread_ratio_per_element(committee, 
         error = np.linalg.norm(pred["forces"] - atoms.get_forces(), axis=1)
         np.testing.assert_allclose(pred["forces_std"], error, rtol=1e-8)
     # the raw spread is what an uncalibrated committee gives, unchanged by calibration
-    raw = committee.predict(labelled[0], warn=False)[0]
+    raw = committee.predict(labelled[0], warn=False)
     np.testing.assert_array_equal(raw["forces_std"], raw["forces_std_raw"])
-    np.testing.assert_array_equal(ensemble.predict(labelled[0], warn=False)[0]["forces_std_raw"],
+    np.testing.assert_array_equal(ensemble.predict(labelled[0], warn=False)["forces_std_raw"],
                                   raw["forces_std_raw"])
 
 
@@ -163,7 +163,7 @@ def test_md_forcefield_uses_the_calibrated_uncertainty(committee, labelled):
     ensemble = _calibrated(committee, labelled)
     atoms = labelled[0].copy()
     out = forcefield(ensemble).single_point(atoms)
-    pred = ensemble.predict(atoms, warn=False)[0]
+    pred = ensemble.predict(atoms, warn=False)
     np.testing.assert_allclose(out["force_std"], pred["forces_std"], rtol=1e-8)
     np.testing.assert_allclose(out["force_std_raw"], pred["forces_std_raw"], rtol=1e-8)
     factor = np.array([TRUE_SCALE[s] for s in atoms.get_chemical_symbols()])
