@@ -203,14 +203,50 @@ def test_checkpoint_of_other_data_is_refused(tmp_path, frames):
             Trainer(frames[:30], max_epochs=1, workdir=tmp_path, **FAST).fit()
 
 
-def test_divergence_is_reported_and_best_weights_kept(frames):
-    trainer = Trainer(frames, max_epochs=5, learning_rate=1e12, final_learning_rate=1e12, clip=1e30, **FAST)
+def test_divergence_is_reported_and_best_weights_kept(frames, tmp_path):
+    trainer = Trainer(frames, max_epochs=5, learning_rate=1e12, final_learning_rate=1e12, clip=1e30,
+                      workdir=tmp_path, **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
             trainer.fit()
         result = trainer.model.predict(frames[0], warn=False)[0]
+        assert_same_predictions(HDNNP.from_n2p2(tmp_path / "n2p2"), trainer.model, frames[:2])
     assert np.isfinite(result["energy"]) and np.isfinite(result["forces"]).all()
+
+
+# ---------------------------------------------------------------------- the workdir's n2p2 export
+UNTRAINED_SCALING = "1.7976931348623157E+308"  # the +-max-float rows of a model without scaling statistics
+
+
+def assert_same_predictions(loaded, model, frames):
+    """``loaded`` (read back from n2p2 files) predicts what ``model`` does (eV, eV/Å; text round trip)."""
+    for a, b in zip(loaded.predict(frames, warn=False), model.predict(frames, warn=False), strict=True):
+        assert a["energy"] == pytest.approx(b["energy"], rel=1e-12, abs=1e-10)
+        np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(a["stress"], b["stress"], rtol=1e-10, atol=1e-12)
+
+
+def test_workdir_export_is_the_trained_model_when_finished_and_when_stopped_in_background(frames, tmp_path):
+    """After fit() the workdir's n2p2 folder loads back into the trained model (it held the untrained one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        finished = Trainer(frames, max_epochs=2, workdir=tmp_path / "finished", **FAST)
+        finished.fit()
+        stopped = Trainer(frames, max_epochs=50, workdir=tmp_path / "stopped", **FAST)
+
+        class StopNow(Callback):
+            def on_epoch_end(self, metrics):
+                stopped.stop()
+
+        stopped.callbacks.append(StopNow())
+        stopped.fit(background=True).wait(timeout=600)
+    assert len(stopped.history) == 2  # the stop request is seen at the end of the next epoch
+    for trainer in (finished, stopped):
+        folder = trainer.workdir / "n2p2"
+        assert UNTRAINED_SCALING not in (folder / "scaling.data").read_text()
+        assert_same_predictions(HDNNP.from_n2p2(folder), trainer.model, frames[:3])
+        assert sorted(p.name for p in trainer.workdir.iterdir()) == ["checkpoint.pkl", "metrics.jsonl", "n2p2"]
 
 
 # ---------------------------------------------------------------------- data checks
@@ -266,6 +302,8 @@ def test_ensemble_trains_saves_and_reloads(db, frames, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
         ensemble = train_ensemble(frames, n_members=3, max_epochs=8, workdir=tmp_path, **FAST)
+        for k, member in enumerate(ensemble.members):  # each member's workdir holds its trained model
+            assert_same_predictions(HDNNP.from_n2p2(tmp_path / f"member_{k}" / "n2p2"), member, frames[:2])
     assert isinstance(ensemble, Ensemble) and len(ensemble) == 3
     seeds = [m["seed"] for m in ensemble.metadata["members"]]
     assert seeds == [0, 1, 2]

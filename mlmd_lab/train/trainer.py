@@ -28,8 +28,10 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +45,7 @@ import optax
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_path
 from mlmd_lab.frames import results_of
 from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
@@ -53,6 +56,8 @@ from mlmd_lab.train.features import block_columns, compute_features
 from mlmd_lab.train.step import StepConfig, make_functions
 
 CHECKPOINT = "checkpoint.pkl"
+#: Folder of the workdir holding the trained model in n2p2 format (written when training ends, however it ends).
+EXPORT = "n2p2"
 #: A validation loss this many times that of the untrained model means the optimiser diverged.
 DIVERGED = 100.0
 
@@ -145,7 +150,10 @@ class Trainer:
     Args:
         frames: labelled structures (a :class:`FrameSet` from the database, or any ``Atoms`` with results).
         config: a :class:`TrainingConfig`; keyword arguments override its fields.
-        workdir: folder for checkpoints, the metrics log and n2p2 files (None: nothing written; no resume).
+        workdir: folder for the checkpoint (resume), the metrics log and, once training ends (finished, early
+            stopped, stopped, time limit or diverged), the trained model in n2p2 format in ``workdir/n2p2``
+            (best epoch's weights, eV and Å; ``HDNNP.from_n2p2(workdir / "n2p2")`` loads it). None: nothing
+            written; no resume.
         callbacks: extra :class:`~mlmd_lab.train.callbacks.Callback` objects (live metrics).
         progress: show a console progress bar.
         query: the database query the frames came from (recorded as provenance).
@@ -211,7 +219,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step 1: the model
     def write_nn(self, path: str | os.PathLike | None = None) -> HDNNP:
-        """Create the untrained model (elements, cutoff, symmetry functions, network) and write ``input.nn``."""
+        """Create the untrained model (elements, cutoff, symmetry functions, network); write it in n2p2 format
+        into folder ``path`` if given. The workdir gets no untrained files: training writes the trained model
+        into ``workdir/n2p2`` when it ends (see :meth:`train`)."""
         cfg = self.config
         functions = cfg.symmetry_functions
         if functions is None:
@@ -223,9 +233,8 @@ class Trainer:
                                                     r_lower=max(0.5, 0.9 * r_min))
         self.model = HDNNP.create(self.elements, functions, hidden=cfg.hidden, activations=cfg.activations,
                                   scaling=cfg.scaling, seed=cfg.seed)
-        if path is not None or self.workdir is not None:
-            folder = Path(path) if path is not None else self.workdir / "n2p2"
-            self.model.to_n2p2(folder)
+        if path is not None:
+            self.model.to_n2p2(path)
         return self.model
 
     def _geometry(self) -> tuple[float, float]:
@@ -349,6 +358,8 @@ class Trainer:
         return self._fit_steps()
 
     def _fit_steps(self) -> HDNNP:
+        if self.workdir is not None:  # fail before the expensive steps when the workdir cannot be made
+            self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_nn()
         self.write_data()
         self.normalize()
@@ -473,6 +484,7 @@ class Trainer:
         self._export(state["best_params"])
         self.errors = self._final_errors()
         self.model.metadata = self.provenance(state)
+        self._save_export()
         callbacks.on_train_end({"reason": reason, "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
                                 "final": self.history[-1].to_dict() if self.history else {},
                                 "errors": self.errors})
@@ -492,6 +504,7 @@ class Trainer:
 
     def _finish_failed(self, state, epoch, callbacks, loss, baseline) -> None:
         self._export(state["best_params"])
+        self._save_export()
         summary = {"reason": "diverged", "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
                    "final": self.history[-1].to_dict() if self.history else {}}
         callbacks.on_train_end(summary)
@@ -512,6 +525,20 @@ class Trainer:
             layers[-1] = (W * s, b * s)
             self.model.networks[e] = layers
         self.model._cache.clear()
+
+    def _save_export(self) -> Path | None:
+        """Write the trained model (n2p2 files, eV and Å) into ``workdir/n2p2``, replacing what was there whole
+        (written to a temporary sibling first: the folder never holds a mix of old and new files)."""
+        if self.workdir is None:
+            return None
+        target = self.workdir / EXPORT
+        with atomic_path(target) as tmp:
+            self.model.to_n2p2(tmp)
+            if target.exists():  # an earlier run's export: move it aside just before the new one moves in
+                old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+        return target
 
     def _final_errors(self) -> dict[str, dict[str, float]]:
         """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å)."""
@@ -590,7 +617,8 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
 
     They share the symmetry functions, the precomputed features and the held-out test split; the committee's
     spread estimates the error (see :class:`~mlmd_lab.train.ensemble.Ensemble`). Members train one after the
-    other (``workdir/member_K`` holds each one's checkpoint and log).
+    other (``workdir/member_K`` holds each one's checkpoint, log and, once it is trained, its n2p2 files in
+    ``workdir/member_K/n2p2``).
     """
     from mlmd_lab.train.ensemble import Ensemble
 
