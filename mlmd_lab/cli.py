@@ -367,6 +367,8 @@ def cmd_compatible(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ase import units
+
     from mlmd_lab.train.trainer import Trainer, train_ensemble
 
     db = _connect(args)
@@ -390,8 +392,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = db.models.save(model, args.name, description=args.description)
     test = errors.get("test") or errors.get("validation") or {}
     if test:
+        stress = f", stress {test['stress_rmse'] / units.GPa:.3f} GPa" if "stress_rmse" in test else ""
         print(f"held-out RMSE: energy {test.get('energy_rmse', float('nan')) * 1e3:.3f} meV/atom, "
-              f"forces {test.get('force_rmse', float('nan')) * 1e3:.1f} meV/Å ({test.get('n_frames')} frames)")
+              f"forces {test.get('force_rmse', float('nan')) * 1e3:.1f} meV/Å{stress} ({test.get('n_frames')} frames)")
     print(f"saved {record.name} v{record.version} ({record.kind}, {' '.join(record.elements)})")
     return 0
 

@@ -148,6 +148,26 @@ def test_training_path_equals_exported_model(frames):
     assert isinstance(step_cfg, StepConfig)
 
 
+def test_stress_error_is_the_stress_not_the_virial_per_atom(frames):
+    """Training's stress_rmse and the final errors are the RMS error of the stress tensor (eV/Å³; virial error / V),
+    as the exported model's predictions give it (it was the virial per atom, V/N = 11.7 Å³ times larger here)."""
+    from mlmd_lab.train.data import stress_matrix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames[:20], max_epochs=1, dtype="float64", **FAST)
+        trainer.fit()
+    validation = list(trainer.split.validation)
+    predicted = trainer.model.predict(validation, warn=False)
+    diffs = [stress_matrix(p["stress"]) - stress_matrix(a.get_stress()) for p, a in zip(predicted, validation,
+                                                                                         strict=True)]
+    expected = float(np.sqrt(np.mean(np.square(diffs))))
+    assert trainer.history[-1].best and trainer.history[-1].validation["stress_rmse"] == pytest.approx(expected,
+                                                                                                        rel=1e-8)
+    assert trainer.errors["validation"]["stress_rmse"] == pytest.approx(expected, rel=1e-10)
+    assert trainer.errors["test"]["stress_rmse"] > 0
+
+
 def test_stack_pads_every_frame_to_common_shapes(frames):
     model = HDNNP.create(["Al", "Cu"], cutoff=4.0)
     some = frames[:2] + [frames[2][:20]]

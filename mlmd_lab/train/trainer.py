@@ -2,7 +2,7 @@
 
 >>> trainer = Trainer(db.frames(elements=["H", "O"], exclusive=True))
 >>> model = trainer.fit()                      # every step below, with defaults
->>> trainer.errors["test"]                     # held-out RMSEs (eV/atom, eV/Å)
+>>> trainer.errors["test"]                     # held-out RMSEs (eV/atom, eV/Å, eV/Å³)
 
 The steps (n2p2's workflow names), each usable on its own:
 
@@ -51,7 +51,14 @@ from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.symfunc import sort_elements
 from mlmd_lab.train.callbacks import Callback, CallbackList, ConsoleProgress, Metrics, Stopper
-from mlmd_lab.train.data import capacities, labels_of, reference_energies, scaling_statistics, stack
+from mlmd_lab.train.data import (
+    capacities,
+    labels_of,
+    reference_energies,
+    scaling_statistics,
+    stack,
+    stress_matrix,
+)
 from mlmd_lab.train.features import block_columns, compute_features
 from mlmd_lab.train.step import StepConfig, make_functions
 
@@ -60,6 +67,8 @@ CHECKPOINT = "checkpoint.pkl"
 EXPORT = "n2p2"
 #: A validation loss this many times that of the untrained model means the optimiser diverged.
 DIVERGED = 100.0
+#: Frames per batch of the final error pass.
+FINAL_BATCH = 16
 
 
 class TrainingWarning(UserWarning):
@@ -541,13 +550,21 @@ class Trainer:
         return target
 
     def _final_errors(self) -> dict[str, dict[str, float]]:
-        """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å)."""
+        """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å, eV/Å³; see
+        :func:`evaluate_model`)."""
+        like = self._final_graph()
         out = {}
         for name in ("train", "validation", "test"):
             frames = getattr(self.split, name)
             if len(frames):
-                out[name] = evaluate_model(self.model, frames)
+                out[name] = evaluate_model(self.model, frames, batch=like.layout.n_structures, like=like)
         return out
+
+    def _final_graph(self):
+        """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
+        frames = sorted((a for name in ("train", "validation", "test") for a in getattr(self.split, name)),
+                        key=len, reverse=True)
+        return self.model.graph(frames[:FINAL_BATCH])
 
     def evaluate(self, frames: Iterable[Atoms] | None = None) -> dict[str, float]:
         """RMSEs of the trained model on ``frames`` (default: the held-out test split)."""
@@ -644,25 +661,48 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
     return ensemble
 
 
-def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16) -> dict[str, float]:
-    """Energy-per-atom (eV/atom), force (eV/Å) RMSE and MAE of ``model.predict`` against frames' labels."""
+def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -> dict[str, float]:
+    """RMSE and MAE of ``model``'s predictions against frames' labels.
+
+    Keys: ``energy_rmse``/``energy_mae`` (eV/atom), ``force_rmse``/``force_mae`` (eV/Å, per component) and, for
+    periodic frames with a reference stress, ``stress_rmse``/``stress_mae`` (eV/Å³, over the 9 components of
+    the stress tensor as in training; ``x / ase.units.GPa`` gives GPa); ``n_frames``; keys without data are
+    left out.
+
+    Frames go largest first in batches of ``batch``, the last one padded with repeats (their predictions are
+    dropped), so that every batch fits the first one's shapes (or those of ``like``, a graph of ``model``):
+    one compilation instead of one per batch shape.
+    """
     frames = list(frames)
-    de, df = [], []
+    order = sorted(range(len(frames)), key=lambda k: -len(frames[k]))
+    want_stress = any(results_of(a).get("stress") is not None and a.pbc.all() for a in frames)
+    graphs = hasattr(model, "graph") and hasattr(model, "results")
+    batch = max(1, min(batch, len(frames))) if like is None else like.layout.n_structures
+    de, df, ds = [], [], []
     for start in range(0, len(frames), batch):
-        part = frames[start:start + batch]
-        for atoms, pred in zip(part, model.predict(part, stress=False, warn=False), strict=True):
+        part = [frames[k] for k in order[start:start + batch]]
+        if graphs:
+            padded = part + [part[-1]] * (batch - len(part))
+            graph = model.graph(padded, like=like)
+            like = graph if like is None else like
+            predictions = model.results(model.evaluate_graph(graph, forces=True), padded, stress=want_stress,
+                                        warn=False)[:len(part)]
+        else:
+            predictions = model.predict(part, stress=want_stress, warn=False)
+        for atoms, pred in zip(part, predictions, strict=True):
             res = results_of(atoms)
             if res.get("energy") is not None:
                 de.append((pred["energy"] - res["energy"]) / len(atoms))
             if res.get("forces") is not None:
                 df.append((pred["forces"] - res["forces"]).ravel())
+            if res.get("stress") is not None and pred.get("stress") is not None:
+                ds.append((stress_matrix(pred["stress"]) - stress_matrix(res["stress"])).ravel())
     out = {"n_frames": len(frames)}
-    if de:
-        de = np.asarray(de)
-        out.update(energy_rmse=float(np.sqrt(np.mean(de**2))), energy_mae=float(np.mean(np.abs(de))))
-    if df:
-        df = np.concatenate(df)
-        out.update(force_rmse=float(np.sqrt(np.mean(df**2))), force_mae=float(np.mean(np.abs(df))))
+    for name, diffs in (("energy", de), ("force", df), ("stress", ds)):
+        if diffs:
+            d = np.concatenate([np.atleast_1d(x) for x in diffs])
+            out[f"{name}_rmse"] = float(np.sqrt(np.mean(d**2)))
+            out[f"{name}_mae"] = float(np.mean(np.abs(d)))
     return out
 
 
@@ -690,7 +730,8 @@ def _evaluate_all(evaluate, params, consts, data, n: int, batch: int) -> dict:
 
 
 def _zero_sums() -> dict:
-    return {k: 0.0 for k in ("energy_sse", "energy_n", "force_sse", "force_n", "stress_sse", "stress_n")}
+    keys = ("energy_sse", "energy_n", "force_sse", "force_n", "stress_sse", "virial_sse", "stress_n")
+    return {k: 0.0 for k in keys}
 
 
 def _add(sums: dict, errors: dict) -> dict:
@@ -698,15 +739,17 @@ def _add(sums: dict, errors: dict) -> dict:
 
 
 def _rmse(sums: dict, cfg: StepConfig) -> dict[str, float]:
+    """RMSEs (energy eV/atom, force eV/Å, stress eV/Å³) and the loss (its stress term: virial per atom)."""
     sums = {k: float(v) for k, v in sums.items()}
     out = {}
     w_e, w_f, w_s = cfg.weights
     loss = 0.0
-    for name, w in (("energy", w_e), ("force", w_f), ("stress", w_s)):
-        if sums[f"{name}_n"] > 0:
-            mse = sums[f"{name}_sse"] / sums[f"{name}_n"]
-            out[f"{name}_rmse"] = float(np.sqrt(mse))
-            loss += w * mse
+    for name, w, loss_key in (("energy", w_e, "energy_sse"), ("force", w_f, "force_sse"),
+                              ("stress", w_s, "virial_sse")):
+        n = sums[f"{name}_n"]
+        if n > 0:
+            out[f"{name}_rmse"] = float(np.sqrt(sums[f"{name}_sse"] / n))
+            loss += w * sums[loss_key] / n
     out["loss"] = loss
     return out
 
