@@ -86,8 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--formula", help="only frames of this reduced formula, e.g. H2O")
     tr.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. code=vasp xc=PBE")
     tr.add_argument("--tags", nargs="*")
-    tr.add_argument("--epochs", type=int, help="maximum epochs (default: TrainingConfig.max_epochs)")
-    tr.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    tr.add_argument("--epochs", type=int, help="epochs (default: planned from the time limit or the data size)")
+    tr.add_argument("--time-limit", type=float,
+                    help="seconds for the whole run (features, training, final errors); the epochs fill it")
     tr.add_argument("--ensemble", type=int, default=1, metavar="N", help="train a committee of N members")
     tr.add_argument("--workdir", help="checkpoints and metrics log (a killed run resumes from here)")
     tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",

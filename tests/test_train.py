@@ -8,6 +8,7 @@ benchmark (benchmarks/bench_train.py) trains on real DFT water.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -267,6 +268,132 @@ def test_workdir_export_is_the_trained_model_when_finished_and_when_stopped_in_b
         assert UNTRAINED_SCALING not in (folder / "scaling.data").read_text()
         assert_same_predictions(HDNNP.from_n2p2(folder), trainer.model, frames[:3])
         assert sorted(p.name for p in trainer.workdir.iterdir()) == ["checkpoint.pkl", "metrics.jsonl", "n2p2"]
+
+
+# ---------------------------------------------------------------------- budget and model selection
+def test_epochs_follow_the_data_size_and_the_measured_epoch_time():
+    """Fewer frames (steps per epoch) get more epochs; a time limit is filled at the measured epoch time."""
+    from mlmd_lab.train import budget
+
+    assert budget.epochs_for_data(40) == 1500  # ~200-frame set: 160 training frames, 4 per batch
+    assert budget.epochs_for_data(256) == 300  # 256 water frames of 192 atoms: the old default
+    assert budget.epochs_for_data(1) == 3000
+    assert budget.epochs_for_data(10) > budget.epochs_for_data(40) > budget.epochs_for_data(100)
+    # 300 s limit, 20 s spent on features, a 4 s final pass (reserve 1.5 x 4 = 6 s), 0.1 s per epoch measured
+    epochs, rule, why = budget.plan_epochs(40, time_limit=300.0, spent=20.0, epoch_seconds=0.1, final_estimate=4.0)
+    assert rule == "time_limit" and epochs == math.floor(274.0 / (0.1 * budget.EPOCH_MARGIN)) and "274.0 s left" in why
+    slower, _, _ = budget.plan_epochs(40, time_limit=300.0, spent=20.0, epoch_seconds=0.2, final_estimate=4.0)
+    assert slower == math.floor(274.0 / (0.2 * budget.EPOCH_MARGIN))
+    assert budget.plan_epochs(40, time_limit=1e6, epoch_seconds=0.1)[0] == budget.TIME_PLAN_FACTOR * 1500
+    assert budget.plan_epochs(40, time_limit=10.0, spent=20.0, epoch_seconds=0.1)[0] == 1  # overrun: one epoch
+    assert budget.plan_epochs(40, max_epochs=300, time_limit=300.0, epoch_seconds=0.1)[:2] == (300, "max_epochs")
+    assert budget.plan_epochs(40)[:2] == (1500, "data_size")
+    assert [budget.patience_for(n) for n in (100, 300, 1500)] == [40, 60, 300]
+    assert budget.final_reserve(300.0, 1.0) == pytest.approx(6.0)  # at least 2 % of the limit
+
+
+def test_smoothed_selection_does_not_keep_a_lucky_epoch():
+    """One validation loss far below its neighbours (a few hard frames happened to fit) decides the raw
+    selection; the moving average keeps the epoch where the model is good for several epochs."""
+    from mlmd_lab.train.budget import Selection
+
+    losses = [1.0 / (1.0 + 0.05 * epoch) for epoch in range(1, 101)]
+    losses[9] = 0.1  # epoch 10: lucky, below anything later (0.167 at epoch 100)
+    raw, smoothed = Selection(span=1), Selection(span=10)
+    for epoch, loss in enumerate(losses, start=1):
+        raw.update(epoch, loss)
+        smoothed.update(epoch, loss)
+    assert raw.best_epoch == 10 and raw.bad_epochs == 90
+    assert smoothed.best_epoch == 100 and smoothed.bad_epochs == 0
+    assert TrainingConfig().validation_smoothing == 10
+
+
+class TickingClock:
+    """A deterministic stand-in for the wall clock: every reading advances it by ``tick`` s; tests move it on by
+    hand (``advance``) to play slow epochs."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_limit_plans_the_epochs_and_covers_features_training_and_final_pass(frames):
+    """Without max_epochs the time limit sets the epochs (and with them the learning-rate schedule and the
+    patience) from the measured epoch time; epochs slower than measured end training by the time limit, and
+    features + setup + training + final errors stay within it. The plan is repeated exactly by max_epochs."""
+    from mlmd_lab.train.budget import patience_for, plan_epochs
+
+    clock = TickingClock()
+
+    class SlowEpochs(Callback):  # every epoch "takes" 2 s more than measured
+        def on_epoch_end(self, metrics):
+            clock.advance(2.0)
+
+    limit = 30.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, time_limit=limit, clock=clock, callbacks=[SlowEpochs()], **FAST)
+        trainer.fit()
+    b = trainer.budget
+    assert b.rule == "time_limit" and b.stop == "time_limit" and trainer._state["reason"] == "time_limit"
+    assert b.epochs == plan_epochs(b.steps_per_epoch, time_limit=limit, spent=b.planned_at_s,
+                                   epoch_seconds=b.epoch_estimate_s, final_estimate=b.final_estimate_s)[0]
+    assert b.patience == patience_for(b.epochs) and b.epochs_run == len(trainer.history) < b.epochs
+    assert b.features_s > 0 and b.final_s > 0 and b.planned_at_s >= b.features_s
+    assert b.total_s <= limit  # and one more slow epoch would not have fit:
+    assert b.total_s - b.final_s + 1.15 * 2.1 + b.reserve_s > limit
+    total_steps = b.steps_per_epoch * b.epochs
+    for m in trainer.history:  # the schedule spans the planned epochs
+        assert m.learning_rate == pytest.approx(3e-3 * 0.01 ** (m.step / total_steps), rel=1e-12)
+    assert "time limit 30 s" in trainer.summary() and f"over {b.epochs_run} of {b.epochs} planned" in trainer.summary()
+
+    class StopAt(Callback):
+        def on_epoch_end(self, metrics):
+            return metrics.epoch == b.epochs_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        again = Trainer(frames, max_epochs=b.epochs, callbacks=[StopAt()], **FAST)
+        again.fit()
+    assert again.budget.rule == "max_epochs" and again.budget.patience == b.patience
+    for x, y in zip(trainer.history, again.history, strict=True):  # the measurement left no trace
+        assert x.validation["loss"] == pytest.approx(y.validation["loss"], rel=1e-6)
+
+
+def test_default_epochs_follow_the_data_size_and_the_summary_names_the_test_set(frames):
+    """Without max_epochs or a time limit the data size sets the epochs; the summary (console too) says that
+    10 % of the frames were held out as a test set, and the kept epoch follows the smoothed validation loss."""
+    import io
+
+    from mlmd_lab.train.budget import epochs_for_data, patience_for
+    from mlmd_lab.train.callbacks import ConsoleProgress, History
+
+    class StopAtThree(Callback):
+        def on_epoch_end(self, metrics):
+            return metrics.epoch == 3
+
+    history, out = History(), io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, callbacks=[history, StopAtThree(), ConsoleProgress(file=out)], **FAST)
+        trainer.fit()
+    b = trainer.budget
+    assert b.rule == "data_size" and b.epochs == epochs_for_data(b.steps_per_epoch) == history.info["epochs"]
+    assert b.patience == patience_for(b.epochs) and b.stop == "stopped" and b.time_limit is None
+    m = trainer.history[-1]
+    assert m.learning_rate == pytest.approx(3e-3 * 0.01 ** (3 / b.epochs), rel=1e-12)
+    smoothed = [h.validation["loss_smoothed"] for h in trainer.history]
+    assert trainer.budget.best_epoch == int(np.argmin(smoothed)) + 1
+    text = trainer.summary()
+    assert f"{len(trainer.split.test)} of 40 frames (10 %) held out as a test set" in text
+    assert "Test RMSE" in text and "GPa" in text and "held out as a test set" in out.getvalue()
+    assert trainer.model.metadata["budget"]["epochs"] == b.epochs
 
 
 # ---------------------------------------------------------------------- data checks

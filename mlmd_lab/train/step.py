@@ -102,8 +102,10 @@ def loss_of(cfg: StepConfig, errors: dict):
 def make_functions(cfg: StepConfig, optimizer):
     """(train_step, evaluate): compiled functions over device-resident stacked data.
 
-    ``train_step(params, opt_state, consts, data, index, valid) -> (params, opt_state, loss, errors)``;
-    ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
+    ``train_step(params, opt_state, consts, data, index, valid, learning_rate) -> (params, opt_state, loss,
+    errors)`` moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's scaled
+    gradient, ``optax.scale_by_adam``); the rate is an argument, so a schedule of any length needs one
+    compilation. ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
     """
 
     def loss_fn(params, consts, data, index, valid):
@@ -111,10 +113,10 @@ def make_functions(cfg: StepConfig, optimizer):
         return loss_of(cfg, errors), errors
 
     @jax.jit
-    def train_step(params, opt_state, consts, data, index, valid):
+    def train_step(params, opt_state, consts, data, index, valid, learning_rate):
         (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, data, index, valid)
         updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
         return params, opt_state, loss, errors
 
     @jax.jit
