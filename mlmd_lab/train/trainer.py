@@ -79,8 +79,8 @@ CHECKPOINT = "checkpoint.pkl"
 EXPORT = "n2p2"
 #: A validation loss this many times that of the untrained model means the optimiser diverged.
 DIVERGED = 100.0
-#: Thrown-away optimiser steps timed to plan a time-limited run (after one that compiles).
-PROBE_STEPS = 5
+#: Thrown-away optimiser steps timed to plan a time-limited run (after one that compiles); their median counts.
+PROBE_STEPS = 10
 #: Frames per batch of the final error pass.
 FINAL_BATCH = 16
 
@@ -498,8 +498,8 @@ class Trainer:
         # Loss of the untrained model (zero output: the regression energies): a run far above it has diverged.
         baseline = _rmse(_evaluate_all(evaluate, params, consts, valid, n_valid, batch), step_cfg)["loss"]
         budget = self._plan(epochs, state, steps_per_epoch, spent,
-                            lambda: self._measure_epoch(train_step, params, state["opt_state"], consts, data, batch,
-                                                        steps_per_epoch, n_valid))
+                            lambda: self._measure_epoch(train_step, evaluate, params, state["opt_state"], consts, data,
+                                                        valid, batch, steps_per_epoch, n_valid))
         budget.features_s = features_s
         self.budget = budget
         max_epochs = budget.epochs
@@ -605,23 +605,25 @@ class Trainer:
             budget.reserve_s = final_reserve(cfg.time_limit, final_estimate or 0.0)
         return budget
 
-    def _measure_epoch(self, train_step, params, opt_state, consts, data, batch: int, steps_per_epoch: int,
-                       n_valid: int) -> float:
-        """Seconds per epoch from a few steps whose results are thrown away (compiled first, not timed).
-
-        An epoch is ``steps_per_epoch`` steps plus the validation pass, which costs less than one step per
-        batch (no gradient of the weights)."""
+    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, data, valid, batch: int,
+                       steps_per_epoch: int, n_valid: int) -> float:
+        """Seconds per epoch: the median of :data:`PROBE_STEPS` timed optimiser steps (after one that compiles;
+        their results are thrown away) times the steps per epoch, plus one validation batch (compiled by the
+        baseline evaluation) times the validation batches."""
+        clock = self.clock
         index, mask = _batch_indices(np.arange(batch), 0, batch)
         rate = jnp.asarray(self.config.learning_rate, params[0][0][0].dtype)
         jax.block_until_ready(train_step(params, opt_state, consts, data, index, mask, rate))
-        n = min(steps_per_epoch, PROBE_STEPS)
-        t0 = self.clock()
-        p, o = params, opt_state
-        for _ in range(n):
-            p, o, _, _ = train_step(p, o, consts, data, index, mask, rate)
-        jax.block_until_ready(p)
-        per_step = (self.clock() - t0) / n
-        return per_step * (steps_per_epoch + -(-n_valid // batch))
+        times, p, o = [], params, opt_state
+        for _ in range(PROBE_STEPS):
+            t0 = clock()
+            p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, index, mask, rate))
+            times.append(clock() - t0)
+        valid_index, valid_mask = _batch_indices(np.arange(min(batch, n_valid)), 0, batch)
+        t0 = clock()
+        jax.block_until_ready(evaluate(params, consts, valid, valid_index, valid_mask))
+        eval_s = clock() - t0
+        return float(np.median(times) * steps_per_epoch + eval_s * -(-n_valid // batch))
 
     def _final_graph(self):
         """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
