@@ -152,7 +152,7 @@ def test_training_path_equals_exported_model(frames):
 def test_stress_error_is_the_stress_not_the_virial_per_atom(frames):
     """Training's stress_rmse and the final errors are the RMS error of the stress tensor (eV/Å³; virial error / V),
     as the exported model's predictions give it (it was the virial per atom, V/N = 11.7 Å³ times larger here)."""
-    from mlmd_lab.train.data import stress_matrix
+    from ase.stress import voigt_6_to_full_3x3_stress as stress_matrix
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
