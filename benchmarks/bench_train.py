@@ -19,6 +19,15 @@ symmetry functions, force normalisation): 98 meV/Å after its first epoch (39 s)
     python benchmarks/bench_train.py [--no-ensemble] [--gpu]
 
 Writes ``benchmarks/results/bench_train.json``.
+
+Case ``elemental`` (``--case elemental [--time-limit 300]``, ~12 min on 2 busy cores): the budget of the
+defaults on a ~200-frame elemental set, like the public Ni/Cu/Si/Mo DFT benchmark sets (~200 VASP frames each;
+not available here). The set is made with ASE's EMT calculator for Cu (real many-body physics, deterministic):
+Langevin MD snapshots of bulk at 300-1200 K, strained bulk cells, a (111) surface slab and a vacancy cell,
+8-32 atoms each, with energies, forces and stresses. The old defaults (300 epochs, patience 40, raw validation
+loss picks the kept epoch) and the new ones (epochs planned from the time limit, smoothed selection) train with
+the same time limit, split and seed; the table gives their held-out test RMSEs side by side, with the time
+budget. Writes ``benchmarks/results/bench_train_elemental.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import gpu_available, machine_info, median, print_table, run_json_worker, write_json
+from _common import RESULTS_DIR, gpu_available, machine_info, median, print_table, run_json_worker, timed, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER = ROOT / ".." / "shared" / "external" / "deepmd-water"
@@ -124,6 +133,141 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+# ---------------------------------------------------------------------- case "elemental"
+#: The settings compared: the former defaults, and today's (nothing given but the time limit).
+ELEMENTAL_SETTINGS = {"old defaults (300 epochs, patience 40, raw selection)":
+                      {"max_epochs": 300, "patience": 40, "validation_smoothing": 1},
+                      "new defaults (planned budget, smoothed selection)": {}}
+
+
+def elemental_frames(seed: int = 0) -> list:
+    """~200 labelled Cu frames from EMT (eV, Å): MD snapshots, strained cells, a slab and a vacancy cell.
+
+    100 Langevin snapshots of 32-atom bulk (25 each at 300, 600, 900, 1200 K; 2 fs steps, 10 steps apart after
+    100 steps of equilibration), 40 rattled cells of 8 and 16 atoms under random strain (+-4 % normal, +-2 %
+    shear), 30 snapshots of a 16-atom (111) slab with 6 Å vacuum each side at 600 K and 30 of a 31-atom vacancy
+    cell at 900 K. Deterministic for a seed.
+    """
+    import numpy as np
+    from ase import units
+    from ase.build import bulk, fcc111
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    rng = np.random.default_rng(seed)
+    frames = []
+
+    def label(atoms, source: str) -> None:
+        atoms = atoms.copy()
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info["source"] = source
+        frames.append(atoms)
+
+    def md(atoms, temperature: float, n: int, source: str) -> None:
+        atoms.calc = EMT()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        dyn = Langevin(atoms, 2 * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng)
+        dyn.run(100)
+        for _ in range(n):
+            dyn.run(10)
+            label(atoms, source)
+
+    for temperature in (300, 600, 900, 1200):
+        md(bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2), temperature, 25, f"bulk {temperature} K")
+    for k in range(40):
+        atoms = bulk("Cu", "fcc", a=3.61).repeat(2) if k % 2 else bulk("Cu", "fcc", a=3.61, cubic=True).repeat(
+            (2, 2, 1))
+        strain = np.diag(1 + rng.uniform(-0.04, 0.04, 3))
+        shear = rng.uniform(-0.02, 0.02, 3)
+        strain[0, 1] = strain[1, 0] = shear[0]
+        strain[0, 2] = strain[2, 0] = shear[1]
+        strain[1, 2] = strain[2, 1] = shear[2]
+        atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        label(atoms, "strained bulk")
+    slab = fcc111("Cu", (2, 2, 4), a=3.61, vacuum=6.0, periodic=True)
+    md(slab, 600, 30, "slab (111) 600 K")
+    vacancy = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    del vacancy[0]
+    md(vacancy, 900, 30, "vacancy 900 K")
+    return frames
+
+
+def elemental_worker(setting: str, time_limit: float, path: str) -> dict:
+    """Train one setting of :data:`ELEMENTAL_SETTINGS` on the frames in ``path``; test RMSEs and the budget."""
+    import warnings
+
+    from ase import units
+    from ase.io import read
+
+    from mlmd_lab.train.trainer import Trainer
+
+    frames = read(path, ":")
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(frames, time_limit=time_limit, progress=False, **ELEMENTAL_SETTINGS[setting])
+        trainer.fit()
+    total = time.perf_counter() - t0
+    test, b = trainer.errors["test"], trainer.budget
+    return {"setting": setting, "overrides": ELEMENTAL_SETTINGS[setting], "time_limit_s": time_limit,
+            "wall_s": total, "epochs_run": b.epochs_run, "epochs_planned": b.epochs, "patience": b.patience,
+            "best_epoch": b.best_epoch, "stop": b.stop, "budget": b.to_dict(), "summary": trainer.summary(),
+            "test_frames": test["n_frames"], "test_energy_mev": test["energy_rmse"] * 1e3,
+            "test_force_mev": test["force_rmse"] * 1e3, "test_stress_gpa": test["stress_rmse"] / units.GPa,
+            "validation_frames": len(trainer.split.validation), "train_frames": len(trainer.split.train)}
+
+
+def run_elemental(time_limit: float) -> None:
+    """Case ``elemental``: old against new defaults on the EMT Cu set, same time limit, side by side."""
+    import tempfile
+
+    from ase.io import read, write
+
+    cache = RESULTS_DIR / "cu_emt_elemental.extxyz"  # deterministic: made once (EMT MD takes minutes here)
+    if cache.exists():
+        frames = read(cache, ":")
+        print(f"EMT Cu set: {len(frames)} frames read from {cache}", flush=True)
+    else:
+        seconds, frames = timed(elemental_frames)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        write(cache, frames)
+        print(f"EMT Cu set: {len(frames)} frames made in {seconds:.0f} s (kept in {cache})", flush=True)
+    sizes = sorted({len(a) for a in frames})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "cu_emt.extxyz")
+        write(path, frames)
+        runs = []
+        for setting in ELEMENTAL_SETTINGS:
+            cmd = [sys.executable, __file__, "--elemental-worker", setting, "--time-limit", str(time_limit),
+                   "--frames", path]
+            result = run_json_worker(cmd, setting)
+            if result:
+                runs.append(result)
+                print(result["summary"], flush=True)
+    rows = [(r["setting"], r["epochs_run"], r["epochs_planned"], r["best_epoch"], r["stop"],
+             round(r["test_energy_mev"], 3), round(r["test_force_mev"], 1), round(r["test_stress_gpa"], 3),
+             round(r["budget"]["features_s"]), round(r["budget"]["training_s"]), round(r["budget"]["final_s"]),
+             round(r["wall_s"])) for r in runs]
+    if len(runs) == 2:
+        old, new = runs
+        rows.append(("new / old", "-", "-", "-", "-", round(new["test_energy_mev"] / old["test_energy_mev"], 2),
+                     round(new["test_force_mev"] / old["test_force_mev"], 2),
+                     round(new["test_stress_gpa"] / old["test_stress_gpa"], 2), "-", "-", "-", "-"))
+    test_frames = runs[0]["test_frames"] if runs else "?"
+    print_table(["defaults", "epochs", "planned", "best epoch", "stop", "test E (meV/atom)", "test F (meV/Å)",
+                 "test S (GPa)", "features s", "training s", "final s", "wall s"], rows,
+                title=f"Training budget on {len(frames)} EMT Cu frames (held-out test set: {test_frames} frames), "
+                      f"time limit {time_limit:.0f} s, 2 CPU cores")
+    path = write_json("bench_train_elemental", {"machine": machine_info(), "frames": len(frames), "sizes": sizes,
+                                                "time_limit_s": time_limit, "runs": runs})
+    print(f"wrote {path}")
+
+
 def run_worker(platform: str, ensemble: int = 0) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble)]
     return run_json_worker(cmd, f"{platform}, ensemble {ensemble}" if ensemble else platform)
@@ -134,7 +278,17 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--ensemble-members", type=int, default=0)
     parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument("--case", choices=("water", "elemental"), default="water")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="case elemental: seconds per run")
+    parser.add_argument("--elemental-worker")
+    parser.add_argument("--frames")
     args = parser.parse_args()
+    if args.elemental_worker:
+        print(json.dumps(elemental_worker(args.elemental_worker, args.time_limit, args.frames)))
+        return
+    if args.case == "elemental":
+        run_elemental(args.time_limit)
+        return
     if args.worker:
         print(json.dumps(worker(args.worker, args.ensemble_members)))
         return

@@ -88,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--formula", help="only frames of this reduced formula, e.g. H2O")
     tr.add_argument("--settings", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. code=vasp xc=PBE")
     tr.add_argument("--tags", nargs="*")
-    tr.add_argument("--epochs", type=int, help="maximum epochs (default: TrainingConfig.max_epochs)")
-    tr.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    tr.add_argument("--epochs", type=int, help="epochs (default: planned from the time limit or the data size)")
+    tr.add_argument("--time-limit", type=float,
+                    help="seconds for the whole run (features, training, final errors); the epochs fill it")
     tr.add_argument("--ensemble", type=int, default=1, metavar="N", help="train a committee of N members")
     tr.add_argument("--workdir", help="checkpoints and metrics log (a killed run resumes from here)")
     tr.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
@@ -373,6 +374,8 @@ def cmd_compatible(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ase import units
+
     from mlmd_lab.train.trainer import Trainer, train_ensemble
 
     db = _connect(args)
@@ -396,8 +399,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     record = db.models.save(model, args.name, description=args.description)
     test = errors.get("test") or errors.get("validation") or {}
     if test:
+        stress = f", stress {test['stress_rmse'] / units.GPa:.3f} GPa" if "stress_rmse" in test else ""
         print(f"held-out RMSE: energy {test.get('energy_rmse', float('nan')) * 1e3:.3f} meV/atom, "
-              f"forces {test.get('force_rmse', float('nan')) * 1e3:.1f} meV/Å ({test.get('n_frames')} frames)")
+              f"forces {test.get('force_rmse', float('nan')) * 1e3:.1f} meV/Å{stress} ({test.get('n_frames')} frames)")
     print(f"saved {record.name} v{record.version} ({record.kind}, {' '.join(record.elements)})")
     return 0
 

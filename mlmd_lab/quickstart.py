@@ -35,8 +35,9 @@ class QuickstartSettings:
 
     n_structures: teacher structures (randomly displaced molecules). amplitude: standard deviation of the
     displacements in Å (0.04 Å spans most of the bond-length and angle range of 300 K vibrations). max_epochs:
-    training epochs (4000 take ~15-30 s here); time_limit_s: a safety cap on training wall time (training stopped
-    by it early gives a worse potential, and the checks say so). hidden: hidden layers of the atomic networks
+    training epochs (4000 take ~15-30 s here); time_limit_s: a safety cap on the training run's wall time
+    (symmetry functions and final errors included; training stopped by it early gives a worse potential, and the
+    checks say so). hidden: hidden layers of the atomic networks
     (small: 3-atom frames carry few labels).
     temperature (K), timestep_fs: MD; nvt_steps equilibrate with Langevin, nve_steps measure (energy drift, VDOS);
     frame_interval: steps between stored frames (1 fs, Nyquist 16 700 cm⁻¹, enough for O-H stretches).
@@ -247,6 +248,8 @@ def run_quickstart(db=None, settings: QuickstartSettings | None = None, workdir:
     for split, errors in trainer.errors.items():
         log(f"  {split:<10} {errors['n_frames']:>3} frames: energy RMSE {errors['energy_rmse'] * 1e3:.2f} meV/atom, "
             f"force RMSE {errors['force_rmse'] * 1e3:.0f} meV/Å")
+    for line in trainer.summary().splitlines():  # held-out test frames, time budget, why training stopped
+        log(f"  {line}")
     log(f"  saved as {record.name} v{record.version} in the potential database")
     lap("training")
     log(f"== quickstart 4/5: MD with {record.name} v{record.version}: NVT {settings.nvt_steps} + NVE "
@@ -289,6 +292,8 @@ def write_report(result: QuickstartResult, path: str | Path, db=None) -> Path:
     rows = [{"split": k, "frames": v["n_frames"], "energy RMSE (meV/atom)": 1e3 * v["energy_rmse"],
              "force RMSE (meV/Å)": 1e3 * v["force_rmse"]} for k, v in result.trainer.errors.items()]
     rep.table(rows)
+    for line in result.trainer.summary().splitlines():  # test frames held out, time budget, why it stopped
+        rep.text(line)
     rep.text(f"Saved as {result.record.name} v{result.record.version}.")
     rep.figure(learning_curves(result.trainer.history), "Learning curves (validation and training RMSE per epoch)")
     split = result.trainer.split

@@ -268,3 +268,21 @@ def test_cli_models_list_show_export(db, model, tmp_path, capsys):
     assert main([*args, "models", "show", "missing"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlmd-lab: error: no model named 'missing'") and err.count("\n") == 1
+
+
+def test_record_shows_stress_errors_in_gpa():
+    """stress_rmse (eV/Å³) is listed in GPa next to the energy and force errors; without it, no column."""
+    from ase import units
+
+    from mlmd_lab.db.models import ModelRecord
+
+    errors = {"validation": {"energy_rmse": 0.002, "force_rmse": 0.05, "stress_rmse": 0.005},
+              "test": {"energy_rmse": 0.003, "force_rmse": 0.06}}
+    record = ModelRecord(name="Cu", version=1, kind="hdnnp", n_members=1, elements=["Cu"], energy_unit="eV",
+                         length_unit="Angstrom", cutoff=6.0, provenance={"errors": errors})
+    assert record.stress_rmse("validation") == pytest.approx(0.005 / units.GPa) and record.stress_rmse("test") is None
+    text = str(record)
+    assert "stress GPa" in text and f"{0.005 / units.GPa:.3g}" in text  # 0.801 GPa
+    assert "<th>stress (GPa)</th>" in record._repr_html_()
+    record.provenance = {"errors": {"test": errors["test"]}}
+    assert "stress" not in str(record) and "stress" not in record._repr_html_()

@@ -8,6 +8,7 @@ benchmark (benchmarks/bench_train.py) trains on real DFT water.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -148,6 +149,26 @@ def test_training_path_equals_exported_model(frames):
     assert isinstance(step_cfg, StepConfig)
 
 
+def test_stress_error_is_the_stress_not_the_virial_per_atom(frames):
+    """Training's stress_rmse and the final errors are the RMS error of the stress tensor (eV/Å³; virial error / V),
+    as the exported model's predictions give it (it was the virial per atom, V/N = 11.7 Å³ times larger here)."""
+    from ase.stress import voigt_6_to_full_3x3_stress as stress_matrix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames[:20], max_epochs=1, dtype="float64", **FAST)
+        trainer.fit()
+    validation = list(trainer.split.validation)
+    predicted = trainer.model.predict(validation, warn=False)
+    diffs = [stress_matrix(p["stress"]) - stress_matrix(a.get_stress()) for p, a in zip(predicted, validation,
+                                                                                         strict=True)]
+    expected = float(np.sqrt(np.mean(np.square(diffs))))
+    assert trainer.history[-1].best and trainer.history[-1].validation["stress_rmse"] == pytest.approx(expected,
+                                                                                                        rel=1e-8)
+    assert trainer.errors["validation"]["stress_rmse"] == pytest.approx(expected, rel=1e-10)
+    assert trainer.errors["test"]["stress_rmse"] > 0
+
+
 def test_stack_pads_every_frame_to_common_shapes(frames):
     model = HDNNP.create(["Al", "Cu"], cutoff=4.0)
     some = frames[:2] + [frames[2][:20]]
@@ -203,14 +224,177 @@ def test_checkpoint_of_other_data_is_refused(tmp_path, frames):
             Trainer(frames[:30], max_epochs=1, workdir=tmp_path, **FAST).fit()
 
 
-def test_divergence_is_reported_and_best_weights_kept(frames):
-    trainer = Trainer(frames, max_epochs=5, learning_rate=1e12, final_learning_rate=1e12, clip=1e30, **FAST)
+def test_divergence_is_reported_and_best_weights_kept(frames, tmp_path):
+    trainer = Trainer(frames, max_epochs=5, learning_rate=1e12, final_learning_rate=1e12, clip=1e30,
+                      workdir=tmp_path, **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(TrainingDivergedError, match="lower learning_rate"):
             trainer.fit()
         result = trainer.model.predict(frames[0], warn=False)
+        assert_same_predictions(HDNNP.from_n2p2(tmp_path / "n2p2"), trainer.model, frames[:2])
     assert np.isfinite(result["energy"]) and np.isfinite(result["forces"]).all()
+
+
+# ---------------------------------------------------------------------- the workdir's n2p2 export
+UNTRAINED_SCALING = "1.7976931348623157E+308"  # the +-max-float rows of a model without scaling statistics
+
+
+def assert_same_predictions(loaded, model, frames):
+    """``loaded`` (read back from n2p2 files) predicts what ``model`` does (eV, eV/Å; text round trip)."""
+    for a, b in zip(loaded.predict(frames, warn=False), model.predict(frames, warn=False), strict=True):
+        assert a["energy"] == pytest.approx(b["energy"], rel=1e-12, abs=1e-10)
+        np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(a["stress"], b["stress"], rtol=1e-10, atol=1e-12)
+
+
+def test_workdir_export_is_the_trained_model_when_finished_and_when_stopped_in_background(frames, tmp_path):
+    """After fit() the workdir's n2p2 folder loads back into the trained model (it held the untrained one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        finished = Trainer(frames, max_epochs=2, workdir=tmp_path / "finished", **FAST)
+        finished.fit()
+        stopped = Trainer(frames, max_epochs=50, workdir=tmp_path / "stopped", **FAST)
+
+        class StopNow(Callback):
+            def on_epoch_end(self, metrics):
+                stopped.stop()
+
+        stopped.callbacks.append(StopNow())
+        stopped.fit(background=True).wait(timeout=600)
+    assert len(stopped.history) == 2  # the stop request is seen at the end of the next epoch
+    for trainer in (finished, stopped):
+        folder = trainer.workdir / "n2p2"
+        assert UNTRAINED_SCALING not in (folder / "scaling.data").read_text()
+        assert_same_predictions(HDNNP.from_n2p2(folder), trainer.model, frames[:3])
+        assert sorted(p.name for p in trainer.workdir.iterdir()) == ["checkpoint.pkl", "metrics.jsonl", "n2p2"]
+
+
+# ---------------------------------------------------------------------- budget and model selection
+def test_epochs_follow_the_data_size_and_the_measured_epoch_time():
+    """Fewer frames (steps per epoch) get more epochs; a time limit is filled at the measured epoch time."""
+    from mlmd_lab.train import budget
+
+    assert budget.epochs_for_data(40) == 1500  # ~200-frame set: 160 training frames, 4 per batch
+    assert budget.epochs_for_data(256) == 300  # 256 water frames of 192 atoms: the old default
+    assert budget.epochs_for_data(1) == 3000
+    assert budget.epochs_for_data(10) > budget.epochs_for_data(40) > budget.epochs_for_data(100)
+    # 300 s limit, 20 s spent on features, a 4 s final pass (reserve 1.5 x 4 = 6 s), 0.1 s per epoch measured
+    epochs, rule, why = budget.plan_epochs(40, time_limit=300.0, spent=20.0, epoch_seconds=0.1, final_estimate=4.0)
+    assert rule == "time_limit" and epochs == math.floor(274.0 / (0.1 * budget.EPOCH_MARGIN)) and "274.0 s left" in why
+    slower, _, _ = budget.plan_epochs(40, time_limit=300.0, spent=20.0, epoch_seconds=0.2, final_estimate=4.0)
+    assert slower == math.floor(274.0 / (0.2 * budget.EPOCH_MARGIN))
+    assert budget.plan_epochs(40, time_limit=1e6, epoch_seconds=0.1)[0] == budget.TIME_PLAN_FACTOR * 1500
+    assert budget.plan_epochs(40, time_limit=10.0, spent=20.0, epoch_seconds=0.1)[0] == 1  # overrun: one epoch
+    assert budget.plan_epochs(40, max_epochs=300, time_limit=300.0, epoch_seconds=0.1)[:2] == (300, "max_epochs")
+    assert budget.plan_epochs(40)[:2] == (1500, "data_size")
+    assert [budget.patience_for(n) for n in (100, 300, 1500)] == [40, 60, 300]
+    assert budget.final_reserve(300.0, 1.0) == pytest.approx(6.0)  # at least 2 % of the limit
+
+
+def test_smoothed_selection_does_not_keep_a_lucky_epoch():
+    """One validation loss far below its neighbours (a few hard frames happened to fit) decides the raw
+    selection; the moving average keeps the epoch where the model is good for several epochs."""
+    from mlmd_lab.train.budget import Selection
+
+    losses = [1.0 / (1.0 + 0.05 * epoch) for epoch in range(1, 101)]
+    losses[9] = 0.1  # epoch 10: lucky, below anything later (0.167 at epoch 100)
+    raw, smoothed = Selection(span=1), Selection(span=10)
+    for epoch, loss in enumerate(losses, start=1):
+        raw.update(epoch, loss)
+        smoothed.update(epoch, loss)
+    assert raw.best_epoch == 10 and raw.bad_epochs == 90
+    assert smoothed.best_epoch == 100 and smoothed.bad_epochs == 0
+    assert TrainingConfig().validation_smoothing == 10
+
+
+class TickingClock:
+    """A deterministic stand-in for the wall clock: every reading advances it by ``tick`` s; tests move it on by
+    hand (``advance``) to play slow epochs."""
+
+    def __init__(self, tick: float = 0.01) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_time_limit_plans_the_epochs_and_covers_features_training_and_final_pass(frames):
+    """Without max_epochs the time limit sets the epochs (and with them the learning-rate schedule and the
+    patience) from the measured epoch time; epochs slower than measured end training by the time limit, and
+    features + setup + training + final errors stay within it. The plan is repeated exactly by max_epochs."""
+    from mlmd_lab.train import budget as budget_module
+    from mlmd_lab.train.budget import patience_for, plan_epochs
+
+    clock = TickingClock()
+
+    class SlowEpochs(Callback):  # every epoch "takes" 2 s more than measured
+        def on_epoch_end(self, metrics):
+            clock.advance(2.0)
+
+    limit = 30.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, time_limit=limit, clock=clock, callbacks=[SlowEpochs()], **FAST)
+        trainer.fit()
+    b = trainer.budget
+    assert b.rule == "time_limit" and b.stop == "time_limit" and trainer._state["reason"] == "time_limit"
+    assert b.epochs == plan_epochs(b.steps_per_epoch, time_limit=limit, spent=b.planned_at_s,
+                                   epoch_seconds=b.epoch_estimate_s, final_estimate=b.final_estimate_s)[0]
+    assert b.patience == patience_for(b.epochs) and b.epochs_run == len(trainer.history) < b.epochs
+    assert b.features_s > 0 and b.final_s > 0 and b.planned_at_s >= b.features_s
+    assert b.total_s <= limit  # and one more slow epoch would not have fit:
+    assert b.total_s - b.final_s + budget_module.EPOCH_MARGIN * 2.1 + b.reserve_s > limit
+    total_steps = b.steps_per_epoch * b.epochs
+    for m in trainer.history:  # the schedule spans the planned epochs
+        assert m.learning_rate == pytest.approx(3e-3 * 0.01 ** (m.step / total_steps), rel=1e-12)
+    assert "time limit 30 s" in trainer.summary() and f"over {b.epochs_run} of {b.epochs} planned" in trainer.summary()
+
+    class StopAt(Callback):
+        def on_epoch_end(self, metrics):
+            return metrics.epoch == b.epochs_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        again = Trainer(frames, max_epochs=b.epochs, callbacks=[StopAt()], **FAST)
+        again.fit()
+    assert again.budget.rule == "max_epochs" and again.budget.patience == b.patience
+    for x, y in zip(trainer.history, again.history, strict=True):  # the measurement left no trace
+        assert x.validation["loss"] == pytest.approx(y.validation["loss"], rel=1e-6)
+
+
+def test_default_epochs_follow_the_data_size_and_the_summary_names_the_test_set(frames):
+    """Without max_epochs or a time limit the data size sets the epochs; the summary (console too) says that
+    10 % of the frames were held out as a test set, and the kept epoch follows the smoothed validation loss."""
+    import io
+
+    from mlmd_lab.train.budget import epochs_for_data, patience_for
+    from mlmd_lab.train.callbacks import ConsoleProgress, History
+
+    class StopAtThree(Callback):
+        def on_epoch_end(self, metrics):
+            return metrics.epoch == 3
+
+    history, out = History(), io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, callbacks=[history, StopAtThree(), ConsoleProgress(file=out)], **FAST)
+        trainer.fit()
+    b = trainer.budget
+    assert b.rule == "data_size" and b.epochs == epochs_for_data(b.steps_per_epoch) == history.info["epochs"]
+    assert b.patience == patience_for(b.epochs) and b.stop == "stopped" and b.time_limit is None
+    m = trainer.history[-1]
+    assert m.learning_rate == pytest.approx(3e-3 * 0.01 ** (3 / b.epochs), rel=1e-12)
+    smoothed = [h.validation["loss_smoothed"] for h in trainer.history]
+    assert trainer.budget.best_epoch == int(np.argmin(smoothed)) + 1
+    text = trainer.summary()
+    assert f"{len(trainer.split.test)} of 40 frames (10 %) held out as a test set" in text
+    assert "Test RMSE" in text and "GPa" in text and "held out as a test set" in out.getvalue()
+    assert trainer.model.metadata["budget"]["epochs"] == b.epochs
 
 
 # ---------------------------------------------------------------------- data checks
@@ -355,6 +539,8 @@ def test_ensemble_trains_saves_and_reloads(db, frames, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrainingWarning)
         ensemble = train_ensemble(frames, n_members=3, max_epochs=8, workdir=tmp_path, **FAST)
+        for k, member in enumerate(ensemble.members):  # each member's workdir holds its trained model
+            assert_same_predictions(HDNNP.from_n2p2(tmp_path / f"member_{k}" / "n2p2"), member, frames[:2])
     assert isinstance(ensemble, Ensemble) and len(ensemble) == 3
     seeds = [m["seed"] for m in ensemble.metadata["members"]]
     assert seeds == [0, 1, 2]

@@ -25,6 +25,7 @@ from mlmd_lab.train.callbacks import (
     JSONLinesLog,
     Metrics,
     Stopper,
+    display_unit,
     format_value,
     read_events,
     read_log,
@@ -275,6 +276,21 @@ def test_parity_plots_against_emt_with_noise():
     np.testing.assert_allclose(force_ax.collections[0].get_offsets()[:, 1],
                                1e3 * np.concatenate([r["forces"].ravel() for r in EMTModel().predict(frames)]))
     assert "meV/atom" in energy_ax.get_xlabel()
+
+
+def test_stress_errors_are_shown_in_gpa():
+    """stress_rmse is a stress (eV/Å³): the console bar, learning curves and parity plots show GPa."""
+    from ase import units
+
+    gpa = 1.0 / units.GPa  # 160.2 GPa per eV/Å³
+    m = Metrics(epoch=1, step=1, learning_rate=1e-3, elapsed=1.0, validation={"stress_rmse": 0.005})
+    assert display_unit("stress_rmse") == (pytest.approx(gpa), "GPa")
+    assert f"S {format_value(0.005 * gpa)} GPa (val)" in ConsoleProgress(file=io.StringIO()).describe(m)
+    curve = learning_curve([m], quantity="stress_rmse").axes[0]
+    assert "GPa" in curve.get_ylabel()
+    np.testing.assert_allclose(curve.get_lines()[0].get_ydata(), [0.005 * gpa])
+    parity = parity_plot([0.0, 0.0], [1e-3, -1e-3], quantity="stress").axes[0]
+    assert f"RMSE {format_value(1e-3 * gpa)} GPa" in parity.get_title() and "GPa" in parity.get_xlabel()
 
 
 def test_save_figure_writes_png_atomically(tmp_path):

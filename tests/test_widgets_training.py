@@ -107,6 +107,20 @@ def test_monitor_callback_draws_curves_in_display_units_and_eta():
     assert monitor.on_epoch_end(metrics(1)) is False and not monitor.stop_button.disabled
 
 
+def test_monitor_shows_stress_errors_in_gpa_and_the_training_summary():
+    monitor = TrainingMonitor()
+    monitor.on_train_begin({"epochs": 2, "member": None, "time_budget_s": 3.0})
+    m = Metrics(epoch=1, step=4, learning_rate=1e-3, elapsed=2.0, validation={"force_rmse": 0.05,
+                                                                              "stress_rmse": 0.005})
+    monitor.on_epoch_end(m)
+    assert "S 0.801 GPa (valid)" in monitor.epochs.value and "ETA ≤ 1.0 s" in monitor.epochs.value
+    monitor.on_train_end({"reason": "max_epochs", "text": "Data: 4 of 40 frames (10 %) held out as a test set",
+                          "errors": {"test": {"energy_rmse": 1e-3, "force_rmse": 0.02, "stress_rmse": 0.005,
+                                              "n_frames": 4}}})
+    assert "<th>stress RMSE (GPa)</th>" in monitor.errors.value and "<td>0.801</td>" in monitor.errors.value
+    assert "held out as a test set" in monitor.errors.value
+
+
 def test_monitor_ensemble_members_get_their_own_curves_and_time_limit_caps_eta(frames):
     trainer = trainer_of(frames, time_limit=5.0)
     monitor = TrainingMonitor(trainer)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import bson
 import gridfs
 import numpy as np
+from ase import units
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -69,7 +70,8 @@ class ModelRecord:
     """What the database knows about one saved model version (the ``models`` document).
 
     Units: ``cutoff`` in Å; ``energy_unit``/``length_unit`` are the potential's own units (n2p2 files carry
-    none); errors in ``provenance["errors"]`` are ``energy_rmse`` in eV/atom and ``force_rmse`` in eV/Å.
+    none); errors in ``provenance["errors"]`` are ``energy_rmse`` in eV/atom, ``force_rmse`` in eV/Å and
+    ``stress_rmse`` (frames with a stress) in eV/Å³, displayed in GPa.
     """
 
     name: str
@@ -107,7 +109,7 @@ class ModelRecord:
     @property
     def errors(self) -> dict[str, dict[str, float]]:
         """``provenance["errors"]``: {"train"|"validation"|"test": {"energy_rmse" (eV/atom), "force_rmse"
-        (eV/Å), ...}} (empty when the model was saved without errors)."""
+        (eV/Å), "stress_rmse" (eV/Å³, when the frames had stresses), ...}} (empty when saved without errors)."""
         errors = self.provenance.get("errors")
         return errors if isinstance(errors, dict) else {}
 
@@ -130,6 +132,11 @@ class ModelRecord:
         errs = self.errors.get(subset) or {}
         e, f = errs.get("energy_rmse"), errs.get("force_rmse")
         return (None if e is None else 1000.0 * float(e), None if f is None else 1000.0 * float(f))
+
+    def stress_rmse(self, subset: str = "validation") -> float | None:
+        """Stress RMSE of a subset in GPa (from ``stress_rmse`` in eV/Å³), None where not recorded."""
+        value = (self.errors.get(subset) or {}).get("stress_rmse")
+        return None if value is None else float(value) / units.GPa
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-compatible values (datetime as ISO 8601, ids as strings)."""
@@ -158,12 +165,15 @@ class ModelRecord:
             rows.append(("description", self.description))
         return rows
 
-    def _error_rows(self) -> list[tuple[str, str, str]]:
+    def _error_rows(self) -> list[tuple[str, ...]]:
+        """(subset, energy meV/atom, force meV/Å[, stress GPa]) per recorded subset; the stress column only when
+        some subset has a stress error."""
+        subsets = [s for s in ("train", "validation", "test") if s in self.errors]
+        stress = any(self.stress_rmse(s) is not None for s in subsets)
         rows = []
-        for subset in ("train", "validation", "test"):
-            if subset in self.errors:
-                e, f = self.rmse(subset)
-                rows.append((subset, _fmt(e), _fmt(f)))
+        for subset in subsets:
+            e, f = self.rmse(subset)
+            rows.append((subset, _fmt(e), _fmt(f)) + ((_fmt(self.stress_rmse(subset)),) if stress else ()))
         return rows
 
     def __str__(self) -> str:
@@ -171,8 +181,10 @@ class ModelRecord:
         lines += [f"  {k:<16} {v}" for k, v in self._summary_rows()]
         errors = self._error_rows()
         if errors:
-            lines.append(f"  {'RMSE':<16} {'energy meV/atom':>16} {'force meV/Å':>12}")
-            lines += [f"  {s:<16} {e:>16} {f:>12}" for s, e, f in errors]
+            stress = len(errors[0]) > 3
+            lines.append(f"  {'RMSE':<16} {'energy meV/atom':>16} {'force meV/Å':>12}"
+                         + (f" {'stress GPa':>11}" if stress else ""))
+            lines += [f"  {r[0]:<16} {r[1]:>16} {r[2]:>12}" + (f" {r[3]:>11}" if stress else "") for r in errors]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -182,8 +194,9 @@ class ModelRecord:
         out = f"<div><b>model {esc(self.name)} v{self.version}</b><table>{rows}</table>"
         errors = self._error_rows()
         if errors:
-            body = "".join(f"<tr><td>{esc(s)}</td><td>{esc(e)}</td><td>{esc(f)}</td></tr>" for s, e, f in errors)
-            out += ("<table><tr><th>RMSE</th><th>energy (meV/atom)</th><th>force (meV/Å)</th></tr>"
+            body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in errors)
+            stress = "<th>stress (GPa)</th>" if len(errors[0]) > 3 else ""
+            out += (f"<table><tr><th>RMSE</th><th>energy (meV/atom)</th><th>force (meV/Å)</th>{stress}</tr>"
                     f"{body}</table>")
         return out + "</div>"
 

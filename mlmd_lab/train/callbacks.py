@@ -3,13 +3,15 @@
 The trainer calls, on every callback, ``on_train_begin(info)`` once, ``on_epoch_end(metrics)`` after
 each epoch (a callback returns True to ask training to stop) and ``on_train_end(summary)`` once.
 
-Units everywhere: energies eV/atom, forces eV/Å, stress eV/Å³, time s. Displays and figures convert
-errors to meV/atom, meV/Å and meV/Å³.
+Units everywhere: energies eV/atom, forces eV/Å, stress eV/Å³ (the stress tensor's error, virial error / V),
+time s. Displays and figures convert errors to meV/atom, meV/Å and GPa.
 
 ``info`` (begin) has keys like ``n_train``, ``n_validation``, ``n_parameters``, ``epochs``, ``elements``,
-``member``; ``summary`` (end) has ``reason`` (``"converged"``, ``"max_epochs"``, ``"early_stopping"``,
-``"stopped"``, ``"diverged"``), ``best_epoch``, ``final`` (a metrics dict, see :meth:`Metrics.to_dict`)
-and ``elapsed`` (s).
+``member``, ``patience``, ``n_test``, ``time_budget_s`` (seconds the epochs may take under the time limit, or
+None); ``summary`` (end) has ``reason`` (``"max_epochs"``, ``"early_stopping"``, ``"time_limit"``,
+``"stopped"``, ``"diverged"``), ``best_epoch``, ``final`` (a metrics dict, see :meth:`Metrics.to_dict`),
+``elapsed`` (s) and, from the trainer, ``errors``, ``budget`` (see :class:`~mlmd_lab.train.budget.TrainingBudget`)
+and ``text`` (:meth:`~mlmd_lab.train.trainer.Trainer.summary`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from ase import units
 
 from mlmd_lab.errors import InputFileError, MLMDError
 
@@ -33,7 +36,7 @@ from mlmd_lab.errors import InputFileError, MLMDError
 DISPLAY_UNITS: dict[str, tuple[float, str]] = {
     "energy": (1e3, "meV/atom"),
     "force": (1e3, "meV/Å"),
-    "stress": (1e3, "meV/Å³"),
+    "stress": (1.0 / units.GPa, "GPa"),  # eV/Å³ -> GPa (x 160.2)
 }
 
 
@@ -72,9 +75,11 @@ class Metrics:
         learning_rate: learning rate of the last step.
         elapsed: seconds since training began (wall clock).
         train: errors on the training split, e.g. ``loss``, ``energy_rmse`` (eV/atom), ``force_rmse`` (eV/Å),
-            ``stress_rmse`` (eV/Å³); keys may be missing.
+            ``stress_rmse`` (eV/Å³, error of the stress tensor's components; displayed in GPa); keys may be
+            missing.
         validation: the same keys on the validation split (may be empty).
-        best: this epoch improved the monitored validation metric.
+        best: this epoch improved the monitored validation metric (the smoothed validation loss,
+            ``validation["loss_smoothed"]``).
         member: ensemble member index, None for a single model.
     """
 
@@ -424,6 +429,8 @@ class ConsoleProgress(Callback):
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.close()
         print(self._final_line(summary), file=self._stream(), flush=True)
+        if summary.get("text"):  # the trainer's summary: held-out test frames, time budget, test errors
+            print(summary["text"], file=self._stream(), flush=True)
 
     def close(self) -> None:
         """Close the bar (idempotent)."""

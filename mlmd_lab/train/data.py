@@ -51,7 +51,7 @@ def labels_of(frames: Sequence[Atoms], elements: Sequence[str]) -> Labels:
         f = res.get("forces")
         forces.append(None if f is None else np.asarray(f, np.float64).reshape(len(atoms), 3))
         s = res.get("stress")
-        stress.append(np.full((3, 3), np.nan) if s is None or not atoms.pbc.all() else _matrix(s))
+        stress.append(np.full((3, 3), np.nan) if s is None or not atoms.pbc.all() else stress_matrix(s))
         volume.append(atoms.get_volume() if atoms.pbc.all() else np.nan)
         symbols = atoms.get_chemical_symbols()
         counts.append([symbols.count(e) for e in elements])
@@ -60,7 +60,8 @@ def labels_of(frames: Sequence[Atoms], elements: Sequence[str]) -> Labels:
                   counts=np.array(counts, np.float64).reshape(-1, len(elements)))
 
 
-def _matrix(stress) -> np.ndarray:
+def stress_matrix(stress) -> np.ndarray:
+    """A stress as a 3x3 matrix (eV/Å³) from Voigt (xx yy zz yz xz xy) or 3x3 input."""
     s = np.asarray(stress, np.float64)
     if s.shape == (3, 3):
         return s

@@ -5,7 +5,7 @@ backend, safe in threads and headless runs. Functions return the ``Figure``; in 
 cell's value, elsewhere save it with :func:`save_figure`.
 
 Inputs are in mlmd_lab's units (energies eV/atom, forces eV/Å, stress eV/Å³); figures show meV/atom,
-meV/Å and meV/Å³.
+meV/Å and GPa.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, MaxNLocator
@@ -33,7 +33,7 @@ HEXBIN_THRESHOLD = 20000
 PARITY_QUANTITIES: dict[str, tuple[float, str, str]] = {
     "energy": (1e3, "meV/atom", "energy per atom"),
     "forces": (1e3, "meV/Å", "force component"),
-    "stress": (1e3, "meV/Å³", "stress component"),
+    "stress": (1.0 / units.GPa, "GPa", "stress component"),
 }
 
 _TITLES = {"energy_rmse": "Energy RMSE", "force_rmse": "Force RMSE", "stress_rmse": "Stress RMSE",
@@ -52,7 +52,7 @@ def as_metrics(history: History | Iterable[Metrics | dict] | str | os.PathLike) 
 
 def learning_curve(history: History | Iterable[Metrics] | str | os.PathLike, ax: Axes | None = None,
                    quantity: str = "force_rmse") -> Figure:
-    """Training and validation ``quantity`` vs epoch, log y axis, in display units (meV/atom, meV/Å, meV/Å³).
+    """Training and validation ``quantity`` vs epoch, log y axis, in display units (meV/atom, meV/Å, GPa).
 
     One pair of curves per ensemble member when the reports come from several. The best validation epoch
     is marked; the title gives the number of epochs and the elapsed time (s).
@@ -141,7 +141,7 @@ def _flat_pair(reference: Any, predicted: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def parity_plot(reference: Any, predicted: Any, quantity: str = "forces", ax: Axes | None = None,
                 label: str | None = None) -> Figure:
-    """Predicted vs reference values with the y = x line, RMSE and MAE (meV units) in legend and title.
+    """Predicted vs reference values with the y = x line, RMSE and MAE (meV/atom, meV/Å, GPa) in legend and title.
 
     Args:
         reference, predicted: arrays of equal size (any shape; flattened): energies per atom (eV/atom),

@@ -21,13 +21,13 @@ def fit_on_cluster(trainer, cluster: Any):
         future = client.submit(_fit_remote, type(trainer), list(trainer.frames), trainer.config, trainer.query,
                                None if trainer.workdir is None else str(trainer.workdir), pure=False)
         try:
-            model, errors, history, split_ids = future.result()
+            model, errors, history, split_ids, budget = future.result()
         except Exception as err:
             raise MLMDError(f"training on the cluster failed: {type(err).__name__}: {err}") from err
     finally:
         if client is not cluster:
             client.close()
-    trainer.model, trainer.errors, trainer.history = model, errors, history
+    trainer.model, trainer.errors, trainer.history, trainer.budget = model, errors, history, budget
     trainer.remote_split_ids = split_ids
     return model
 
@@ -38,4 +38,4 @@ def _fit_remote(trainer_class, frames, config, query, workdir):
     trainer = trainer_class(frames, config, workdir=workdir, progress=False, query=query)
     model = trainer.fit()
     ids = {name: getattr(trainer.split, name).ids for name in ("train", "validation", "test")}
-    return model, trainer.errors, trainer.history, ids
+    return model, trainer.errors, trainer.history, ids, trainer.budget

@@ -10,7 +10,9 @@ scaling. On export s is folded into the output layer, so the n2p2 files need no 
 
 Loss (per batch, eV units):
     w_E * mean((dE / N)^2) + w_F * mean(dF_component^2) + w_S * mean((dsigma_component * V / N)^2)
-over the frames (atoms) that carry each label.
+over the frames (atoms) that carry each label. The stress term is the virial error per atom (eV/atom), so
+that its weight means the same for any cell size; the reported stress error (``stress_sse``) is the stress
+itself (eV/Å³, virial error / V).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def frame_predict(cfg: StepConfig, params: dict, consts: dict, fr: dict):
 
 
 def batch_errors(cfg: StepConfig, params, consts, data: dict, index, valid):
-    """Per-batch sums of squared errors and counts (energy per atom, force components, stress components).
+    """Per-batch sums of squared errors and counts: energy per atom (eV/atom), force components (eV/Å), stress
+    components (``stress_sse``, eV/Å³) and the same as virial per atom (``virial_sse``, eV/atom, for the loss).
 
     ``index`` (B,) frames of ``data``; ``valid`` (B,) False for slots that only pad the last batch.
     """
@@ -79,13 +82,13 @@ def batch_errors(cfg: StepConfig, params, consts, data: dict, index, valid):
     df = jnp.where(f_mask, forces - fr["forces"], 0.0)
     stress = virial / fr["volume"][:, None, None]
     s_mask = (fr["has_stress"] & fr["valid"])[:, None, None]
-    # Stress errors as virial per atom (eV/atom): comparable with energies for any cell size.
-    per_atom = (fr["volume"] / fr["n_atoms"])[:, None, None]
-    ds = jnp.where(s_mask, (stress - fr["stress"]) * per_atom, 0.0)
+    ds = jnp.where(s_mask, stress - fr["stress"], 0.0)  # stress error (eV/Å³): what is reported
+    # The loss takes it as virial error per atom (eV/atom): comparable with energies for any cell size.
+    dv = ds * (fr["volume"] / fr["n_atoms"])[:, None, None]
     return {
         "energy_sse": jnp.sum(jnp.where(e_mask, de, 0.0) ** 2), "energy_n": jnp.sum(e_mask),
         "force_sse": jnp.sum(df**2), "force_n": 3 * jnp.sum(f_mask),
-        "stress_sse": jnp.sum(ds**2), "stress_n": 9 * jnp.sum(s_mask),
+        "stress_sse": jnp.sum(ds**2), "virial_sse": jnp.sum(dv**2), "stress_n": 9 * jnp.sum(s_mask),
     }
 
 
@@ -93,14 +96,16 @@ def loss_of(cfg: StepConfig, errors: dict):
     w_e, w_f, w_s = cfg.weights
     loss = w_e * errors["energy_sse"] / jnp.maximum(errors["energy_n"], 1)
     loss = loss + w_f * errors["force_sse"] / jnp.maximum(errors["force_n"], 1)
-    return loss + w_s * errors["stress_sse"] / jnp.maximum(errors["stress_n"], 1)
+    return loss + w_s * errors["virial_sse"] / jnp.maximum(errors["stress_n"], 1)
 
 
 def make_functions(cfg: StepConfig, optimizer):
     """(train_step, evaluate): compiled functions over device-resident stacked data.
 
-    ``train_step(params, opt_state, consts, data, index, valid) -> (params, opt_state, loss, errors)``;
-    ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
+    ``train_step(params, opt_state, consts, data, index, valid, learning_rate) -> (params, opt_state, loss,
+    errors)`` moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's scaled
+    gradient, ``optax.scale_by_adam``); the rate is an argument, so a schedule of any length needs one
+    compilation. ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
     """
 
     def loss_fn(params, consts, data, index, valid):
@@ -108,10 +113,10 @@ def make_functions(cfg: StepConfig, optimizer):
         return loss_of(cfg, errors), errors
 
     @jax.jit
-    def train_step(params, opt_state, consts, data, index, valid):
+    def train_step(params, opt_state, consts, data, index, valid, learning_rate):
         (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, data, index, valid)
         updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
         return params, opt_state, loss, errors
 
     @jax.jit

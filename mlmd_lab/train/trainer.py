@@ -2,7 +2,8 @@
 
 >>> trainer = Trainer(db.frames(elements=["H", "O"], exclusive=True))
 >>> model = trainer.fit()                      # every step below, with defaults
->>> trainer.errors["test"]                     # held-out RMSEs (eV/atom, eV/Å)
+>>> trainer.errors["test"]                     # held-out RMSEs (eV/atom, eV/Å, eV/Å³)
+>>> print(trainer.summary())                   # split, time budget, why training stopped, test errors
 
 The steps (n2p2's workflow names), each usable on its own:
 
@@ -15,7 +16,10 @@ The steps (n2p2's workflow names), each usable on its own:
    water, 3.4 meV/atom — would otherwise start with forces ~60x too small, the trap of n2p2's nnp-norm).
 4. :meth:`Trainer.scaling` — symmetry-function statistics of the training data; writes ``scaling.data``.
 5. :meth:`Trainer.train` — Adam (optax) on energies per atom, forces and stresses, exponential learning-rate
-   decay, early stopping on the validation split, checkpoints every epoch, best weights kept.
+   decay over a number of epochs planned from the data size or the time limit (:mod:`mlmd_lab.train.budget`),
+   early stopping and the kept epoch from the smoothed validation loss, checkpoints every epoch; the trained
+   model goes to ``workdir/n2p2``. :meth:`Trainer.summary` says what was held out, how the time was spent and
+   why training stopped.
 
 Defaults (:class:`TrainingConfig`) and why are documented field by field.
 """
@@ -28,8 +32,10 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -40,15 +46,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from ase import Atoms
+from ase import Atoms, units
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.files import atomic_path
 from mlmd_lab.frames import results_of
 from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.symfunc import sort_elements
+from mlmd_lab.train.budget import (
+    EPOCH_MARGIN,
+    Selection,
+    TrainingBudget,
+    final_reserve,
+    patience_for,
+    plan_epochs,
+)
 from mlmd_lab.train.callbacks import Callback, CallbackList, ConsoleProgress, Metrics, Stopper
-from mlmd_lab.train.data import capacities, labels_of, reference_energies, scaling_statistics, stack
+from mlmd_lab.train.data import (
+    capacities,
+    labels_of,
+    reference_energies,
+    scaling_statistics,
+    stack,
+    stress_matrix,
+)
 from mlmd_lab.train.features import block_columns, compute_features
 from mlmd_lab.train.signatures import (
     EnergyOffsets,
@@ -60,8 +82,14 @@ from mlmd_lab.train.signatures import (
 from mlmd_lab.train.step import StepConfig, make_functions
 
 CHECKPOINT = "checkpoint.pkl"
+#: Folder of the workdir holding the trained model in n2p2 format (written when training ends, however it ends).
+EXPORT = "n2p2"
 #: A validation loss this many times that of the untrained model means the optimiser diverged.
 DIVERGED = 100.0
+#: Thrown-away optimiser steps timed to plan a time-limited run (after one that compiles); their median counts.
+PROBE_STEPS = 10
+#: Frames per batch of the final error pass.
+FINAL_BATCH = 16
 
 
 class TrainingWarning(UserWarning):
@@ -93,15 +121,28 @@ class TrainingConfig:
         force_weight: weight of force components.
         stress_weight: weight of (d sigma * V / N)^2 (eV/atom), frames with stress only.
     Optimiser:
-        learning_rate, final_learning_rate: Adam step size decaying exponentially between them over
-            ``max_epochs``.
+        learning_rate, final_learning_rate: Adam step size decaying exponentially between them over the
+            planned epochs (3e-3 to 3e-5: a hundredfold, large steps first, fine ones at the end).
         batch_size: frames per step; None: enough frames for ~256 atoms (at least 1).
-        max_epochs, patience: stop after ``max_epochs`` or when the validation loss has not improved for
-            ``patience`` epochs; the best epoch's weights are kept.
-        time_limit: stop after this many seconds (None: no limit).
+    Budget and model selection (:mod:`mlmd_lab.train.budget`; ``trainer.budget`` records the plan):
+        max_epochs: epochs of the run; the learning-rate schedule spans them. None (default): chosen — with a
+            ``time_limit``, the epochs that fill it at the epoch time measured before training; otherwise from
+            the data size, ~60,000 optimiser steps within 300-3,000 epochs (small sets take few steps per epoch
+            and need more epochs: 300 epochs left ~200-frame sets 30 % above the energy error of 1,400).
+            Given, training is fully deterministic; ``max_epochs=trainer.budget.epochs`` repeats a planned run.
+        patience: stop when the smoothed validation loss has not improved for this many epochs. None
+            (default): a fifth of the planned epochs, at least 40 (a fixed 40 stopped small sets at a third of
+            their schedule, while the learning rate was still high).
+        validation_smoothing: span (epochs) of the exponential moving average of the validation loss that picks
+            the kept epoch and drives early stopping; 1 is the raw loss. 10 (default): with ~20 validation
+            frames the raw loss jumps by more from epoch to epoch than it improves over 10 epochs late in a run,
+            and its minimum picks a lucky epoch.
+        time_limit: seconds for the whole run: symmetry functions, training and the final error pass (None: no
+            limit). Training stops when the next epoch and the final pass would not fit.
         clip: gradient-norm clipping (robustness against rare huge forces in the data).
     Data:
-        fractions: train, validation, test fractions. The test split is held out from everything.
+        fractions: train, validation, test fractions. The test split is held out from everything (training and
+            model selection); :meth:`Trainer.summary` says how many frames it took.
         group_by: keep frames sharing this info key (e.g. "calc_id": one MD run) on one side of the splits.
         seed: seeds the split, the initial weights and the batch order (fully deterministic).
         energy_offsets: ``"shared"`` (default): the frames must share one DFT energy zero; frames of settings
@@ -130,8 +171,9 @@ class TrainingConfig:
     learning_rate: float = 3e-3
     final_learning_rate: float = 3e-5
     batch_size: int | None = None
-    max_epochs: int = 300
-    patience: int = 40
+    max_epochs: int | None = None
+    patience: int | None = None
+    validation_smoothing: int = 10
     time_limit: float | None = None
     clip: float = 10.0
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -161,15 +203,25 @@ class Trainer:
     Args:
         frames: labelled structures (a :class:`FrameSet` from the database, or any ``Atoms`` with results).
         config: a :class:`TrainingConfig`; keyword arguments override its fields.
-        workdir: folder for checkpoints, the metrics log and n2p2 files (None: nothing written; no resume).
+        workdir: folder for the checkpoint (resume), the metrics log and, once training ends (finished, early
+            stopped, stopped, time limit or diverged), the trained model in n2p2 format in ``workdir/n2p2``
+            (best epoch's weights, eV and Å; ``HDNNP.from_n2p2(workdir / "n2p2")`` loads it). None: nothing
+            written; no resume.
         callbacks: extra :class:`~mlmd_lab.train.callbacks.Callback` objects (live metrics).
         progress: show a console progress bar.
         query: the database query the frames came from (recorded as provenance).
+        clock: seconds since an arbitrary start (default ``time.perf_counter``): the time limit and the
+            measurements of :attr:`budget` read it.
+
+    Attributes (after training): model, split, history (:class:`Metrics` per epoch), errors (final RMSEs per
+    split), budget (:class:`~mlmd_lab.train.budget.TrainingBudget`: the plan and how the time was spent);
+    :meth:`summary` says it in words.
     """
 
     def __init__(self, frames: Iterable[Atoms], config: TrainingConfig | None = None, *,
                  workdir: str | os.PathLike | None = None, callbacks: Sequence[Callback] = (),
-                 progress: bool = True, query: dict | None = None, **overrides: Any) -> None:
+                 progress: bool = True, query: dict | None = None, clock: Callable[[], float] = time.perf_counter,
+                 **overrides: Any) -> None:
         self.frames = frames if isinstance(frames, FrameSet) else FrameSet(list(frames))
         self.config = replace(config or TrainingConfig(), **overrides)
         self.workdir = Path(workdir) if workdir is not None else None
@@ -181,6 +233,9 @@ class Trainer:
         self.split: _Split | None = None
         self.history: list[Metrics] = []
         self.errors: dict[str, dict[str, float]] = {}
+        self.clock = clock
+        self.budget: TrainingBudget | None = None
+        self._origin: float | None = None  # clock at the start of fit(): the time limit counts from there
         self._features: dict[str, list] = {}
         self._state: dict[str, Any] = {}
         self.energy_offsets: EnergyOffsets | None = None
@@ -240,7 +295,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step 1: the model
     def write_nn(self, path: str | os.PathLike | None = None) -> HDNNP:
-        """Create the untrained model (elements, cutoff, symmetry functions, network) and write ``input.nn``."""
+        """Create the untrained model (elements, cutoff, symmetry functions, network); write it in n2p2 format
+        into folder ``path`` if given. The workdir gets no untrained files: training writes the trained model
+        into ``workdir/n2p2`` when it ends (see :meth:`train`)."""
         cfg = self.config
         functions = cfg.symmetry_functions
         if functions is None:
@@ -252,9 +309,8 @@ class Trainer:
                                                     r_lower=max(0.5, 0.9 * r_min))
         self.model = HDNNP.create(self.elements, functions, hidden=cfg.hidden, activations=cfg.activations,
                                   scaling=cfg.scaling, seed=cfg.seed)
-        if path is not None or self.workdir is not None:
-            folder = Path(path) if path is not None else self.workdir / "n2p2"
-            self.model.to_n2p2(folder)
+        if path is not None:
+            self.model.to_n2p2(path)
         return self.model
 
     def _geometry(self) -> tuple[float, float]:
@@ -296,7 +352,9 @@ class Trainer:
         pool, test = frames.split((1.0 - f_test, f_test), seed=split_seed, group_by=cfg.group_by) \
             if f_test > 0 else (frames, FrameSet([]))
         self._pool = pool
+        t0 = self.clock()
         self._pool_features = compute_features(self.model, pool, dtype=cfg.dtype)
+        self._state["features_s"] = self.clock() - t0
         return self.resplit(seed=cfg.seed, test=test, path=path)
 
     def hold_out(self, fraction: float) -> FrameSet:
@@ -371,7 +429,9 @@ class Trainer:
     # ------------------------------------------------------------------ step 5: training
     def train(self, epochs: int | None = None, *, background: bool = False, resume: bool = True,
               member: int | None = None) -> HDNNP | TrainingRun:
-        """Run the optimiser (see :class:`TrainingConfig`); returns the trained model (best validation epoch).
+        """Run the optimiser (see :class:`TrainingConfig`); returns the trained model (kept epoch: lowest smoothed
+        validation loss). ``epochs`` overrides ``max_epochs``; without either, the epochs are planned
+        (:mod:`mlmd_lab.train.budget`); :attr:`budget` records the plan and the time.
 
         With ``background=True`` training runs in a thread and a :class:`TrainingRun` is returned at once
         (``run.stop()``, ``run.wait()``); metrics still reach the callbacks as they come.
@@ -398,11 +458,17 @@ class Trainer:
         return self._fit_steps()
 
     def _fit_steps(self) -> HDNNP:
-        self.write_nn()
-        self.write_data()
-        self.normalize()
-        self.scaling()
-        return self._train(None, True, None)
+        self._origin = self.clock()
+        try:
+            if self.workdir is not None:  # fail before the expensive steps when the workdir cannot be made
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            self.write_nn()
+            self.write_data()
+            self.normalize()
+            self.scaling()
+            return self._train(None, True, None)
+        finally:
+            self._origin = None
 
     def member(self, k: int) -> Trainer:
         """A trainer for ensemble member ``k``: seed + k for weights, batches and the train/validation split;
@@ -416,7 +482,7 @@ class Trainer:
                                    scaling=other.config.scaling, seed=other.config.seed)
         other._state = {"split_seed": self._state.get("split_seed", self.config.seed)}
         other._features = {}
-        other.history, other.errors = [], {}
+        other.history, other.errors, other.budget, other._origin = [], {}, None, None
         other.resplit(other.config.seed, test=self.split.test)
         return other
 
@@ -451,35 +517,53 @@ class Trainer:
         return int(max(1, round(256 / mean_atoms)))
 
     def _train(self, epochs: int | None, resume: bool, member: int | None) -> HDNNP:
-        cfg = self.config
-        max_epochs = int(epochs or cfg.max_epochs)
+        cfg, clock = self.config, self.clock
+        t_begin = clock()
+        features_s = float(self._state.get("features_s", 0.0))
+        origin = self._origin if self._origin is not None else t_begin - features_s
         step_cfg, data, valid, consts, labels = self._setup()
         n_train, n_valid = len(self.split.train), len(self.split.validation)
         batch = min(self._batch_size(), n_train)
         steps_per_epoch = -(-n_train // batch)
-        schedule = optax.exponential_decay(cfg.learning_rate, steps_per_epoch * max_epochs,
-                                           cfg.final_learning_rate / cfg.learning_rate)
-        optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.adam(schedule))
+        optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.scale_by_adam())
         train_step, evaluate = make_functions(step_cfg, optimizer)
         dt = jnp.float32 if cfg.dtype == "float32" else jnp.float64
         params = [[(jnp.asarray(W, dt), jnp.asarray(b, dt)) for W, b in self.model.networks[e]]
                   for e in self.model.elements]
         state = {"epoch": 0, "step": 0, "params": params, "opt_state": optimizer.init(params), "best_params": params,
-                 "best_score": np.inf, "best_epoch": 0, "bad_epochs": 0, "elapsed": 0.0, "history": []}
+                 "best_epoch": 0, "selection": asdict(Selection(span=cfg.validation_smoothing)), "plan": None,
+                 "elapsed": 0.0, "history": []}
         checkpoint = self.workdir / CHECKPOINT if self.workdir is not None else None
         fingerprint = self._fingerprint()
         if resume and checkpoint is not None and checkpoint.exists():
             state = _load_checkpoint(checkpoint, fingerprint, state)
         self.history = [Metrics.from_dict(m) for m in state["history"]]
-        callbacks = CallbackList(self._callbacks())
-        callbacks.on_train_begin({"n_train": n_train, "n_validation": n_valid, "epochs": max_epochs,
-                                  "n_parameters": int(sum(W.size + b.size for net in params for W, b in net)),
-                                  "elements": list(self.model.elements), "member": member,
-                                  "start_epoch": state["epoch"], "batch_size": batch})
-        reason = "max_epochs"
+        selection = Selection(**state["selection"])
+        previous = float(state["elapsed"])  # training time of earlier sessions of a resumed run
+
+        def spent() -> float:
+            return clock() - origin + previous
+
         # Loss of the untrained model (zero output: the regression energies): a run far above it has diverged.
         baseline = _rmse(_evaluate_all(evaluate, params, consts, valid, n_valid, batch), step_cfg)["loss"]
-        start = time.perf_counter() - state["elapsed"]
+        budget = self._plan(epochs, state, steps_per_epoch, spent,
+                            lambda: self._measure_epoch(train_step, evaluate, params, state["opt_state"], consts, data,
+                                                        valid, batch, steps_per_epoch, n_valid))
+        budget.features_s = features_s
+        self.budget = budget
+        max_epochs = budget.epochs
+        total_steps = steps_per_epoch * max_epochs
+        callbacks = CallbackList(self._callbacks())
+        loop_start = clock()
+        budget.setup_s = loop_start - origin - features_s
+        callbacks.on_train_begin({"n_train": n_train, "n_validation": n_valid, "n_test": len(self.split.test),
+                                  "epochs": max_epochs, "patience": budget.patience,
+                                  "n_parameters": int(sum(W.size + b.size for net in params for W, b in net)),
+                                  "elements": list(self.model.elements), "member": member,
+                                  "start_epoch": state["epoch"], "batch_size": batch,
+                                  "time_budget_s": self._training_time_left(budget, spent())})
+        reason = "max_epochs"
+        mark = clock()  # end of the previous epoch, callbacks included
         while state["epoch"] < max_epochs:
             epoch = state["epoch"] + 1
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
@@ -487,7 +571,8 @@ class Trainer:
             p, o = state["params"], state["opt_state"]
             for k in range(steps_per_epoch):
                 index, mask = _batch_indices(order, k, batch)
-                p, o, loss, errors = train_step(p, o, consts, data, index, mask)
+                rate = jnp.asarray(self._learning_rate(state["step"] + k, total_steps), dt)
+                p, o, loss, errors = train_step(p, o, consts, data, index, mask, rate)
                 sums = _add(sums, errors)
             train_metrics = _rmse(sums, step_cfg)
             valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, valid, n_valid, batch), step_cfg)
@@ -496,14 +581,15 @@ class Trainer:
             if not finite or valid_metrics["loss"] > DIVERGED * max(baseline, 1e-12):
                 self._finish_failed(state, epoch, callbacks, valid_metrics["loss"], baseline)
             state["params"], state["opt_state"], state["epoch"] = p, o, epoch
-            score = valid_metrics["loss"]
-            best = score < state["best_score"]
+            best = selection.update(epoch, valid_metrics["loss"])
+            valid_metrics["loss_smoothed"] = selection.ema
             if best:
-                state.update(best_score=score, best_params=p, best_epoch=epoch, bad_epochs=0)
-            else:
-                state["bad_epochs"] += 1
-            state["elapsed"] = time.perf_counter() - start
-            metrics = Metrics(epoch=epoch, step=state["step"], learning_rate=float(schedule(state["step"])),
+                state.update(best_params=p, best_epoch=epoch)
+            state["selection"] = asdict(selection)
+            now = clock()
+            state["elapsed"] = previous + now - loop_start
+            metrics = Metrics(epoch=epoch, step=state["step"],
+                              learning_rate=self._learning_rate(state["step"], total_steps),
                               elapsed=state["elapsed"], train=train_metrics, validation=valid_metrics,
                               best=best, member=member)
             self.history.append(metrics)
@@ -513,20 +599,114 @@ class Trainer:
             if callbacks.on_epoch_end(metrics):
                 reason = "stopped"
                 break
-            if state["bad_epochs"] >= cfg.patience:
+            if selection.bad_epochs >= budget.patience:
                 reason = "early_stopping"
                 break
-            if cfg.time_limit is not None and state["elapsed"] >= cfg.time_limit:
+            now = clock()
+            last_epoch, mark = now - mark, now
+            if self._out_of_time(budget, spent(), last_epoch):
                 reason = "time_limit"
                 break
+        budget.training_s = previous + clock() - loop_start
+        budget.epochs_run, budget.best_epoch, budget.stop = state["epoch"], state["best_epoch"], reason
+        t_final = clock()
         self._export(state["best_params"])
         self.errors = self._final_errors()
+        budget.final_s = clock() - t_final
         self.model.metadata = self.provenance(state)
+        self._save_export()
         callbacks.on_train_end({"reason": reason, "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
                                 "final": self.history[-1].to_dict() if self.history else {},
-                                "errors": self.errors})
+                                "errors": self.errors, "budget": budget.to_dict(), "text": self.summary()})
         self._state["reason"] = reason
         return self.model
+
+    # ------------------------------------------------------------------ the budget (see mlmd_lab.train.budget)
+    def _learning_rate(self, step: int, total_steps: int) -> float:
+        """Adam step size after ``step`` optimiser steps: exponential decay from ``learning_rate`` to
+        ``final_learning_rate`` over the planned ``total_steps``."""
+        cfg = self.config
+        return float(cfg.learning_rate * (cfg.final_learning_rate / cfg.learning_rate) ** (step / max(1, total_steps)))
+
+    def _plan(self, epochs: int | None, state: dict, steps_per_epoch: int, spent: Callable[[], float],
+              measure_epoch: Callable[[], float]) -> TrainingBudget:
+        """The run's epochs and patience (:func:`~mlmd_lab.train.budget.plan_epochs`); a resumed run keeps the
+        plan in its checkpoint (same schedule), unless ``epochs`` are given."""
+        cfg = self.config
+        final_estimate = self._measure_final() if cfg.time_limit is not None else None
+        explicit = epochs if epochs is not None else cfg.max_epochs
+        if state.get("plan") and explicit is None:
+            plan = dict(state["plan"])
+            budget = TrainingBudget(**plan)
+        else:
+            epoch_s = measure_epoch() if explicit is None and cfg.time_limit is not None else None
+            now = spent()
+            n, rule, why = plan_epochs(steps_per_epoch, max_epochs=explicit, time_limit=cfg.time_limit, spent=now,
+                                       epoch_seconds=epoch_s, final_estimate=final_estimate or 0.0)
+            patience = int(cfg.patience) if cfg.patience is not None else patience_for(n)
+            budget = TrainingBudget(rule=rule, why=why, epochs=n, patience=patience, steps_per_epoch=steps_per_epoch,
+                                    planned_at_s=now, epoch_estimate_s=epoch_s)
+            state["plan"] = {k: getattr(budget, k) for k in ("rule", "why", "epochs", "patience", "steps_per_epoch",
+                                                             "planned_at_s", "epoch_estimate_s")}
+        budget.time_limit = cfg.time_limit
+        budget.final_estimate_s = final_estimate
+        if cfg.time_limit is not None:
+            budget.reserve_s = final_reserve(cfg.time_limit, final_estimate or 0.0)
+        return budget
+
+    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, data, valid, batch: int,
+                       steps_per_epoch: int, n_valid: int) -> float:
+        """Seconds per epoch: the median of :data:`PROBE_STEPS` timed optimiser steps (after one that compiles;
+        their results are thrown away) times the steps per epoch, plus one validation batch (compiled by the
+        baseline evaluation) times the validation batches."""
+        clock = self.clock
+        index, mask = _batch_indices(np.arange(batch), 0, batch)
+        rate = jnp.asarray(self.config.learning_rate, params[0][0][0].dtype)
+        jax.block_until_ready(train_step(params, opt_state, consts, data, index, mask, rate))
+        times, p, o = [], params, opt_state
+        for _ in range(PROBE_STEPS):
+            t0 = clock()
+            p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, index, mask, rate))
+            times.append(clock() - t0)
+        valid_index, valid_mask = _batch_indices(np.arange(min(batch, n_valid)), 0, batch)
+        t0 = clock()
+        jax.block_until_ready(evaluate(params, consts, valid, valid_index, valid_mask))
+        eval_s = clock() - t0
+        return float(np.median(times) * steps_per_epoch + eval_s * -(-n_valid // batch))
+
+    def _final_graph(self):
+        """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
+        frames = sorted((a for name in ("train", "validation", "test") for a in getattr(self.split, name)),
+                        key=len, reverse=True)
+        return self.model.graph(frames[:FINAL_BATCH])
+
+    def _measure_final(self) -> float:
+        """Estimated seconds of the final error pass, from one batch evaluated twice with the current weights
+        (the first call compiles the shapes the final pass reuses, so only the second is extrapolated)."""
+        clock = self.clock
+        t0 = clock()
+        graph = self._final_graph()
+        t1 = clock()
+        self.model.evaluate_graph(graph)  # compiles
+        t2 = clock()
+        self.model.evaluate_graph(graph)
+        t3 = clock()
+        self.model._cache.clear()
+        batches = sum(-(-len(getattr(self.split, name)) // graph.layout.n_structures)
+                      for name in ("train", "validation", "test"))
+        return float(batches * ((t1 - t0) + (t3 - t2)))
+
+    def _training_time_left(self, budget: TrainingBudget, spent: float) -> float | None:
+        """Seconds the epochs may take under the time limit (None: no limit)."""
+        if budget.time_limit is None:
+            return None
+        return max(0.0, budget.time_limit - spent - (budget.reserve_s or 0.0))
+
+    def _out_of_time(self, budget: TrainingBudget, spent: float, last_epoch: float) -> bool:
+        """True when another epoch like the last (with margin) and the final pass would pass the time limit."""
+        if budget.time_limit is None:
+            return False
+        return spent + EPOCH_MARGIN * last_epoch + (budget.reserve_s or 0.0) > budget.time_limit
 
     def _callbacks(self) -> list[Callback]:
         out = []
@@ -541,6 +721,9 @@ class Trainer:
 
     def _finish_failed(self, state, epoch, callbacks, loss, baseline) -> None:
         self._export(state["best_params"])
+        self._save_export()
+        if self.budget is not None:
+            self.budget.stop, self.budget.epochs_run, self.budget.best_epoch = "diverged", epoch, state["best_epoch"]
         summary = {"reason": "diverged", "best_epoch": state["best_epoch"], "elapsed": state["elapsed"],
                    "final": self.history[-1].to_dict() if self.history else {}}
         callbacks.on_train_end(summary)
@@ -562,14 +745,49 @@ class Trainer:
             self.model.networks[e] = layers
         self.model._cache.clear()
 
+    def _save_export(self) -> Path | None:
+        """Write the trained model (n2p2 files, eV and Å) into ``workdir/n2p2``, replacing what was there whole
+        (written to a temporary sibling first: the folder never holds a mix of old and new files)."""
+        if self.workdir is None:
+            return None
+        target = self.workdir / EXPORT
+        with atomic_path(target) as tmp:
+            self.model.to_n2p2(tmp)
+            if target.exists():  # an earlier run's export: move it aside just before the new one moves in
+                old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                os.replace(target, old)
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
     def _final_errors(self) -> dict[str, dict[str, float]]:
-        """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å)."""
+        """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å, eV/Å³; see
+        :func:`evaluate_model`)."""
+        like = self._final_graph()
         out = {}
         for name in ("train", "validation", "test"):
             frames = getattr(self.split, name)
             if len(frames):
-                out[name] = evaluate_model(self.model, frames)
+                out[name] = evaluate_model(self.model, frames, batch=like.layout.n_structures, like=like)
         return out
+
+    def summary(self) -> str:
+        """What training did, in words: the split (and the frames held out as a test set), the budget (how the
+        time was spent, why it stopped) and the held-out errors (meV/atom, meV/Å, GPa)."""
+        lines = []
+        if self.split is not None:
+            n_all, n_test = len(self.frames), len(self.split.test)
+            lines.append(f"Data: {len(self.split.train)} training and {len(self.split.validation)} validation frames; "
+                         f"{n_test} of {n_all} frames ({100 * n_test / n_all:.0f} %) held out as a test set, used "
+                         "neither for training nor for choosing the kept epoch.")
+        if self.budget is not None:
+            lines.append(self.budget.summary())
+        test = self.errors.get("test")
+        if test:
+            parts = [f"energy {1e3 * test['energy_rmse']:.3g} meV/atom" if "energy_rmse" in test else None,
+                     f"forces {1e3 * test['force_rmse']:.3g} meV/Å" if "force_rmse" in test else None,
+                     f"stress {test['stress_rmse'] / units.GPa:.3g} GPa" if "stress_rmse" in test else None]
+            lines.append(f"Test RMSE ({test['n_frames']} frames): " + ", ".join(p for p in parts if p) + ".")
+        return "\n".join(lines)
 
     def evaluate(self, frames: Iterable[Atoms] | None = None) -> dict[str, float]:
         """RMSEs of the trained model on ``frames`` (default: the held-out test split)."""
@@ -596,6 +814,7 @@ class Trainer:
             "best_epoch": state.get("best_epoch"),
             "epochs": state.get("epoch"),
             "training_time": state.get("elapsed"),
+            "budget": self.budget.to_dict() if self.budget is not None else None,
             "software": {"mlmd_lab": getattr(mlmd_lab, "__version__", "dev"), "jax": jax.__version__,
                          "optax": optax.__version__, "numpy": np.__version__, "python": platform.python_version()},
         }
@@ -641,7 +860,8 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
 
     They share the symmetry functions, the precomputed features and the held-out test split; the committee's
     spread estimates the error (see :class:`~mlmd_lab.train.ensemble.Ensemble`). Members train one after the
-    other (``workdir/member_K`` holds each one's checkpoint and log).
+    other (``workdir/member_K`` holds each one's checkpoint, log and, once it is trained, its n2p2 files in
+    ``workdir/member_K/n2p2``).
 
     Each member validates on its own share of the frames the others train on, so no member's validation frames
     are new to the committee. ``calibration_fraction`` of the non-test frames are therefore held out from
@@ -681,25 +901,48 @@ def train_ensemble(frames: Iterable[Atoms], n_members: int = 4, config: Training
     return ensemble
 
 
-def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16) -> dict[str, float]:
-    """Energy-per-atom (eV/atom), force (eV/Å) RMSE and MAE of ``model.predict`` against frames' labels."""
+def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -> dict[str, float]:
+    """RMSE and MAE of ``model``'s predictions against frames' labels.
+
+    Keys: ``energy_rmse``/``energy_mae`` (eV/atom), ``force_rmse``/``force_mae`` (eV/Å, per component) and, for
+    periodic frames with a reference stress, ``stress_rmse``/``stress_mae`` (eV/Å³, over the 9 components of
+    the stress tensor as in training; ``x / ase.units.GPa`` gives GPa); ``n_frames``; keys without data are
+    left out.
+
+    Frames go largest first in batches of ``batch``, the last one padded with repeats (their predictions are
+    dropped), so that every batch fits the first one's shapes (or those of ``like``, a graph of ``model``):
+    one compilation instead of one per batch shape.
+    """
     frames = list(frames)
-    de, df = [], []
+    order = sorted(range(len(frames)), key=lambda k: -len(frames[k]))
+    want_stress = any(results_of(a).get("stress") is not None and a.pbc.all() for a in frames)
+    graphs = hasattr(model, "graph") and hasattr(model, "results")
+    batch = max(1, min(batch, len(frames))) if like is None else like.layout.n_structures
+    de, df, ds = [], [], []
     for start in range(0, len(frames), batch):
-        part = frames[start:start + batch]
-        for atoms, pred in zip(part, model.predict(part, stress=False, warn=False), strict=True):
+        part = [frames[k] for k in order[start:start + batch]]
+        if graphs:
+            padded = part + [part[-1]] * (batch - len(part))
+            graph = model.graph(padded, like=like)
+            like = graph if like is None else like
+            predictions = model.results(model.evaluate_graph(graph, forces=True), padded, stress=want_stress,
+                                        warn=False)[:len(part)]
+        else:
+            predictions = model.predict(part, stress=want_stress, warn=False)
+        for atoms, pred in zip(part, predictions, strict=True):
             res = results_of(atoms)
             if res.get("energy") is not None:
                 de.append((pred["energy"] - res["energy"]) / len(atoms))
             if res.get("forces") is not None:
                 df.append((pred["forces"] - res["forces"]).ravel())
+            if res.get("stress") is not None and pred.get("stress") is not None:
+                ds.append((stress_matrix(pred["stress"]) - stress_matrix(res["stress"])).ravel())
     out = {"n_frames": len(frames)}
-    if de:
-        de = np.asarray(de)
-        out.update(energy_rmse=float(np.sqrt(np.mean(de**2))), energy_mae=float(np.mean(np.abs(de))))
-    if df:
-        df = np.concatenate(df)
-        out.update(force_rmse=float(np.sqrt(np.mean(df**2))), force_mae=float(np.mean(np.abs(df))))
+    for name, diffs in (("energy", de), ("force", df), ("stress", ds)):
+        if diffs:
+            d = np.concatenate([np.atleast_1d(x) for x in diffs])
+            out[f"{name}_rmse"] = float(np.sqrt(np.mean(d**2)))
+            out[f"{name}_mae"] = float(np.mean(np.abs(d)))
     return out
 
 
@@ -727,7 +970,8 @@ def _evaluate_all(evaluate, params, consts, data, n: int, batch: int) -> dict:
 
 
 def _zero_sums() -> dict:
-    return {k: 0.0 for k in ("energy_sse", "energy_n", "force_sse", "force_n", "stress_sse", "stress_n")}
+    keys = ("energy_sse", "energy_n", "force_sse", "force_n", "stress_sse", "virial_sse", "stress_n")
+    return {k: 0.0 for k in keys}
 
 
 def _add(sums: dict, errors: dict) -> dict:
@@ -735,15 +979,17 @@ def _add(sums: dict, errors: dict) -> dict:
 
 
 def _rmse(sums: dict, cfg: StepConfig) -> dict[str, float]:
+    """RMSEs (energy eV/atom, force eV/Å, stress eV/Å³) and the loss (its stress term: virial per atom)."""
     sums = {k: float(v) for k, v in sums.items()}
     out = {}
     w_e, w_f, w_s = cfg.weights
     loss = 0.0
-    for name, w in (("energy", w_e), ("force", w_f), ("stress", w_s)):
-        if sums[f"{name}_n"] > 0:
-            mse = sums[f"{name}_sse"] / sums[f"{name}_n"]
-            out[f"{name}_rmse"] = float(np.sqrt(mse))
-            loss += w * mse
+    for name, w, loss_key in (("energy", w_e, "energy_sse"), ("force", w_f, "force_sse"),
+                              ("stress", w_s, "virial_sse")):
+        n = sums[f"{name}_n"]
+        if n > 0:
+            out[f"{name}_rmse"] = float(np.sqrt(sums[f"{name}_sse"] / n))
+            loss += w * sums[loss_key] / n
     out["loss"] = loss
     return out
 
@@ -770,6 +1016,8 @@ def _load_checkpoint(path: Path, fingerprint: str, fresh: dict) -> dict:
                         "delete it to start afresh")
     state = dict(fresh)
     for key in fresh:
+        if key not in payload:
+            continue
         value = payload[key]
         if key in ("params", "opt_state", "best_params"):
             value = jax.tree.map(jnp.asarray, value)

@@ -8,7 +8,8 @@
 
 The monitor is also a plain training :class:`~mlmd_lab.train.callbacks.Callback`:
 ``Trainer(frames, callbacks=[monitor]).fit(background=True)`` or ``train_ensemble(..., callbacks=[monitor])``
-(one pair of curves per ensemble member). Curves show RMSEs in meV/atom (energy) and meV/Å (forces) per epoch,
+(one pair of curves per ensemble member). Curves show RMSEs in meV/atom (energy) and meV/Å (forces) per epoch
+(stress errors, in GPa, are in the epoch line and the final table),
 training (dashed look: first colour) and validation; the learning rate is unitless.
 
 DOM classes: ``mlmd-training`` (the widget), ``mlmd-training-status``, ``mlmd-training-epochs``,
@@ -229,6 +230,9 @@ class TrainingMonitor(widgets.VBox, Callback):
             text += f", {format_duration(summary['elapsed'])}"
         self._set_status(text, error=reason == "diverged")
         self.errors.value = _errors_table(summary.get("errors") or {})
+        if summary.get("text"):  # held-out test frames, the time budget, why training stopped
+            self.errors.value += (f"<pre class='mlmd-training-summary' style='white-space:pre-wrap'>"
+                                  f"{html.escape(summary['text'])}</pre>")
         self._phase = "ended"  # an ensemble's next member re-enables Stop in on_train_begin
         self.stop_button.disabled = True
         if reason != "diverged" and self.parity and self.trainer is not None:
@@ -251,7 +255,7 @@ class TrainingMonitor(widgets.VBox, Callback):
         parts.append(f"lr {m.learning_rate:.2e}")
         split = "validation" if m.validation else "train"
         values = getattr(m, split)
-        for key, name in (("energy_rmse", "E"), ("force_rmse", "F")):
+        for key, name in (("energy_rmse", "E"), ("force_rmse", "F"), ("stress_rmse", "S")):
             if key in values:
                 factor, unit = display_unit(key)
                 parts.append(f"{name} {format_value(values[key] * factor)} {unit} ({split[:5]})")
@@ -268,7 +272,9 @@ class TrainingMonitor(widgets.VBox, Callback):
         else:
             per_epoch = m.elapsed / max(1, m.epoch - int(self.info.get("start_epoch", 0) or 0))
         remaining = None if not total else max(0, int(total) - m.epoch) * per_epoch
-        limit = getattr(getattr(self.trainer, "config", None), "time_limit", None)
+        limit = self.info.get("time_budget_s")  # what the time limit leaves the epochs (features, final pass out)
+        if limit is None:
+            limit = getattr(getattr(self.trainer, "config", None), "time_limit", None)
         if limit is not None:
             left = max(0.0, float(limit) - m.elapsed)
             remaining = left if remaining is None else min(remaining, left)
@@ -302,20 +308,24 @@ class TrainingMonitor(widgets.VBox, Callback):
 
 
 def _errors_table(errors: dict[str, dict[str, float]]) -> str:
-    """HTML table of final RMSEs per split in meV/atom and meV/Å."""
+    """HTML table of final RMSEs per split in meV/atom and meV/Å, and GPa for stress when any split has it."""
+    columns = [("energy_rmse", "energy RMSE"), ("force_rmse", "force RMSE")]
+    if any("stress_rmse" in (values or {}) for values in errors.values()):
+        columns.append(("stress_rmse", "stress RMSE"))
     rows = []
     for split in ("train", "validation", "test"):
         values = errors.get(split)
         if not values:
             continue
         cells = []
-        for key in ("energy_rmse", "force_rmse"):
+        for key, _ in columns:
             factor, _ = display_unit(key)
             value = values.get(key)
             cells.append("–" if value is None else format_value(value * factor))
-        rows.append(f"<tr><td>{split}</td><td>{cells[0]}</td><td>{cells[1]}</td>"
+        rows.append(f"<tr><td>{split}</td>{''.join(f'<td>{c}</td>' for c in cells)}"
                     f"<td>{values.get('n_frames', '')}</td></tr>")
     if not rows:
         return ""
-    head = ("<tr><th>split</th><th>energy RMSE (meV/atom)</th><th>force RMSE (meV/Å)</th><th>frames</th></tr>")
+    head = "".join(f"<th>{name} ({display_unit(key)[1]})</th>" for key, name in columns)
+    head = f"<tr><th>split</th>{head}<th>frames</th></tr>"
     return f"<table class='mlmd-training-errors-table'>{head}{''.join(rows)}</table>"
