@@ -18,16 +18,24 @@ from mlmd_lab.errors import MLMDError
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, fsync: bool = False, replace_folder: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write (a file or a new folder); move it into place only if the
-    block succeeded. ``fsync=True`` flushes a file to disk first (checkpoints, logs). Folders must not exist yet."""
+    block succeeded. ``fsync=True`` flushes a file to disk first (checkpoints, logs). A folder must not exist
+    yet unless ``replace_folder=True``: then the old folder is moved aside just before the new one moves in and
+    deleted after (the path never holds a mix of old and new files)."""
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         if tmp.is_dir() and target.exists():
-            raise MLMDError(f"{target} already exists: write to a new folder or delete it first")
+            if not replace_folder:
+                raise MLMDError(f"{target} already exists: write to a new folder or delete it first")
+            old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
         if fsync and tmp.is_file():
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())

@@ -77,6 +77,28 @@ def db(mongo_uri):
     database.close()
 
 
+def random_cu_s_model(seed: int = 0):
+    """A random Cu–S HDNNP (cutoff 4 Å, 5x5) with perturbed weights and wide random scaling statistics.
+
+    The statistics are random rather than from ``fit_scaling`` (seconds of eager JAX); their wide min/max keep
+    test structures inside the "training range", so no extrapolation warnings.
+    """
+    import numpy as np
+
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(5, 5), seed=seed)
+    rng = np.random.default_rng(seed + 10)
+    model.networks = {e: [(W + rng.normal(0, 0.3, np.shape(W)), b + rng.normal(0, 0.1, np.shape(b)))
+                          for W, b in layers] for e, layers in model.networks.items()}
+    for e, stats in model.scaling_stats.items():
+        n = len(stats)
+        model.scaling_stats[e] = np.stack([-1e3 * rng.uniform(1, 2, n), 1e3 * rng.uniform(1, 2, n),
+                                           rng.uniform(0, 3, n), rng.uniform(0.5, 2.0, n)], axis=1)
+    model._cache.clear()
+    return model
+
+
 def wait_until(condition, timeout: float = 120.0, what: str = "condition") -> None:
     """Poll ``condition`` until true; fail after a generous deadline (a hang guard, not a timing assertion)."""
     import time

@@ -11,6 +11,7 @@ import pytest
 from ase import Atoms
 from ase.build import bulk
 from bson import Binary
+from conftest import random_cu_s_model
 
 from mlmd_lab.cli import main
 from mlmd_lab.db import models as models_module
@@ -39,15 +40,7 @@ def _model(seed: int = 0) -> HDNNP:
     The statistics are random rather than from ``fit_scaling`` (which costs ~5 s of eager JAX here); their
     wide min/max keep the test structures inside the "training range", so no extrapolation warnings.
     """
-    model = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(5, 5), seed=seed)
-    rng = np.random.default_rng(seed + 10)
-    model.networks = {e: [(W + rng.normal(0, 0.3, np.shape(W)), b + rng.normal(0, 0.1, np.shape(b)))
-                          for W, b in layers] for e, layers in model.networks.items()}
-    for e, stats in model.scaling_stats.items():
-        n = len(stats)
-        model.scaling_stats[e] = np.stack([-1e3 * rng.uniform(1, 2, n), 1e3 * rng.uniform(1, 2, n),
-                                           rng.uniform(0, 3, n), rng.uniform(0.5, 2.0, n)], axis=1)
-    model._cache.clear()
+    model = random_cu_s_model(seed)
     model.metadata = {"n_frames": 2, "config": {"epochs": 3, "seed": seed}}
     return model
 

@@ -30,6 +30,28 @@ def test_failed_write_leaves_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pkl"]
 
 
+def test_folder_replacement_is_whole_or_not_at_all(tmp_path):
+    """A folder export replaces the old one whole; without replace_folder=True an existing folder is refused,
+    and a failed write leaves the old folder as it was."""
+    from mlmd_lab.errors import MLMDError
+
+    target = tmp_path / "n2p2"
+    target.mkdir()
+    (target / "old.data").write_text("old")
+    with pytest.raises(MLMDError, match="already exists"), atomic_path(target) as tmp:
+        tmp.mkdir()
+    with pytest.raises(RuntimeError), atomic_path(target, replace_folder=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new.data").write_text("half")
+        raise RuntimeError("killed mid-export")
+    assert [p.name for p in target.iterdir()] == ["old.data"]
+    with atomic_path(target, replace_folder=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new.data").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.data"]
+    assert [p.name for p in tmp_path.iterdir()] == ["n2p2"]  # neither the temporary nor the old folder is left
+
+
 def test_handle_writers_keep_the_target_name(tmp_path):
     """np.savez on a path appends .npz; through an open handle it writes exactly the temporary."""
     import numpy as np

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from conftest import random_cu_s_model
 from test_train import FAST, emt_frames
 
 from mlmd_lab.errors import MLMDError
@@ -35,16 +36,7 @@ TRUE_SCALE = {"Cu": 3.0, "S": 1.5}
 
 def _member(seed: int) -> HDNNP:
     """A random Cu–S potential; wide random scaling statistics keep the test structures in range."""
-    model = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(5, 5), seed=seed)
-    rng = np.random.default_rng(seed + 10)
-    model.networks = {e: [(W + rng.normal(0, 0.3, np.shape(W)), b + rng.normal(0, 0.1, np.shape(b)))
-                          for W, b in layers] for e, layers in model.networks.items()}
-    for e, stats in model.scaling_stats.items():
-        n = len(stats)
-        model.scaling_stats[e] = np.stack([-1e3 * rng.uniform(1, 2, n), 1e3 * rng.uniform(1, 2, n),
-                                           rng.uniform(0, 3, n), rng.uniform(0.5, 2.0, n)], axis=1)
-    model._cache.clear()
-    return model
+    return random_cu_s_model(seed)
 
 
 def _structure(seed: int) -> Atoms:

@@ -32,10 +32,8 @@ import json
 import os
 import pickle
 import platform
-import shutil
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -751,12 +749,8 @@ class Trainer:
         if self.workdir is None:
             return None
         target = self.workdir / EXPORT
-        with atomic_path(target) as tmp:
+        with atomic_path(target, replace_folder=True) as tmp:  # an earlier run's export is replaced whole
             self.model.to_n2p2(tmp)
-            if target.exists():  # an earlier run's export: move it aside just before the new one moves in
-                old = target.with_name(f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                os.replace(target, old)
-                shutil.rmtree(old, ignore_errors=True)
         return target
 
     def _final_errors(self) -> dict[str, dict[str, float]]:
