@@ -16,9 +16,11 @@ Reference (../shared/external/README.md, n2p2 2.3.0 on this machine, 2 MPI ranks
 symmetry functions, force normalisation): 98 meV/Å after its first epoch (39 s), 50 meV/Å at 152 s, and
 36.5 meV/Å and 0.33 meV/atom after 30 epochs (9.8 min).
 
-    python benchmarks/bench_train.py [--no-ensemble] [--gpu]
+    python benchmarks/bench_train.py [--no-ensemble | --ensemble-only] [--gpu]
 
-Writes ``benchmarks/results/bench_train.json``.
+Writes ``benchmarks/results/bench_train.json`` (``bench_train_ensemble.json`` with ``--ensemble-only``). The committee
+part reports its calibration table: per bin of predicted (calibrated) force uncertainty, mean predicted against
+mean actual |force error| on the test frames; the goal is calibrated/actual within 30 % overall.
 
 Case ``elemental`` (``--case elemental [--time-limit 300]``, ~12 min on 2 busy cores): the budget of the
 defaults on a ~200-frame elemental set, like the public Ni/Cu/Si/Mo DFT benchmark sets (~200 VASP frames each;
@@ -100,29 +102,50 @@ def worker(platform: str, ensemble: int) -> dict:
 
 
 def ensemble_worker(frames, n, train_ensemble) -> dict:
-    import numpy as np
-
-    from mlmd_lab.frames import results_of
+    """A committee of ``n`` (its own calibration split held out of every member), then on the held-out test frames:
+    rank correlation of spread and error, and the calibration table (predicted vs actual per bin of predicted
+    uncertainty, raw and calibrated)."""
+    from mlmd_lab.frameset import FrameSet
+    from mlmd_lab.train.ensemble import force_errors, tabulate_force_errors
 
     t0 = time.perf_counter()
     ensemble = train_ensemble(frames, n, max_epochs=100, progress=False)
     seconds = time.perf_counter() - t0
     test_ids = set(ensemble.metadata["frame_ids"]["test"])
-    from mlmd_lab.frameset import FrameSet
-
     test = [a for a, fid in zip(frames, FrameSet(frames).ids, strict=True) if fid in test_ids]
-    spread, error = [], []
-    for atoms, pred in zip(test, ensemble.predict(test, stress=False, warn=False), strict=True):
-        spread.append(pred["forces_std"])
-        error.append(np.linalg.norm(pred["forces"] - results_of(atoms)["forces"], axis=1))
-    spread, error = np.concatenate(spread), np.concatenate(error)
-    frame_spread = [s.mean() for s in np.split(spread, len(test))]
-    frame_error = [e.mean() for e in np.split(error, len(test))]
-    return {"members": n, "seconds": seconds, "test_atoms": int(spread.size),
-            "spearman_atoms": spearman(spread, error), "spearman_frames": spearman(frame_spread, frame_error),
-            "mean_spread_mev": float(spread.mean() * 1e3), "mean_error_mev": float(error.mean() * 1e3),
-            "test": ensemble.metadata["errors"]["test"],
+    data = force_errors(ensemble, test)
+    table = tabulate_force_errors(data, bins=5)
+    frames_of = [data.frame == k for k in range(len(test))]
+    return {"members": n, "seconds": seconds, "test_frames": len(test), "test_atoms": len(data),
+            "calibration_frames": ensemble.calibration["n_frames"],
+            "force_scale": dict(zip(ensemble.elements, map(float, ensemble.force_scale_array()), strict=True)),
+            "spearman_atoms": spearman(data.predicted, data.actual),
+            "spearman_frames": spearman([data.predicted[m].mean() for m in frames_of],
+                                        [data.actual[m].mean() for m in frames_of]),
+            "mean_spread_mev": float(table.predicted * 1e3), "mean_raw_spread_mev": float(table.raw * 1e3),
+            "mean_error_mev": float(table.actual * 1e3), "calibrated_ratio": table.ratio, "raw_ratio": table.raw_ratio,
+            "within_30_percent": bool(abs(table.ratio - 1.0) <= 0.3), "calibration_table": table.to_dict(),
+            "test": ensemble.metadata["errors"]["test"], "max_abs_bin_deviation": float(max(
+                abs(r["predicted"] / r["actual"] - 1.0) for r in table.rows if r["actual"] > 0)),
             "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def print_ensemble(ens: dict) -> None:
+    """The committee's two tables: overall figures, and the calibration table per bin."""
+    print_table(["members", "train s", "test atoms", "Spearman (atoms)", "Spearman (frames)", "raw spread (meV/Å)",
+                 "calibrated (meV/Å)", "actual |error| (meV/Å)", "calibrated/actual", "within 30 %"],
+                [(ens["members"], round(ens["seconds"]), ens["test_atoms"], round(ens["spearman_atoms"], 3),
+                  round(ens["spearman_frames"], 3), round(ens["mean_raw_spread_mev"], 1),
+                  round(ens["mean_spread_mev"], 1), round(ens["mean_error_mev"], 1), round(ens["calibrated_ratio"], 3),
+                  "yes" if ens["within_30_percent"] else "NO")],
+                title=f"Committee force uncertainty on {ens['test_frames']} held-out test frames (calibrated on "
+                      f"{ens['calibration_frames']} frames no member saw; scale {ens['force_scale']})")
+    rows = [(f"{r['lo'] * 1e3:.0f}-{r['hi'] * 1e3:.0f}", r["count"], round(r["raw"] * 1e3, 1),
+             round(r["predicted"] * 1e3, 1), round(r["actual"] * 1e3, 1),
+             round(r["predicted"] / r["actual"], 2) if r["actual"] > 0 else "-")
+            for r in ens["calibration_table"]["rows"]]
+    print_table(["predicted bin (meV/Å)", "atoms", "raw spread", "calibrated", "actual |error|", "calibrated/actual"],
+                rows, title="Calibration table (test frames, bins of equal atom counts, meV/Å)")
 
 
 def spearman(a, b) -> float:
@@ -278,6 +301,7 @@ def main() -> None:
     parser.add_argument("--worker")
     parser.add_argument("--ensemble-members", type=int, default=0)
     parser.add_argument("--no-ensemble", action="store_true")
+    parser.add_argument("--ensemble-only", action="store_true", help="only the committee and its calibration table")
     parser.add_argument("--case", choices=("water", "elemental"), default="water")
     parser.add_argument("--time-limit", type=float, default=300.0, help="case elemental: seconds per run")
     parser.add_argument("--elemental-worker")
@@ -294,6 +318,12 @@ def main() -> None:
         return
     if not WATER.exists():
         sys.exit(f"benchmark data not found at {WATER} (../shared/external is only in this workplace)")
+    if args.ensemble_only:
+        ens = run_worker("cpu", 4)
+        if ens:
+            print_ensemble(ens)
+        print(f"wrote {write_json('bench_train_ensemble', {'machine': machine_info(), 'ensemble': ens})}")
+        return
     results = [r for r in [run_worker("cpu"), run_worker("cuda") if gpu_available() else None] if r]
     rows = [("n2p2 (reference, 2 ranks)", "-", f"{N2P2['first_epoch_s']:.0f}", N2P2["first_epoch_force_mev"], "-",
              N2P2["time_to_50_s"], N2P2["final_force_mev"], N2P2["final_energy_mev"], N2P2["final_time_s"], "-")]
@@ -307,12 +337,7 @@ def main() -> None:
                 title="Training on DeePMD water (320 x 192 atoms), 2 CPU cores")
     ens = None if args.no_ensemble else run_worker("cpu", 4)
     if ens:
-        print_table(["members", "train s", "test atoms", "Spearman (atoms)", "Spearman (frames)",
-                     "mean spread (meV/Å)", "mean |error| (meV/Å)"],
-                    [(ens["members"], round(ens["seconds"]), ens["test_atoms"], round(ens["spearman_atoms"], 3),
-                      round(ens["spearman_frames"], 3), round(ens["mean_spread_mev"], 1),
-                      round(ens["mean_error_mev"], 1))],
-                    title="Ensemble force spread vs actual force error (held-out test frames)")
+        print_ensemble(ens)
     path = write_json("bench_train", {"machine": machine_info(), "reference_n2p2": N2P2, "runs": results,
                                       "ensemble": ens})
     print(f"wrote {path}")

@@ -18,6 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CEILING_SCALE = float(os.environ.get("MLMD_TEST_CEILING_SCALE", "3"))
 EXTERNAL = (ROOT / ".." / "shared" / "external").resolve()
 
+# One JAX compilation cache for this test session, shared with the processes tests start (notebook kernels, dask
+# workers, the CLI): a program compiled by one test is loaded by the next that compiles the same one. It starts
+# empty, so a run never profits from an earlier run (suite timings stay those of a clean machine), and it never
+# touches the user's ~/.cache/mlmd_lab/jax. Set before any test module imports mlmd_lab.
+if "MLMD_JAX_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _jax_cache = tempfile.mkdtemp(prefix="mlmd-test-jax-cache-")
+    os.environ["MLMD_JAX_CACHE"] = _jax_cache
+    atexit.register(shutil.rmtree, _jax_cache, True)
+
 
 def external(sub: str = "") -> Path:
     """Path inside ../shared/external; skips the test (with the reason) if the folder is absent."""

@@ -74,11 +74,11 @@ def test_label_in_process_ingests_settings_skips_and_records_failures(db, tmp_pa
 def test_label_on_a_local_dask_cluster(db, tmp_path):
     from mlmd_lab.cluster import cluster
 
-    with cluster("local", n_workers=2) as local:
-        report = label(si8_structures(20, seed=3), qe_recipe(), cluster=local, db=db, workdir=tmp_path,
+    with cluster("local", n_workers=2) as local:  # 6 structures: 3 per worker show the distribution
+        report = label(si8_structures(6, seed=3), qe_recipe(), cluster=local, db=db, workdir=tmp_path,
                        progress=False)
-    assert report.labelled == 20 and report.frames_added == 20 and not report.failed
-    assert db.count(tags=["labelled"]) == 20
+    assert report.labelled == 6 and report.frames_added == 6 and not report.failed
+    assert db.count(tags=["labelled"]) == 6
 
 
 @pytest.mark.slow
@@ -189,7 +189,8 @@ def test_label_through_pbs_code_path(db, tmp_path, slurm, monkeypatch):
     options = _batch_options(tmp_path)
     options.pop("queue")
     with cluster("pbs", **options) as jobs:
-        report = label(si8_structures(20, seed=11), qe_recipe(), cluster=jobs, db=db, workdir=tmp_path / "calcs",
+        # 6 structures on 2 jobs: the PBS path end to end (the 20-structure run with a killed job is Slurm's test)
+        report = label(si8_structures(6, seed=11), qe_recipe(), cluster=jobs, db=db, workdir=tmp_path / "calcs",
                        jobs=2, progress=False)
-    assert report.labelled == 20 and report.frames_added == 20 and not report.failed, str(report)
-    assert db.count(tags=["labelled"]) == 20
+    assert report.labelled == 6 and report.frames_added == 6 and not report.failed, str(report)
+    assert db.count(tags=["labelled"]) == 6

@@ -1,10 +1,10 @@
 """The quickstart notebook in a real browser: every widget of the loop renders and works together.
 
-Headless execution (tests/test_notebooks.py) runs the notebook as shipped and its physics checks must pass; the
-5-minute budget is measured by benchmarks/bench_quickstart.py. This runs the same cells in JupyterLab + Chromium,
-where front ends load: the canvases must not be blank and the console must stay clean. What it proves is the
-widgets working together, so it runs the loop at the smallest size that still fills every widget
-(:data:`BROWSER_SETTINGS`); the checks are printed but their verdict belongs to the headless run.
+This is the one run of the quickstart notebook in the suite: as shipped, in JupyterLab + Chromium, where front
+ends load. Every cell must succeed, its final ``assert result.passed`` (the physics checks) included; the canvases
+must not be blank and the console must stay clean. (tests/test_notebooks.py executes the other notebooks headless
+and leaves this one to this test: running the loop twice cost ~6 minutes of the suite.) The 5-minute budget is
+measured by benchmarks/bench_quickstart.py, not asserted here.
 """
 
 from __future__ import annotations
@@ -16,19 +16,13 @@ from conftest import ROOT, distinct_colours
 
 from mlmd_lab.quickstart import QuickstartSettings
 
-#: The loop at the smallest size that fills every widget (training curves, MD trajectories long enough for a VDOS).
-BROWSER_SETTINGS = "qs.QuickstartSettings(n_structures=40, max_epochs=600, nvt_steps=400, nve_steps=1600)"
-
 
 def browser_cells() -> list[str]:
-    """The quickstart notebook's code cells with :data:`BROWSER_SETTINGS`; the final ``assert result.passed`` is
-    left to the headless run (a small run's physics checks may fail, which is not what this test is about)."""
+    """The quickstart notebook's code cells, as shipped (default settings, the final physics assertion kept)."""
     cells = json.loads((ROOT / "notebooks" / "00_quickstart.ipynb").read_text())["cells"]
     code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
     assert sum("qs.QuickstartSettings()" in c for c in code) == 1, "the notebook's settings line moved"
     assert code[-1].rstrip().splitlines()[-1].startswith("assert result.passed"), "the notebook's last line moved"
-    code = [c.replace("qs.QuickstartSettings()", BROWSER_SETTINGS) for c in code]
-    code[-1] = "\n".join(code[-1].rstrip().splitlines()[:-1])
     return code
 
 
@@ -38,16 +32,16 @@ def test_quickstart_settings_are_explicit():
     assert s.max_epochs > 0 and s.n_structures >= 50
 
 
-def test_browser_cells_shrink_only_the_settings():
+def test_browser_cells_are_the_notebook_as_shipped():
     code = browser_cells()
-    assert sum(BROWSER_SETTINGS in c for c in code) == 1
-    assert "assert result.passed" not in code[-1] and "write_report" in code[-1]
+    assert "qs.QuickstartSettings()" in "".join(code)
+    assert "assert result.passed" in code[-1] and "write_report" in code[-1]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # hang guard for a slow machine, not a timing assertion
 def test_quickstart_notebook_in_the_browser(run_notebook):
-    nb = run_notebook(browser_cells(), name="quickstart", timeout=600)
+    nb = run_notebook(browser_cells(), name="quickstart", timeout=900)  # a cell error (the assertion too) fails
     page = nb.page
     status = page.locator(".mlmd-training-status").inner_text()
     assert "finished" in status or "converged" in status, status
@@ -65,5 +59,5 @@ def test_quickstart_notebook_in_the_browser(run_notebook):
         widget.scroll_into_view_if_needed()
         nb.screenshot(hook, widget)
     text = "\n".join(page.locator(".jp-OutputArea").all_inner_texts())  # outputs only, not the code
-    assert text.count("PASS") + text.count("FAIL") == 4, text[-2000:]  # the four checks ran and were printed
+    assert text.count("PASS") == 4 and "FAIL" not in text, text[-2000:]  # the four checks ran and passed
     nb.assert_no_console_errors()

@@ -5,8 +5,12 @@ Main entry points: :class:`HDNNP` (``from_n2p2``, ``create``, ``to_n2p2``, ``pre
 :func:`evaluate` (energies, forces and virials of a neighbour graph in pure JAX, for engines such as the MD).
 """
 
-from mlmd_lab.potentials.model import HDNNP, ExtrapolationWarning, evaluate
-from mlmd_lab.potentials.symfunc import SymmetryFunction
+from mlmd_lab import jaxconfig
+
+jaxconfig.configure()  # float64 and the compilation cache, before anything is compiled
+
+from mlmd_lab.potentials.model import HDNNP  # noqa: E402, ExtrapolationWarning, evaluate
+from mlmd_lab.potentials.symfunc import SymmetryFunction  # noqa: E402
 
 __all__ = ["HDNNP", "ExtrapolationWarning", "SymmetryFunction", "evaluate", "generate_symmetry_functions"]
 

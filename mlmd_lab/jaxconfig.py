@@ -1,0 +1,80 @@
+"""JAX settings every mlmd_lab computation relies on, applied once when mlmd_lab.potentials is imported.
+
+- float64 is enabled (``jax_enable_x64``): exact paths (n2p2 agreement, NVE conservation, SLHMC) need it;
+  float32 stays available per model (``HDNNP.with_dtype``).
+- A persistent compilation cache: compiling a potential's energy/forces (and an MD block around it) takes
+  5–25 s on a CPU, often longer than the run itself. XLA's compiled programs are kept on disk and reused by
+  every later process that compiles the same program (same potential, same neighbour layout, same JAX
+  version and device), e.g. the next MD run of the same model in a notebook. JAX's own cache is used (it keys
+  entries on the program, compile options, JAX/XLA version and device); mlmd_lab only picks the folder and
+  puts the host CPU's model and instruction-set flags into its name, so a home folder shared between a login
+  node and compute nodes of another CPU generation never loads code compiled for the wrong CPU. At most
+  :data:`MAX_CACHE_BYTES` are kept (least recently used programs go first).
+
+Environment:
+    MLMD_JAX_CACHE: the cache folder; ``off`` (or ``0``, ``none``, empty) disables the cache. Default
+        ``$XDG_CACHE_HOME/mlmd_lab/jax`` (``~/.cache/mlmd_lab/jax``). A ``JAX_COMPILATION_CACHE_DIR`` the user set
+        takes precedence (mlmd_lab then leaves the cache settings alone).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+
+import jax
+
+#: Only programs whose compilation took at least this long are written (s); small ones compile faster than
+#: they load.
+MIN_COMPILE_SECONDS = 1.0
+#: The cache's size limit (bytes); JAX evicts the least recently used programs beyond it.
+MAX_CACHE_BYTES = 2 * 1024**3
+_OFF = {"", "0", "off", "none", "false", "no"}
+
+
+def host_tag() -> str:
+    """A short tag of this host's CPU (machine type, model name and instruction-set flags)."""
+    parts = [platform.machine()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if line.strip() == "":  # the first processor's block is enough
+                    break
+    except OSError:
+        parts.append(platform.processor())
+    return f"{platform.machine()}-{hashlib.sha256(chr(10).join(parts).encode()).hexdigest()[:12]}"
+
+
+def cache_folder() -> Path | None:
+    """The persistent compilation cache folder mlmd_lab uses, or None when disabled (see the module docstring)."""
+    value = os.environ.get("MLMD_JAX_CACHE")
+    if value is not None and value.strip().lower() in _OFF:
+        return None
+    if value:
+        base = Path(value).expanduser()
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlmd_lab" / "jax"
+    return base / host_tag()
+
+
+def configure() -> Path | None:
+    """Apply mlmd_lab's JAX settings (idempotent). Returns the compilation cache folder in use, or None."""
+    jax.config.update("jax_enable_x64", True)
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    folder = cache_folder()
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache rather than fail
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", MAX_CACHE_BYTES)
+    return folder
