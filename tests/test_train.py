@@ -323,6 +323,15 @@ class TickingClock:
         self.now += seconds
 
 
+def test_a_time_limit_spent_before_training_warns_with_the_limit_needed(frames):
+    """A limit that features and compilation use up leaves one epoch: the run says so and what limit would do."""
+    clock = TickingClock(tick=1.0)  # every clock reading "takes" 1 s: the limit goes before the epochs start
+    with pytest.warns(TrainingWarning, match=r"leaves room for only 1 epoch\(s\).*give time_limit >= \d+ s"):
+        trainer = Trainer(frames, time_limit=5.0, clock=clock, **FAST)
+        trainer.fit()
+    assert trainer.budget.rule == "time_limit" and trainer.budget.epochs == 1
+
+
 def test_time_limit_plans_the_epochs_and_covers_features_training_and_final_pass(frames):
     """Without max_epochs the time limit sets the epochs (and with them the learning-rate schedule and the
     patience) from the measured epoch time; epochs slower than measured end training by the time limit, and

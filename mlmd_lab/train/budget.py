@@ -45,6 +45,9 @@ MIN_PATIENCE = 40
 #: Margin on the measured epoch time (epochs vary: logging, checkpoints, a busy machine). Small: an epoch longer
 #: than planned only ends training by the time limit a little early, while a plan too short leaves time unused.
 EPOCH_MARGIN = 1.1
+#: A time-limited plan with fewer epochs than this warns (TrainingWarning): the limit went to features and
+#: compilation, and the potential will be poor.
+FEW_EPOCHS = 20
 #: Margin on the measured final-error pass, and the smallest reserve kept for it as a share of the time limit.
 FINAL_MARGIN = 1.5
 MIN_RESERVE_SHARE = 0.02

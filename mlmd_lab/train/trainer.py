@@ -54,6 +54,7 @@ from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.symfunc import sort_elements
 from mlmd_lab.train.budget import (
     EPOCH_MARGIN,
+    FEW_EPOCHS,
     Selection,
     TrainingBudget,
     final_reserve,
@@ -644,6 +645,13 @@ class Trainer:
             patience = int(cfg.patience) if cfg.patience is not None else patience_for(n)
             budget = TrainingBudget(rule=rule, why=why, epochs=n, patience=patience, steps_per_epoch=steps_per_epoch,
                                     planned_at_s=now, epoch_estimate_s=epoch_s)
+            if rule == "time_limit" and n < FEW_EPOCHS:
+                needed = now + FEW_EPOCHS * EPOCH_MARGIN * (epoch_s or 0.0) + final_reserve(cfg.time_limit,
+                                                                                         final_estimate or 0.0)
+                warnings.warn(f"the time limit of {cfg.time_limit:.0f} s leaves room for only {n} epoch(s) after "
+                              f"{now:.0f} s of features, compilation and measurements: the potential will be "
+                              f"poor; give time_limit >= {needed:.0f} s (for {FEW_EPOCHS} epochs) or max_epochs",
+                              TrainingWarning, stacklevel=4)
             state["plan"] = {k: getattr(budget, k) for k in ("rule", "why", "epochs", "patience", "steps_per_epoch",
                                                              "planned_at_s", "epoch_estimate_s")}
         budget.time_limit = cfg.time_limit
