@@ -1,0 +1,245 @@
+"""SLHMC exactness: the proposal map, known ensembles reproduced within 3σ, and broken variants caught.
+
+Every chain has a fixed seed, so each statistical statement below is deterministic. The exactness check of a
+chain is two numbers in units of their block-averaged standard errors: the deviation of ⟨U_ref⟩ (or ⟨V⟩ under
+NPT) from its exactly known value, and the detailed-balance diagnostic ``SLHMCResult.balance()`` (zero for an
+exact kernel). An exact sampler keeps both within 3σ; each deliberate mutant of the kernel (monkeypatched
+seams of :mod:`mlmd_lab.slhmc.kernel`, not copied code) must push one of them beyond 5σ.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.calculators.calculator import Calculator, all_changes
+
+from mlmd_lab import slhmc
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.md.forcefield import LennardJones, forcefield
+from mlmd_lab.slhmc import kernel
+
+T = 300.0
+KT = units.kB * T
+
+
+class Polynomial(Calculator):
+    """U = sum over coordinates of a x^4 + k x^2 / 2 (eV, Å): an analytic anharmonic well and its harmonic foil."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, a: float = 0.0, k: float = 0.0, fail_beyond: float | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.a, self.k, self.fail_beyond = a, k, fail_beyond
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        x = self.atoms.positions
+        if self.fail_beyond is not None and np.abs(x).max() > self.fail_beyond:
+            raise RuntimeError("SCF did not converge")  # what a DFT code does on a bad geometry
+        self.results = {"energy": float(np.sum(self.a * x**4 + 0.5 * self.k * x**2)),
+                        "forces": -(4.0 * self.a * x**3 + self.k * x)}
+
+
+class Zero(Calculator):
+    """The ideal gas: no energy, no forces, no stress."""
+
+    implemented_properties = ["energy", "forces", "stress"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        self.results = {"energy": 0.0, "forces": np.zeros((len(self.atoms), 3)), "stress": np.zeros(6)}
+
+
+# The quartic well U = a sum x^4 over 3N = 12 coordinates: U/kT per coordinate is Gamma(1/4), so <U> = 3N kT / 4
+# exactly. The harmonic surrogate k = sqrt(6 a kT) has <a x^4> = 3 a (kT/k)^2 = kT/2 per coordinate: twice as much.
+QUARTIC = Polynomial(a=1.0)
+HARMONIC = Polynomial(k=float(np.sqrt(6.0 * KT)))
+EXACT_U = 12 * KT / 4
+QUARTIC_RUN = dict(temperature=T, n_trials=1500, md_steps=10, timestep=1.0, seed=1)
+
+
+def four_hydrogens() -> Atoms:
+    return Atoms("H4", positions=np.zeros((4, 3)), pbc=False)
+
+
+def deviation(average, exact: float) -> float:
+    return (average.mean - exact) / average.stderr
+
+
+def exactness(result, exact_energy: float) -> dict[str, float]:
+    """Deviations in σ of ⟨U_ref⟩ from the exact value and of the balance diagnostic from zero."""
+    return {"energy": deviation(result.averages()["energy"], exact_energy),
+            "balance": deviation(result.balance(), 0.0)}
+
+
+# ---------------------------------------------------------------------------------------------- the proposal map
+def lj_cluster() -> tuple[Atoms, LennardJones]:
+    lj = LennardJones()  # argon
+    r0 = 2 ** (1 / 6) * lj.sigma
+    tetra = np.array([[0, 0, 0], [1, 0, 0], [0.5, np.sqrt(3) / 2, 0], [0.5, np.sqrt(3) / 6, np.sqrt(2 / 3)]])
+    rng = np.random.default_rng(3)
+    atoms = Atoms("Ar4", positions=r0 * tetra + rng.normal(0, 0.05, (4, 3)), pbc=False)
+    return atoms, lj
+
+
+def test_proposal_map_is_reversible_and_volume_preserving():
+    atoms, lj = lj_cluster()
+    ff = forcefield(lj, skin=3.0, dtype="float64")
+    phi = jax.jit(kernel.proposal_map(ff, atoms, timestep_fs=5.0, md_steps=20))
+    rng = np.random.default_rng(0)
+    R = jnp.asarray(atoms.positions)
+    P = jnp.asarray(rng.standard_normal((4, 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 40.0))
+    R1, P1 = phi(R, P)
+    assert float(jnp.max(jnp.abs(R1 - R))) > 0.05  # it went somewhere
+    R2, P2 = phi(R1, -P1)
+    assert float(jnp.max(jnp.abs(R2 - R))) < 1e-10
+    assert float(jnp.max(jnp.abs(P2 + P))) < 1e-10
+
+    def flat(x):
+        r, p = phi(x[:12].reshape(4, 3), x[12:].reshape(4, 3))
+        return jnp.concatenate([r.ravel(), p.ravel()])
+
+    jacobian = jax.jacfwd(flat)(jnp.concatenate([R.ravel(), P.ravel()]))
+    assert abs(float(jnp.linalg.det(jacobian)) - 1.0) < 1e-9
+
+
+def test_neighbour_rebuilds_do_not_change_the_trajectory():
+    """The compiled propagator rebuilds its lists whenever the skin rule fails; the map stays Φ(r, p)."""
+    atoms, lj = lj_cluster()
+    phi = kernel.proposal_map(forcefield(lj, skin=3.0, dtype="float64"), atoms, timestep_fs=5.0, md_steps=20)
+    rng = np.random.default_rng(1)
+    P = rng.standard_normal((4, 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 40.0)
+    thin = kernel.JaxPropagator(forcefield(lj, skin=0.02, dtype="float64"), atoms, np.ones(4, bool),
+                                5.0 * units.fs, 20)
+    out = thin.run(atoms.positions, P, atoms.cell.array)
+    assert thin.rebuilds > 2
+    R1, P1 = phi(jnp.asarray(atoms.positions), jnp.asarray(P))
+    assert np.max(np.abs(out["positions"] - np.asarray(R1))) < 1e-12
+    assert np.max(np.abs(out["momenta"] - np.asarray(P1))) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- known ensembles
+def test_quartic_well_is_sampled_exactly_while_the_surrogate_ensemble_is_far_off():
+    result = slhmc.run(QUARTIC, HARMONIC, four_hydrogens(), **QUARTIC_RUN)
+    check = exactness(result, EXACT_U)
+    assert abs(check["energy"]) < 3 and abs(check["balance"]) < 3, check
+    assert 0.3 < result.acceptance_rate < 0.95
+    assert result.n_reference_calls == QUARTIC_RUN["n_trials"] + 1
+    # ML-MD's answer: the surrogate's own ensemble (sampled exactly: the surrogate as its own reference),
+    # with the reference energy measured on its states.
+    surrogate = slhmc.run(HARMONIC, HARMONIC, four_hydrogens(), **QUARTIC_RUN)
+    u_ref = np.array([QUARTIC.get_potential_energy(a) for a in surrogate.states])
+    from mlmd_lab.analysis import block_average
+
+    off = block_average(u_ref)
+    assert abs(off.mean - 2 * EXACT_U) < 3 * off.stderr  # the surrogate's exact <a x^4> = kT/2 per coordinate
+    assert (off.mean - EXACT_U) / np.hypot(off.stderr, result.averages()["energy"].stderr) > 10
+
+
+def _no_refresh(rng, masses, free, kT, previous):
+    """Mutant: keep the momenta of the last trial (first trial draws)."""
+    if np.any(previous):
+        return previous
+    return np.random.default_rng(0).standard_normal(previous.shape) * np.sqrt(masses * kT) * free
+
+
+def _langevin_inside(tau_fs: float):
+    """Mutant: a Langevin thermostat (friction 1/tau and its noise) acting inside the trajectory."""
+    noise = np.random.default_rng(7)
+    masses = four_hydrogens().get_masses()[:, None]
+
+    def hook(momenta, dt):
+        c1 = np.exp(-dt / (tau_fs * units.fs))
+        return c1 * momenta + np.sqrt(1 - c1 * c1) * np.sqrt(masses * KT) * noise.standard_normal(momenta.shape)
+
+    return hook
+
+
+MUTANTS = {
+    "accept with the ML energy": ("_acceptance_energy", lambda e_ref, e_ml: e_ml),
+    "no kinetic term": ("_hamiltonian", lambda potential, kinetic: potential),
+    "no momentum refresh": ("_refresh_momenta", _no_refresh),
+    "friction inside the trajectory": ("_trajectory_hook", lambda momenta, dt: momenta * np.exp(-dt / (20 * units.fs))),
+    "Langevin thermostat inside the trajectory": ("_trajectory_hook", _langevin_inside(5.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_mutant_kernels_fail_the_exactness_check(name, monkeypatch):
+    seam, wrong = MUTANTS[name]
+    monkeypatch.setattr(kernel, seam, wrong)
+    check = exactness(slhmc.run(QUARTIC, HARMONIC, four_hydrogens(), **QUARTIC_RUN), EXACT_U)
+    print(name, check)
+    assert max(abs(v) for v in check.values()) > 5, f"{name} passed the exactness check: {check}"
+
+
+# ------------------------------------------------------------------------------------------------------- NPT
+def ideal_gas(n: int = 2) -> Atoms:
+    rng = np.random.default_rng(0)
+    return Atoms(f"Ar{n}", positions=rng.uniform(0, 4.6, (n, 3)), cell=[4.6] * 3, pbc=True)
+
+
+N_GAS = 2
+PRESSURE = (N_GAS + 1) * KT / 100.0 / units.GPa  # <V> = (N+1) kT / P = 100 Å3
+GAS_RUN = dict(temperature=T, n_trials=4000, md_steps=1, timestep=1.0, ensemble="npt", pressure=PRESSURE,
+               volume_step=1.0, seed=0)
+
+
+def test_npt_ideal_gas_volume_and_pressure_are_exact():
+    result = slhmc.run(Zero(), Zero(), ideal_gas(N_GAS), **GAS_RUN)
+    averages = result.averages()
+    assert abs(deviation(averages["volume"], 100.0)) < 3, averages["volume"]
+    # the virial pressure N kT / V averages to P exactly (<1/V> = P / (N kT) for the Gamma(N+1) volumes)
+    assert abs(deviation(averages["pressure"], PRESSURE)) < 3, averages["pressure"]
+    kinds = result.acceptance_by_kind()
+    assert kinds["md"] == 1.0 and 0.3 < kinds["volume"] < 0.9
+
+
+@pytest.mark.parametrize("factor", ["N", "N+2", "0"])
+def test_wrong_volume_jacobians_fail(factor, monkeypatch):
+    wrong = {"N": lambda n, v, w: n * np.log(w / v), "N+2": lambda n, v, w: (n + 2) * np.log(w / v),
+             "0": lambda n, v, w: 0.0}[factor]
+    monkeypatch.setattr(kernel, "_log_jacobian", wrong)
+    result = slhmc.run(Zero(), Zero(), ideal_gas(N_GAS), **GAS_RUN)
+    dev = deviation(result.averages()["volume"], 100.0)
+    print(factor, dev)
+    assert abs(dev) > 5, f"Jacobian {factor} passed: {dev:.1f} sigma"
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_is_named():
+    atoms = four_hydrogens()
+    cases = [
+        (dict(temperature=0.0, n_trials=1), "temperature"),
+        (dict(temperature=-5.0, n_trials=1), "temperature"),
+        (dict(temperature=T, n_trials=0), "n_trials"),
+        (dict(temperature=T, n_trials=1, timestep=0.0), "timestep"),
+        (dict(temperature=T, n_trials=1, timestep=20.0), "timestep"),
+        (dict(temperature=T, n_trials=1, ensemble="npt"), "pressure"),
+        (dict(temperature=T, n_trials=1, ensemble="nve"), "ensemble"),
+        (dict(temperature=T, n_trials=5, learn_trials=2), "retrain"),
+    ]
+    for kwargs, word in cases:
+        with pytest.raises(MLMDError, match=word):
+            slhmc.run(QUARTIC, HARMONIC, atoms, **kwargs)
+    with pytest.raises(MLMDError, match="periodic"):
+        slhmc.run(QUARTIC, HARMONIC, atoms, temperature=T, n_trials=1, ensemble="npt", pressure=1.0)
+
+
+def test_potential_without_the_structures_elements_is_refused():
+    from conftest import random_cu_s_model
+
+    atoms = Atoms("CuO", positions=[[0, 0, 0], [2.0, 0, 0]], pbc=False)
+    with pytest.raises(MLMDError, match=r"\['O'\]"):
+        slhmc.run(QUARTIC, random_cu_s_model(), atoms, temperature=T, n_trials=1)
+
+
+def test_a_failing_reference_rejects_and_records_the_trial():
+    flaky = Polynomial(a=1.0, fail_beyond=0.45)
+    result = slhmc.run(flaky, HARMONIC, four_hydrogens(), temperature=T, n_trials=200, md_steps=10, timestep=1.0)
+    assert result.failed.any() and not result.accepted[result.failed].any()
+    assert np.all(np.isfinite(result.reference_energies))
+    assert result.n_reference_calls == 201
