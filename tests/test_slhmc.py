@@ -243,3 +243,54 @@ def test_a_failing_reference_rejects_and_records_the_trial():
     assert result.failed.any() and not result.accepted[result.failed].any()
     assert np.all(np.isfinite(result.reference_energies))
     assert result.n_reference_calls == 201
+
+
+# ------------------------------------------------------------------------------------------------ workdir
+class Counting(Polynomial):
+    """The quartic reference, counting its calculations."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(a=1.0, **kwargs)
+        self.calls = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        self.calls += 1
+        super().calculate(atoms, properties, system_changes)
+
+
+def test_workdir_resume_repeats_the_chain_exactly_and_repeats_no_reference_call(tmp_path, monkeypatch):
+    from mlmd_lab.slhmc.store import ChainStore
+
+    kw = dict(temperature=T, md_steps=10, timestep=1.0, seed=4)
+    whole = slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=20, workdir=tmp_path / "whole", **kw)
+
+    first = slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=10, workdir=tmp_path / "split", **kw)
+    assert len(first.accepted) == 10
+    # a kill after trial 15's reference call and log row, before its restart: resume must not call again
+    original = ChainStore.write_restart
+
+    def killed(self, chain):
+        if chain["trial"] == 15:
+            raise KeyboardInterrupt("killed")
+        original(self, chain)
+
+    monkeypatch.setattr(ChainStore, "write_restart", killed)
+    reference = Counting()
+    with pytest.raises(KeyboardInterrupt):
+        slhmc.run(reference, HARMONIC, four_hydrogens(), n_trials=20, workdir=tmp_path / "split", **kw)
+    monkeypatch.setattr(ChainStore, "write_restart", original)
+    calls_before = reference.calls
+    resumed = slhmc.run(reference, HARMONIC, four_hydrogens(), n_trials=20, workdir=tmp_path / "split", **kw)
+    assert reference.calls - calls_before == 5  # trials 16-20; trial 15's result came from reference.traj
+    np.testing.assert_array_equal(resumed.accepted, whole.accepted)
+    np.testing.assert_array_equal(resumed.reference_energies, whole.reference_energies)
+    np.testing.assert_array_equal(resumed.delta_h, whole.delta_h)
+    assert resumed.n_reference_calls == whole.n_reference_calls == 21
+    assert len(resumed.states) == 20
+    np.testing.assert_array_equal(resumed.states[-1].positions, whole.states[-1].positions)
+    assert resumed.states[7].get_potential_energy() == whole.reference_energies[7]
+    log = (tmp_path / "split" / "chain.log").read_text().splitlines()
+    assert log[0].split()[1:] == list(slhmc.LOG_COLUMNS) and len(log) == 21
+    with pytest.raises(MLMDError, match="other settings"):
+        slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=30, workdir=tmp_path / "split",
+                  **dict(kw, seed=5))

@@ -200,8 +200,6 @@ class _Chain:
         self.learner = None
         self.trial = 0
         self.state: dict | None = None
-        self.n_calls = 0
-        self.production_calls = 0
         self.retrains: list[dict] = []
 
     # -- state ------------------------------------------------------------------------------------------
@@ -209,7 +207,6 @@ class _Chain:
         saved = self.store.load_restart()
         if saved is not None:
             self.trial, self.state = saved["trial"], saved["state"]
-            self.n_calls, self.production_calls = saved["n_calls"], saved["production_calls"]
             self.retrains = saved["retrains"]
             if saved.get("model") is not None:
                 self.potential = saved["model"]
@@ -240,12 +237,12 @@ class _Chain:
         return out
 
     def _call_reference(self, atoms: Atoms, trial: int) -> dict:
-        result = self.reference(atoms, trial)
-        if not result.get("cached"):
-            self.n_calls += 1
-            if trial >= self.settings["learn_trials"]:
-                self.production_calls += 1
-        return result
+        return self.reference(atoms, trial)
+
+    def _calls(self, production: bool = False) -> int:
+        """Reference calculations made for this chain (each kept once in the store, whatever the resumes)."""
+        start = self.settings["learn_trials"] if production else -1
+        return sum(1 for f in self.store.references if f.info["trial"] >= start)
 
     # -- trials -----------------------------------------------------------------------------------------
     def _is_volume_trial(self, trial: int) -> bool:
@@ -343,8 +340,7 @@ class _Chain:
         return state_atoms(self.atoms, self.state, self.settings["temperature_K"])
 
     def _restart(self) -> dict:
-        return {"trial": self.trial, "state": self.state, "n_calls": self.n_calls,
-                "production_calls": self.production_calls, "retrains": self.retrains, "run_id": self.run_id,
+        return {"trial": self.trial, "state": self.state, "retrains": self.retrains, "run_id": self.run_id,
                 "model": self.potential if self.retrains else None}
 
     def _result(self, n_trials: int) -> SLHMCResult:
@@ -355,10 +351,10 @@ class _Chain:
             acceptance_rate=float(accepted.mean()), reference_energies=table["E_ref_eV"], accepted=accepted,
             volumes=table["volume_A3"], pressures=table["pressure_GPa"], ml_energies=table["E_ML_eV"],
             delta_h=table["dH_eV"], kinds=np.where(table["volume_move"].astype(bool), "volume", "md"),
-            failed=table["failed"].astype(bool), n_reference_calls=self.n_calls, states=self.store.states(),
+            failed=table["failed"].astype(bool), n_reference_calls=self._calls(), states=self.store.states(),
             model=self.potential, phases={"learning": (0, learn), "production": (learn, n_trials)},
             temperature=self.settings["temperature_K"], pressure=self.settings["pressure_GPa"],
-            workdir=self.store.workdir, run_id=self.run_id, production_calls=self.production_calls,
+            workdir=self.store.workdir, run_id=self.run_id, production_calls=self._calls(production=True),
             retrain_history=list(self.retrains))
 
 

@@ -224,9 +224,8 @@ class ChainStore:
         for k in ("forces", "stress"):
             if state.get(k) is not None:
                 arrays[k] = np.asarray(state[k])
-        meta = {"trial": chain["trial"], "n_calls": chain["n_calls"], "production_calls": chain["production_calls"],
-                "retrains": chain["retrains"], "run_id": chain["run_id"], "model_dir": model_dir,
-                "e_ref": state["e_ref"], "e_ml": state["e_ml"]}
+        meta = {"trial": chain["trial"], "retrains": chain["retrains"], "run_id": chain["run_id"],
+                "model_dir": model_dir, "e_ref": state["e_ref"], "e_ml": state["e_ml"]}
         with atomic_path(self.workdir / "restart.npz", fsync=True) as tmp, open(tmp, "wb") as handle:
             np.savez(handle, meta=np.array(json.dumps(meta)), **arrays)
 
