@@ -294,3 +294,96 @@ def test_workdir_resume_repeats_the_chain_exactly_and_repeats_no_reference_call(
     with pytest.raises(MLMDError, match="other settings"):
         slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=30, workdir=tmp_path / "split",
                   **dict(kw, seed=5))
+
+
+# ------------------------------------------------------------------------------ Lennard-Jones against Lennard-Jones
+class PairLJ(Calculator):
+    """The shifted-force Lennard-Jones of :class:`~mlmd_lab.md.forcefield.LennardJones`, in numpy, for clusters."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, epsilon: float, sigma: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.eps, self.sig, self.rc = epsilon, sigma, 2.5 * sigma
+
+    def pair(self, r):
+        s6 = (self.sig / r) ** 6
+        s6c = (self.sig / self.rc) ** 6
+        u = 4 * self.eps * (s6 * s6 - s6)
+        uc = 4 * self.eps * (s6c * s6c - s6c)
+        du = 4 * self.eps * (-12 * s6 * s6 + 6 * s6) / r
+        duc = 4 * self.eps * (-12 * s6c * s6c + 6 * s6c) / self.rc
+        inside = r < self.rc
+        return np.where(inside, u - uc - (r - self.rc) * duc, 0.0), np.where(inside, du - duc, 0.0)
+
+    def energy(self, x) -> float:
+        d = x[:, None, :] - x[None, :, :]
+        r = np.sqrt(np.sum(d * d, axis=2) + np.eye(len(x)))
+        u, _ = self.pair(r)
+        return float(0.5 * np.sum(u * (1 - np.eye(len(x)))))
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        x = self.atoms.positions
+        d = x[:, None, :] - x[None, :, :]
+        r = np.sqrt(np.sum(d * d, axis=2) + np.eye(len(x)))
+        u, du = self.pair(r)
+        off = 1 - np.eye(len(x))
+        forces = -np.sum((du * off / r)[:, :, None] * d, axis=1)
+        self.results = {"energy": float(0.5 * np.sum(u * off)), "forces": forces}
+
+
+LJ_T = 10.0  # K, kT = 0.083 epsilon: a bound, vibrating Ar6 cluster (no isomerisation)
+
+
+def argon_octahedron() -> Atoms:
+    r0 = 2 ** (1 / 6) * 3.40
+    a = r0 / np.sqrt(2)
+    sites = a * np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
+    return Atoms("Ar6", positions=sites, pbc=False)
+
+
+def metropolis(calc: PairLJ, x: np.ndarray, kT: float, sweeps: int, step: float, seed: int) -> np.ndarray:
+    """Plain single-atom random-walk Metropolis on the reference: its energy after every sweep."""
+    rng = np.random.default_rng(seed)
+    x = x.copy()
+    energy = calc.energy(x)
+    out = np.empty(sweeps)
+    for sweep in range(sweeps):
+        for i in range(len(x)):
+            trial = x.copy()
+            trial[i] += rng.uniform(-step, step, 3)
+            e = calc.energy(trial)
+            if np.log(rng.uniform()) < -(e - energy) / kT:
+                x, energy = trial, e
+        out[sweep] = energy
+    return out
+
+
+def test_lennard_jones_reference_is_reproduced_with_a_wrong_lennard_jones_proposal():
+    from mlmd_lab import md
+    from mlmd_lab.analysis import block_average
+
+    kT = units.kB * LJ_T
+    reference = PairLJ(0.0104, 3.40)
+    surrogate = LennardJones(epsilon=0.0125, sigma=3.23)  # 20 % deeper, 5 % shorter: another cluster
+    atoms = argon_octahedron()
+    assert abs(forcefield(LennardJones(), dtype="float64").single_point(atoms)["energy"]
+               - reference.get_potential_energy(atoms)) < 1e-12  # the numpy reference is mlmd_lab's LJ
+
+    direct = block_average(metropolis(reference, atoms.positions, kT, sweeps=20000, step=0.2, seed=0)[500:])
+    chain = slhmc.run(reference, surrogate, atoms, temperature=LJ_T, n_trials=1500, md_steps=10, timestep=5.0,
+                      seed=0)
+    sampled = chain.averages()["energy"]
+    print(f"LJ: SLHMC {sampled.mean:.5f} ± {sampled.stderr:.5f} (acceptance {chain.acceptance_rate:.2f}), "
+          f"Metropolis {direct.mean:.5f} ± {direct.stderr:.5f}")
+    assert abs(sampled.mean - direct.mean) < 3 * np.hypot(sampled.stderr, direct.stderr), (sampled, direct)
+    assert abs(deviation(chain.balance(), 0.0)) < 3
+    assert 0.3 < chain.acceptance_rate < 0.95
+
+    mlmd = md.run(surrogate, atoms, "nvt", temperature=LJ_T, timestep=5.0, steps=12000, trajectory_interval=20,
+                  thermostat_time=500.0, seed=0)
+    frames = list(mlmd.trajectory)[50:]
+    ml_md = block_average(np.array([reference.get_potential_energy(a) for a in frames]))
+    print(f"LJ: ML-MD {ml_md.mean:.5f} ± {ml_md.stderr:.5f}")
+    assert abs(ml_md.mean - direct.mean) > 10 * np.hypot(ml_md.stderr, direct.stderr), (ml_md, direct)
