@@ -333,18 +333,11 @@ class PairLJ(Calculator):
         self.results = {"energy": float(0.5 * np.sum(u * off)), "forces": forces}
 
 
-LJ_T = 10.0  # K, kT = 0.083 epsilon: a bound, vibrating Ar6 cluster (no isomerisation)
+LJ_T = 10.0  # K, kT = 0.083 epsilon: a bound, vibrating Ar4 tetrahedron (LJ4 has no other minimum)
 
 
-def argon_octahedron() -> Atoms:
-    r0 = 2 ** (1 / 6) * 3.40
-    a = r0 / np.sqrt(2)
-    sites = a * np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
-    return Atoms("Ar6", positions=sites, pbc=False)
-
-
-def metropolis(calc: PairLJ, x: np.ndarray, kT: float, sweeps: int, step: float, seed: int) -> np.ndarray:
-    """Plain single-atom random-walk Metropolis on the reference: its energy after every sweep."""
+def metropolis(calc: PairLJ, x: np.ndarray, kT: float, sweeps: int, step: float, seed: int):
+    """Plain single-atom random-walk Metropolis on the reference: its energy after every sweep, final positions."""
     rng = np.random.default_rng(seed)
     x = x.copy()
     energy = calc.energy(x)
@@ -357,7 +350,7 @@ def metropolis(calc: PairLJ, x: np.ndarray, kT: float, sweeps: int, step: float,
             if np.log(rng.uniform()) < -(e - energy) / kT:
                 x, energy = trial, e
         out[sweep] = energy
-    return out
+    return out, x
 
 
 def test_lennard_jones_reference_is_reproduced_with_a_wrong_lennard_jones_proposal():
@@ -366,22 +359,25 @@ def test_lennard_jones_reference_is_reproduced_with_a_wrong_lennard_jones_propos
 
     kT = units.kB * LJ_T
     reference = PairLJ(0.0104, 3.40)
-    surrogate = LennardJones(epsilon=0.0125, sigma=3.23)  # 20 % deeper, 5 % shorter: another cluster
-    atoms = argon_octahedron()
+    surrogate = LennardJones(epsilon=0.0208, sigma=3.42)  # twice as deep, a little longer: a stiffer cluster
+    atoms = lj_cluster()[0]
     assert abs(forcefield(LennardJones(), dtype="float64").single_point(atoms)["energy"]
                - reference.get_potential_energy(atoms)) < 1e-12  # the numpy reference is mlmd_lab's LJ
 
-    direct = block_average(metropolis(reference, atoms.positions, kT, sweeps=20000, step=0.2, seed=0)[500:])
-    chain = slhmc.run(reference, surrogate, atoms, temperature=LJ_T, n_trials=1500, md_steps=10, timestep=5.0,
+    energies, equilibrated = metropolis(reference, atoms.positions, kT, sweeps=20000, step=0.2, seed=0)
+    direct = block_average(energies[500:])
+    start = atoms.copy()
+    start.positions = equilibrated  # both samplers start in equilibrium
+    chain = slhmc.run(reference, surrogate, start, temperature=LJ_T, n_trials=3000, md_steps=20, timestep=10.0,
                       seed=0)
     sampled = chain.averages()["energy"]
-    print(f"LJ: SLHMC {sampled.mean:.5f} ± {sampled.stderr:.5f} (acceptance {chain.acceptance_rate:.2f}), "
-          f"Metropolis {direct.mean:.5f} ± {direct.stderr:.5f}")
+    print(f"LJ: SLHMC {sampled.mean:.5f} ± {sampled.stderr:.5f} (acceptance {chain.acceptance_rate:.2f}, tau_int "
+          f"{sampled.tau_int:.1f} trials), Metropolis {direct.mean:.5f} ± {direct.stderr:.5f}")
     assert abs(sampled.mean - direct.mean) < 3 * np.hypot(sampled.stderr, direct.stderr), (sampled, direct)
     assert abs(deviation(chain.balance(), 0.0)) < 3
     assert 0.3 < chain.acceptance_rate < 0.95
 
-    mlmd = md.run(surrogate, atoms, "nvt", temperature=LJ_T, timestep=5.0, steps=12000, trajectory_interval=20,
+    mlmd = md.run(surrogate, start, "nvt", temperature=LJ_T, timestep=5.0, steps=12000, trajectory_interval=20,
                   thermostat_time=500.0, seed=0)
     frames = list(mlmd.trajectory)[50:]
     ml_md = block_average(np.array([reference.get_potential_energy(a) for a in frames]))
