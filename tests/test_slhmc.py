@@ -383,3 +383,45 @@ def test_lennard_jones_reference_is_reproduced_with_a_wrong_lennard_jones_propos
     ml_md = block_average(np.array([reference.get_potential_energy(a) for a in frames]))
     print(f"LJ: ML-MD {ml_md.mean:.5f} ± {ml_md.stderr:.5f}")
     assert abs(ml_md.mean - direct.mean) > 10 * np.hypot(ml_md.stderr, direct.stderr), (ml_md, direct)
+
+
+# ------------------------------------------------------------------------------------------------ self-learning
+def emt_copper(n: int, seed: int = 0) -> list[Atoms]:
+    """Rattled 8-atom fcc Cu cells labelled by ASE's EMT (energies, forces, stresses)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+        atoms.positions += rng.normal(scale=0.12, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.mark.slow
+def test_learning_phase_raises_the_acceptance_of_a_potential_trained_on_30_frames():
+    """EMT Cu at 600 K from an HDNNP trained on 30 rattled frames; ~60-90 s (four retrainings)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from mlmd_lab.slhmc.learning import QUICK
+    from mlmd_lab.train.trainer import Trainer, TrainingConfig
+
+    start_model = Trainer(emt_copper(30), TrainingConfig(**dict(QUICK, cutoff=4.5)), progress=False).fit()
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
+    result = slhmc.run(EMT(), start_model, atoms, temperature=600, n_trials=80, md_steps=20, timestep=2.0,
+                       learn_trials=40, retrain_every=10)
+    curve = [float(result.accepted[k:k + 10].mean()) for k in range(0, 80, 10)]
+    print("acceptance per 10 trials:", curve)
+    assert result.phases == {"learning": (0, 40), "production": (40, 80)}
+    assert [r["trial"] for r in result.retrain_history] == [10, 20, 30, 40]
+    assert [r["frames"] for r in result.retrain_history] == [11, 21, 31, 41]  # every result, accepted or not
+    assert result.model is not start_model
+    assert curve[0] <= 0.2 and np.mean(curve[4:]) >= np.mean(curve[:2]) + 0.4
+    assert result.averages()["energy"].n_samples == 40  # production only

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         timestep: float = 0.5, ensemble: str = "nvt", pressure: float | None = None, seed: int = 0,
         learn_trials: int = 0, retrain_every: int | None = None, workdir: str | Path | None = None, db=None,
         cluster=None, progress: bool = False, volume_step: float = DEFAULT_VOLUME_STEP,
-        skin: float = DEFAULT_SKIN, train_config=None) -> SLHMCResult:
+        skin: float = DEFAULT_SKIN, train_config=None, train_frames: Sequence[Atoms] = ()) -> SLHMCResult:
     """Self-learning hybrid Monte Carlo: sample the reference's (DFT's) ensemble exactly with ML proposals.
 
     Each NVE trial draws Maxwell–Boltzmann momenta at ``temperature``, runs ``md_steps`` velocity-Verlet steps
@@ -68,7 +69,10 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         progress: show a progress bar.
         volume_step: half-width of the uniform ln V step of the volume moves (NPT).
         skin: neighbour-list skin in Å for JAX potentials (any value gives the same chain).
-        train_config: a :class:`~mlmd_lab.train.trainer.TrainingConfig` for retraining (default: small, quick).
+        train_config: a :class:`~mlmd_lab.train.trainer.TrainingConfig` for retraining (default
+            :data:`mlmd_lab.slhmc.learning.QUICK`; give max_epochs, so that retraining is deterministic).
+        train_frames: labelled frames added to every retraining (e.g. those the starting potential was
+            trained on).
 
     Returns:
         :class:`~mlmd_lab.slhmc.result.SLHMCResult`.
@@ -87,7 +91,7 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         "skin_A": float(skin), "n_atoms": len(atoms), "symbols": atoms.get_chemical_formula(),
         "structure": structure_digest(atoms), "potential": _describe(potential),
     }
-    chain = _Chain(reference, potential, atoms, settings, workdir, db, cluster, train_config)
+    chain = _Chain(reference, potential, atoms, settings, workdir, db, cluster, (train_config, train_frames))
     return chain.run(int(n_trials), progress)
 
 
@@ -223,7 +227,7 @@ class _Chain:
         if self.settings["learn_trials"]:
             from mlmd_lab.slhmc.learning import Learner
 
-            self.learner = Learner(self.settings, self.store, self.train_config)
+            self.learner = Learner(self.settings, self.store, *self.train_config)
 
     def _new_state(self, positions, cell, momenta, result: dict, e_ml: float) -> dict:
         return {"positions": np.array(positions, np.float64), "cell": np.array(cell, np.float64),
