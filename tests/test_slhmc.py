@@ -425,3 +425,31 @@ def test_learning_phase_raises_the_acceptance_of_a_potential_trained_on_30_frame
     assert result.model is not start_model
     assert curve[0] <= 0.2 and np.mean(curve[4:]) >= np.mean(curve[:2]) + 0.4
     assert result.averages()["energy"].n_samples == 40  # production only
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def test_cli_slhmc_runs_and_continues_the_chain(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ase.build import bulk
+    from conftest import random_cu_s_model
+
+    random_cu_s_model().to_n2p2(tmp_path / "nnp")
+    structure = tmp_path / "cu.extxyz"
+    bulk("Cu", "fcc", a=3.61, cubic=True).write(structure)
+    work = tmp_path / "chain"
+    base = [sys.executable, "-m", "mlmd_lab.cli", "slhmc", "--n2p2", str(tmp_path / "nnp"), "--reference", "emt",
+            "--structure", str(structure), "--temperature", "300", "--md-steps", "5", "--timestep", "1.0",
+            "--workdir", str(work)]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(base + ["--trials", "6"], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "6 trials" in out.stdout and "energy:" in out.stdout
+    out = subprocess.run(base + ["--trials", "10"], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "10 trials" in out.stdout
+    assert len((work / "chain.log").read_text().splitlines()) == 11
+    bad = subprocess.run(base + ["--trials", "10", "--temperature", "-1"], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "temperature" in bad.stderr
