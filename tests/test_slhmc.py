@@ -453,3 +453,45 @@ def test_cli_slhmc_runs_and_continues_the_chain(tmp_path):
     assert len((work / "chain.log").read_text().splitlines()) == 11
     bad = subprocess.run(base + ["--trials", "10", "--temperature", "-1"], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "temperature" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------ DFT recipe reference
+def test_dft_recipe_reference_lands_in_the_database_and_is_never_repeated(db, tmp_path, monkeypatch):
+    """PySCF (LDA, STO-3G) on H2 as the reference, through the labelling machinery, with a Morse proposal."""
+    pytest.importorskip("pyscf")
+    from ase.calculators.morse import MorsePotential
+
+    from mlmd_lab.dft import PySCF
+    from mlmd_lab.dft.label import LEDGER
+
+    recipe = PySCF(xc="LDA", basis="sto-3g")
+    runs = []
+    calculate = PySCF.calculate
+
+    def counted(self, atoms, folder):
+        runs.append(folder)
+        return calculate(self, atoms, folder)
+
+    monkeypatch.setattr(PySCF, "calculate", counted)
+    h2 = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.76]], pbc=False)
+    surrogate = MorsePotential(epsilon=4.5, r0=0.74, rho0=1.4)
+    kw = dict(temperature=300.0, md_steps=5, timestep=0.5, workdir=tmp_path / "chain", db=db)
+    first = slhmc.run(recipe, surrogate, h2, n_trials=3, **kw)
+    run_tag = f"slhmc-{first.run_id}"
+    frames = db.frames(tags=["slhmc", run_tag])
+    assert len(frames) == 4  # the start and three proposals, each with energy and forces
+    for k, accepted in enumerate(first.accepted):
+        assert db.count(tags=[run_tag, f"trial-{k}"]) == 1
+        assert db.count(tags=[run_tag, f"trial-{k}", "accepted" if accepted else "rejected"]) == 1
+    assert np.isclose(first.reference_energies[-1], first.states[-1].get_potential_energy())
+    ledger = db.mongo[LEDGER]
+    assert ledger.count_documents({"status": "complete"}) == 4 and len(runs) == 4
+    # the workdir's restart and reference cache lost: the chain restarts from trial 0 and the ledger answers
+    # every calculation it already holds (the chain is a function of the seed, so they are the same ones)
+    (tmp_path / "chain" / "reference.traj").unlink()
+    (tmp_path / "chain" / "restart.npz").unlink()
+    more = slhmc.run(recipe, surrogate, h2, n_trials=5, **kw)
+    assert ledger.count_documents({"status": "complete"}) == 6
+    assert len(runs) == 6  # only trials 3 and 4 were calculated
+    assert len(db.frames(tags=[run_tag])) == 6
+    assert list(more.accepted[:3]) == list(first.accepted)

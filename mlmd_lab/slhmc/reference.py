@@ -91,7 +91,7 @@ def _from_frames(db, frame_ids, n_atoms: int) -> dict:
     """The energy, forces and stress of the database frame a DFT calculation produced (its last one)."""
     if not frame_ids:
         return {"energy": float("nan"), "failed": True, "error": "the DFT output held no frame"}
-    frames = list(db.frames({"_id": {"$in": list(frame_ids)}}))
+    frames = list(db.frames(query={"_id": {"$in": list(frame_ids)}}))
     if not frames:
         return {"energy": float("nan"), "failed": True, "error": "the DFT frame is missing from the database"}
     atoms = frames[-1]
