@@ -495,3 +495,57 @@ def test_dft_recipe_reference_lands_in_the_database_and_is_never_repeated(db, tm
     assert len(runs) == 6  # only trials 3 and 4 were calculated
     assert len(db.frames(tags=[run_tag])) == 6
     assert list(more.accepted[:3]) == list(first.accepted)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+from test_slhmc import HARMONIC, Counting, four_hydrogens
+from mlmd_lab import slhmc
+
+class Dying(Counting):
+    def calculate(self, *args, **kwargs):
+        if self.calls == 15:
+            os.kill(os.getpid(), signal.SIGKILL)  # kill -9 at the 16th reference call
+        super().calculate(*args, **kwargs)
+
+slhmc.run(Dying(), HARMONIC, four_hydrogens(), n_trials=20, workdir={workdir!r}, temperature=300.0, md_steps=10,
+          timestep=1.0, seed=4)
+"""
+
+
+def test_sigkill_mid_run_resumes_exactly(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ase.io import read
+
+    work = tmp_path / "chain"
+    code = KILLED_RUN.format(tests=str(Path(__file__).parent), workdir=str(work))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == -9, proc.stderr
+    assert len(read(work / "reference.traj", ":")) == 15  # every finished calculation is on disk
+    kw = dict(temperature=T, md_steps=10, timestep=1.0, seed=4)
+    reference = Counting()
+    resumed = slhmc.run(reference, HARMONIC, four_hydrogens(), n_trials=20, workdir=work, **kw)
+    assert reference.calls == 6  # trials 15-20 (0-based 14-19): nothing earlier again
+    whole = slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=20, **kw)
+    np.testing.assert_array_equal(resumed.reference_energies, whole.reference_energies)
+    np.testing.assert_array_equal(resumed.accepted, whole.accepted)
+    assert resumed.n_reference_calls == 21 and len(resumed.states) == 20
+
+
+def test_fixed_atoms_stay_and_the_free_ones_are_sampled_exactly():
+    from ase.constraints import FixAtoms
+
+    atoms = four_hydrogens()
+    atoms.positions[0] = [0.3, 0.0, 0.0]
+    atoms.set_constraint(FixAtoms(indices=[0]))
+    result = slhmc.run(QUARTIC, HARMONIC, atoms, **QUARTIC_RUN)
+    assert all(np.array_equal(s.positions[0], [0.3, 0.0, 0.0]) for s in result.states)
+    exact = 9 * KT / 4 + 0.3**4  # nine free coordinates, and the fixed atom's own energy
+    check = exactness(result, exact)
+    assert abs(check["energy"]) < 3 and abs(check["balance"]) < 3, check
