@@ -549,3 +549,96 @@ def test_fixed_atoms_stay_and_the_free_ones_are_sampled_exactly():
     exact = 9 * KT / 4 + 0.3**4  # nine free coordinates, and the fixed atom's own energy
     check = exactness(result, exact)
     assert abs(check["energy"]) < 3 and abs(check["balance"]) < 3, check
+
+
+class PeriodicLJ(PairLJ):
+    """:class:`PairLJ` in a periodic cell (vesin pair list), with the stress: the NPT reference."""
+
+    implemented_properties = ["energy", "forces", "stress"]
+
+    def evaluate(self, positions, cell):
+        from mlmd_lab.potentials.neighbours import pair_list
+
+        i, j, _, d = pair_list(positions, cell, np.ones(3, bool), self.rc)
+        r = np.linalg.norm(d, axis=1)
+        u, du = self.pair(r)
+        energy = 0.5 * float(np.sum(u))
+        pair_force = (du / r)[:, None] * d  # dU/dd of each (i, j) entry, full list
+        forces = np.zeros_like(positions)
+        np.add.at(forces, i, pair_force * 0.5)
+        np.add.at(forces, j, -pair_force * 0.5)
+        virial = 0.5 * np.einsum("pa,pb->ab", d, pair_force)
+        return energy, forces, virial
+
+    def energy(self, x, cell=None) -> float:
+        return self.evaluate(x, cell)[0]
+
+    def atom_energy(self, x, cell, k: int) -> float:
+        """Energy of atom k with all others and their images (cubic cell wider than the cutoff, wrapped x)."""
+        images = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1])).reshape(3, -1).T @ cell
+        d = (np.delete(x, k, axis=0) - x[k])[:, None, :] + images[None]
+        self_images = images[np.any(images != 0, axis=1)]
+        r = np.concatenate([np.linalg.norm(d, axis=2).ravel(), np.linalg.norm(self_images, axis=1)])
+        u, _ = self.pair(r)
+        n_self = len(self_images)
+        return float(np.sum(u[:-n_self]) + 0.5 * np.sum(u[-n_self:]))
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        Calculator.calculate(self, atoms, properties, system_changes)
+        energy, forces, virial = self.evaluate(self.atoms.positions, self.atoms.cell.array)
+        t = virial / self.atoms.get_volume()
+        self.results = {"energy": energy, "forces": forces,
+                        "stress": np.array([t[0, 0], t[1, 1], t[2, 2], t[1, 2], t[0, 2], t[0, 1]])}
+
+
+def npt_metropolis(calc: PeriodicLJ, atoms: Atoms, kT: float, pressure: float, sweeps: int, step: float,
+                   volume_step: float, seed: int):
+    """Plain NPT Metropolis on the reference: single-atom moves, one ln V move per sweep ((N+1) Jacobian);
+    energy and volume after every sweep."""
+    rng = np.random.default_rng(seed)
+    x, h = atoms.get_positions(wrap=True), atoms.cell.array.copy()
+    n = len(x)
+    energy = calc.energy(x, h)
+    out = np.empty((sweeps, 2))
+    for sweep in range(sweeps):
+        for k in range(n):
+            trial = x.copy()
+            trial[k] = (trial[k] + rng.uniform(-step, step, 3)) % np.diag(h)
+            change = calc.atom_energy(trial, h, k) - calc.atom_energy(x, h, k)
+            if np.log(rng.uniform()) < -change / kT:
+                x, energy = trial, energy + change
+        energy = calc.energy(x, h)  # afresh: no rounding drift from the summed changes
+        delta = rng.uniform(-volume_step, volume_step)
+        s = np.exp(delta / 3)
+        e = calc.energy(x * s, h * s)
+        v = abs(np.linalg.det(h))
+        if np.log(rng.uniform()) < -(e - energy + pressure * v * (np.exp(delta) - 1)) / kT + (n + 1) * delta:
+            x, h, energy = x * s, h * s, e
+        out[sweep] = energy, abs(np.linalg.det(h))
+    return out
+
+
+@pytest.mark.slow
+def test_npt_lennard_jones_matches_reference_npt_monte_carlo():
+    """Solid Ar32 at 40 K and 0.1 GPa: SLHMC NPT with a wrong LJ proposing (JAX) against NPT Metropolis; ~1-2 min."""
+    from ase.build import bulk
+
+    from mlmd_lab.analysis import block_average
+
+    temperature, pressure = 40.0, 0.1
+    kT, p = units.kB * temperature, pressure * units.GPa
+    reference = PeriodicLJ(0.0104, 3.40)
+    atoms = bulk("Ar", "fcc", a=5.30, cubic=True).repeat(2)
+    direct = npt_metropolis(reference, atoms, kT, p, sweeps=3000, step=0.15, volume_step=0.01, seed=0)[300:]
+    u_direct, v_direct = block_average(direct[:, 0]), block_average(direct[:, 1])
+    chain = slhmc.run(reference, LennardJones(epsilon=0.0114, sigma=3.37), atoms, temperature=temperature,
+                      n_trials=3000, md_steps=20, timestep=5.0, ensemble="npt", pressure=pressure, volume_step=0.01,
+                      learn_trials=0, seed=0)
+    averages = chain.averages()
+    u, v = averages["energy"], averages["volume"]
+    print(f"NPT LJ: SLHMC U {u.mean:.5f} ± {u.stderr:.5f}, V {v.mean:.2f} ± {v.stderr:.2f}, acceptance "
+          f"{chain.acceptance_by_kind()}; Metropolis U {u_direct.mean:.5f} ± {u_direct.stderr:.5f}, "
+          f"V {v_direct.mean:.2f} ± {v_direct.stderr:.2f}")
+    assert abs(u.mean - u_direct.mean) < 3 * np.hypot(u.stderr, u_direct.stderr)
+    assert abs(v.mean - v_direct.mean) < 3 * np.hypot(v.stderr, v_direct.stderr)
+    assert abs(averages["pressure"].mean - pressure) < 3 * averages["pressure"].stderr + 0.01

@@ -191,7 +191,7 @@ class _Chain:
     """One chain: its state, the propagator, the reference, the store; :meth:`run` adds trials."""
 
     def __init__(self, reference, potential, atoms: Atoms, settings: dict, workdir, db, cluster,
-                 train_config) -> None:
+                 learning: tuple) -> None:
         self.settings, self.atoms, self.potential = settings, atoms, potential
         self.free = free_mask(atoms)
         self.masses = atoms.get_masses()[:, None]
@@ -200,7 +200,7 @@ class _Chain:
         self.store = ChainStore(workdir, settings)
         self.run_id = self.store.run_id or uuid.uuid4().hex[:12]
         self.reference = Reference(reference, db=db, cluster=cluster, store=self.store, run_id=self.run_id)
-        self.train_config = train_config
+        self.learning = learning  # (TrainingConfig or None, extra training frames)
         self.learner = None
         self.trial = 0
         self.state: dict | None = None
@@ -227,7 +227,7 @@ class _Chain:
         if self.settings["learn_trials"]:
             from mlmd_lab.slhmc.learning import Learner
 
-            self.learner = Learner(self.settings, self.store, *self.train_config)
+            self.learner = Learner(self.settings, self.store, *self.learning)
 
     def _new_state(self, positions, cell, momenta, result: dict, e_ml: float) -> dict:
         return {"positions": np.array(positions, np.float64), "cell": np.array(cell, np.float64),

@@ -52,7 +52,8 @@ class SLHMCResult:
         ml_energies: (n_trials,) eV, the ML energy of each proposal.
         delta_h: (n_trials,) eV, H' - H of each proposal (kinetic + reference; volume moves: ΔU + PΔV).
         kinds: (n_trials,) "md" (NVE trial) or "volume" (ln V move).
-        failed: (n_trials,) bool, the reference failed on the proposal (rejected).
+        failed: (n_trials,) bool, the proposal was rejected because the reference failed on it (recorded with
+            its error in ``reference.traj``) or the ML trajectory blew up (non-finite; no reference call made).
         n_reference_calls: reference calculations made for this chain (the initial state included; calls
             answered from the workdir's cache on resume are not counted twice).
         states: chain states as Atoms (reference energy, forces, stress attached), one per trial; with a
@@ -89,7 +90,7 @@ class SLHMCResult:
 
     def acceptance_by_kind(self) -> dict[str, float]:
         """Acceptance rate of each kind of trial ("md", "volume") over the whole chain."""
-        return {k: float(np.mean(self.accepted[self.kinds == k])) for k in np.unique(self.kinds)}
+        return {str(k): float(np.mean(self.accepted[self.kinds == k])) for k in np.unique(self.kinds)}
 
     def averages(self) -> dict[str, Average]:
         """Production-phase averages of "energy" (eV), and where defined "volume" (Å³) and "pressure" (GPa).
