@@ -233,8 +233,10 @@ def test_potential_without_the_structures_elements_is_refused():
     from conftest import random_cu_s_model
 
     atoms = Atoms("CuO", positions=[[0, 0, 0], [2.0, 0, 0]], pbc=False)
+    reference = Counting()
     with pytest.raises(MLMDError, match=r"\['O'\]"):
-        slhmc.run(QUARTIC, random_cu_s_model(), atoms, temperature=T, n_trials=1)
+        slhmc.run(reference, random_cu_s_model(), atoms, temperature=T, n_trials=1)
+    assert reference.calls == 0  # refused before the first (DFT) call
 
 
 def test_a_failing_reference_rejects_and_records_the_trial():

@@ -214,6 +214,9 @@ class _Chain:
             self.retrains = saved["retrains"]
             if saved.get("model") is not None:
                 self.potential = saved["model"]
+        # before any reference call: a potential that lacks the structure's elements fails here, not after DFT
+        self.propagator = make_propagator(self.potential, self.atoms, self.free, self.settings)
+        if saved is not None:
             self.store.start_files(self.run_id, self.trial)
         else:  # a workdir with settings but no restart was killed in its first reference call: keep its cache
             self.store.start_files(self.run_id, 0 if self.store.run_id else None)
@@ -223,7 +226,6 @@ class _Chain:
                                 "its energy there: check the reference's settings or the structure")
             self.state = self._new_state(self.atoms.positions, self.atoms.cell.array,
                                          np.zeros_like(self.atoms.positions), result, np.nan)
-        self.propagator = make_propagator(self.potential, self.atoms, self.free, self.settings)
         if self.settings["learn_trials"]:
             from mlmd_lab.slhmc.learning import Learner
 
