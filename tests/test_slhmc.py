@@ -158,19 +158,21 @@ def _langevin_inside(tau_fs: float):
     return hook
 
 
+#: name -> (seam of mlmd_lab.slhmc.kernel, a factory of its wrong version: fresh noise streams in every test)
 MUTANTS = {
-    "accept with the ML energy": ("_acceptance_energy", lambda e_ref, e_ml: e_ml),
-    "no kinetic term": ("_hamiltonian", lambda potential, kinetic: potential),
-    "no momentum refresh": ("_refresh_momenta", _no_refresh),
-    "friction inside the trajectory": ("_trajectory_hook", lambda momenta, dt: momenta * np.exp(-dt / (20 * units.fs))),
-    "Langevin thermostat inside the trajectory": ("_trajectory_hook", _langevin_inside(5.0)),
+    "accept with the ML energy": ("_acceptance_energy", lambda: lambda e_ref, e_ml: e_ml),
+    "no kinetic term": ("_hamiltonian", lambda: lambda potential, kinetic: potential),
+    "no momentum refresh": ("_refresh_momenta", lambda: _no_refresh),
+    "friction inside the trajectory": ("_trajectory_hook",
+                                       lambda: lambda momenta, dt: momenta * np.exp(-dt / (20 * units.fs))),
+    "Langevin thermostat inside the trajectory": ("_trajectory_hook", lambda: _langevin_inside(5.0)),
 }
 
 
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_kernels_fail_the_exactness_check(name, monkeypatch):
-    seam, wrong = MUTANTS[name]
-    monkeypatch.setattr(kernel, seam, wrong)
+    seam, make = MUTANTS[name]
+    monkeypatch.setattr(kernel, seam, make())
     check = exactness(slhmc.run(QUARTIC, HARMONIC, four_hydrogens(), **QUARTIC_RUN), EXACT_U)
     print(name, check)
     assert max(abs(v) for v in check.values()) > 5, f"{name} passed the exactness check: {check}"
