@@ -278,6 +278,8 @@ def _slhmc_args(sub) -> None:
     sh.add_argument("--learn-trials", type=int, default=0, help="trials of the learning phase (retraining)")
     sh.add_argument("--retrain-every", type=int, help="trials between retrainings in the learning phase")
     sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--delayed-acceptance", action="store_true",
+                    help="screen proposals with the ML energy first (exact; saves reference calls)")
     sh.add_argument("--workdir", required=True, help="folder for chain.log, states.traj, restart.npz")
     sh.set_defaults(func=cmd_slhmc)
 
@@ -304,7 +306,8 @@ def cmd_slhmc(args: argparse.Namespace) -> int:
     result = slhmc.run(reference, potential, frames[0], temperature=args.temperature, n_trials=args.trials,
                        md_steps=args.md_steps, timestep=args.timestep, ensemble=args.ensemble, pressure=args.pressure,
                        seed=args.seed, learn_trials=args.learn_trials, retrain_every=args.retrain_every,
-                       workdir=args.workdir, db=db, progress=sys.stderr.isatty(), volume_step=args.volume_step)
+                       workdir=args.workdir, db=db, progress=sys.stderr.isatty(), volume_step=args.volume_step,
+                       delayed_acceptance=args.delayed_acceptance)
     print(f"{len(result.accepted)} trials, acceptance {result.acceptance_rate:.3f}, "
           f"{result.n_reference_calls} reference calls; phases {result.phases}")
     start, stop = result.phases["production"]

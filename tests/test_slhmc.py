@@ -178,6 +178,16 @@ def test_mutant_kernels_fail_the_exactness_check(name, monkeypatch):
     assert max(abs(v) for v in check.values()) > 5, f"{name} passed the exactness check: {check}"
 
 
+def test_delayed_acceptance_is_exact_and_saves_reference_calls():
+    """8 fs steps: the harmonic proposal's own energy error now screens out some proposals before the reference."""
+    result = slhmc.run(QUARTIC, HARMONIC, four_hydrogens(), **dict(QUARTIC_RUN, timestep=8.0),
+                       delayed_acceptance=True)
+    assert abs(deviation(result.averages()["energy"], EXACT_U)) < 3
+    screened = int(result.screened.sum())
+    assert screened > 50 and not result.accepted[result.screened].any()
+    assert result.n_reference_calls == QUARTIC_RUN["n_trials"] + 1 - screened
+
+
 # ------------------------------------------------------------------------------------------------------- NPT
 def ideal_gas(n: int = 2) -> Atoms:
     rng = np.random.default_rng(0)

@@ -37,7 +37,8 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         timestep: float = 0.5, ensemble: str = "nvt", pressure: float | None = None, seed: int = 0,
         learn_trials: int = 0, retrain_every: int | None = None, workdir: str | Path | None = None, db=None,
         cluster=None, progress: bool = False, volume_step: float = DEFAULT_VOLUME_STEP,
-        skin: float = DEFAULT_SKIN, train_config=None, train_frames: Sequence[Atoms] = ()) -> SLHMCResult:
+        skin: float = DEFAULT_SKIN, train_config=None, train_frames: Sequence[Atoms] = (),
+        delayed_acceptance: bool = False) -> SLHMCResult:
     """Self-learning hybrid Monte Carlo: sample the reference's (DFT's) ensemble exactly with ML proposals.
 
     Each NVE trial draws Maxwell–Boltzmann momenta at ``temperature``, runs ``md_steps`` velocity-Verlet steps
@@ -73,6 +74,8 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
             :data:`mlmd_lab.slhmc.learning.QUICK`; give max_epochs, so that retraining is deterministic).
         train_frames: labelled frames added to every retraining (e.g. those the starting potential was
             trained on).
+        delayed_acceptance: screen each NVE proposal with the ML energy first (exact, see
+            :mod:`mlmd_lab.slhmc.kernel`); proposals it rejects cost no reference call (``screened`` in the log).
 
     Returns:
         :class:`~mlmd_lab.slhmc.result.SLHMCResult`.
@@ -88,7 +91,8 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         "temperature_K": float(temperature), "md_steps": int(md_steps), "timestep_fs": float(timestep),
         "ensemble": ensemble, "pressure_GPa": None if pressure is None else float(pressure), "seed": int(seed),
         "learn_trials": int(learn_trials), "retrain_every": retrain_every, "volume_step": float(volume_step),
-        "skin_A": float(skin), "n_atoms": len(atoms), "symbols": atoms.get_chemical_formula(),
+        "skin_A": float(skin), "delayed_acceptance": bool(delayed_acceptance), "n_atoms": len(atoms),
+        "symbols": atoms.get_chemical_formula(),
         "structure": structure_digest(atoms), "potential": _describe(potential),
     }
     chain = _Chain(reference, potential, atoms, settings, workdir, db, cluster, (train_config, train_frames))
@@ -262,14 +266,22 @@ class _Chain:
                "kinetic": kernel.kinetic_energy(p, self.masses, self.free[:, None])}
         if out["failed"]:
             return self._rejected(rng, trial, np.nan, np.nan, "the ML trajectory blew up", p)
+        new = {"e_ml": out["e_ml_end"], "kinetic": kernel.kinetic_energy(out["momenta"], self.masses,
+                                                                         self.free[:, None])}
+        screen = 0.0
+        if self.settings["delayed_acceptance"]:
+            screen = kernel.log_screen_nve(self.kT, old, new)
+            if not kernel.accept(rng, screen):
+                self.state = dict(self.state, momenta=np.array(p))
+                return {"accepted": False, "e_ml": out["e_ml_end"], "delta_h": np.nan, "failed": False,
+                        "error": "", "result": None, "screened": True}
         result = self._call_reference(self._atoms(out["positions"], s["cell"]), trial)
-        new = {"e_ref": result["energy"], "e_ml": out["e_ml_end"],
-               "kinetic": kernel.kinetic_energy(out["momenta"], self.masses, self.free[:, None])}
+        new["e_ref"] = result["energy"]
         log_ratio = kernel.log_acceptance_nve(self.kT, old, new)
         delta_h = -log_ratio * self.kT if np.isfinite(log_ratio) else np.nan
         if result["failed"]:
             return self._rejected(rng, trial, out["e_ml_end"], delta_h, result["error"], p)
-        accepted = kernel.accept(rng, log_ratio)
+        accepted = kernel.accept(rng, log_ratio - screen)
         proposal = self._new_state(out["positions"], s["cell"], out["momenta"], result, out["e_ml_end"])
         return self._decided(accepted, proposal, p, delta_h, result, trial)
 
@@ -357,7 +369,8 @@ class _Chain:
             acceptance_rate=float(accepted.mean()), reference_energies=table["E_ref_eV"], accepted=accepted,
             volumes=table["volume_A3"], pressures=table["pressure_GPa"], ml_energies=table["E_ML_eV"],
             delta_h=table["dH_eV"], kinds=np.where(table["volume_move"].astype(bool), "volume", "md"),
-            failed=table["failed"].astype(bool), n_reference_calls=self._calls(), states=self.store.states(),
+            failed=table["failed"].astype(bool), screened=table["screened"].astype(bool),
+            n_reference_calls=self._calls(), states=self.store.states(),
             model=self.potential, phases={"learning": (0, learn), "production": (learn, n_trials)},
             temperature=self.settings["temperature_K"], pressure=self.settings["pressure_GPa"],
             workdir=self.store.workdir, run_id=self.run_id, production_calls=self._calls(production=True),

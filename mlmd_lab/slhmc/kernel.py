@@ -25,6 +25,11 @@ s fixed). The target in (s, V) is V^N exp(-β[U + PV]) (the Jacobian of r = V^(1
 
 For an ideal gas (U = 0) the chain's volume density is then V^N e^(-βPV): a Gamma(N+1, kT/P), ⟨V⟩ = (N+1)kT/P.
 
+**Delayed acceptance** (optional; Christen & Fox 2005): first accept with a1 = min(1, exp(-βΔH_ML)) using the
+ML energies only; only then call the reference and accept with a2 = min(1, exp(-β[ΔH_ref - ΔH_ML])). With
+q ∝ exp(-βH_ML) and y = F(x): π(x) a1 a2 = min(π(x), π(x) q(y)/q(x), ..., π(y)) is symmetric in x <-> y, so the
+kernel stays exact; proposals the ML already rejects cost no reference call.
+
 The few functions prefixed with an underscore below are the seams of the method (refresh, Hamiltonian,
 acceptance energy, in-trajectory momentum update, Jacobian); the tests replace each by a deliberately wrong
 version and check that the exactness test catches it.
@@ -87,6 +92,12 @@ def log_acceptance_nve(kT: float, old: dict, new: dict) -> float:
     h_old = _hamiltonian(_acceptance_energy(old["e_ref"], old["e_ml"]), old["kinetic"])
     h_new = _hamiltonian(_acceptance_energy(new["e_ref"], new["e_ml"]), new["kinetic"])
     delta = h_new - h_old
+    return -delta / kT if np.isfinite(delta) else -np.inf
+
+
+def log_screen_nve(kT: float, old: dict, new: dict) -> float:
+    """ln of the first-stage ratio of delayed acceptance: -β[H_ML(r', p') - H_ML(r, p)] (ML energies)."""
+    delta = _hamiltonian(new["e_ml"], new["kinetic"]) - _hamiltonian(old["e_ml"], old["kinetic"])
     return -delta / kT if np.isfinite(delta) else -np.inf
 
 

@@ -52,6 +52,7 @@ class SLHMCResult:
         ml_energies: (n_trials,) eV, the ML energy of each proposal.
         delta_h: (n_trials,) eV, H' - H of each proposal (kinetic + reference; volume moves: ΔU + PΔV).
         kinds: (n_trials,) "md" (NVE trial) or "volume" (ln V move).
+        screened: (n_trials,) bool, rejected by delayed acceptance on the ML energy (no reference call).
         failed: (n_trials,) bool, the proposal was rejected because the reference failed on it (recorded with
             its error in ``reference.traj``) or the ML trajectory blew up (non-finite; no reference call made).
         n_reference_calls: reference calculations made for this chain (the initial state included; calls
@@ -73,6 +74,7 @@ class SLHMCResult:
     delta_h: np.ndarray
     kinds: np.ndarray
     failed: np.ndarray
+    screened: np.ndarray
     n_reference_calls: int
     states: Sequence[Atoms]
     model: object
@@ -121,7 +123,8 @@ class SLHMCResult:
         E[min(1, e^(-βΔH))] = P(ΔH ≤ 0) + P(ΔH < 0). Unlike ⟨e^(-βΔH)⟩ = 1 the terms are bounded
         (−2 ≤ d ≤ 1), so the error bar is reliable; a thermostat inside the trajectory or a map that is not
         volume preserving shifts it (a contracting map makes ΔH < 0 likely and accepts nearly all of them).
-        Failed trials (no ΔH) are left out; under NPT only the NVE trials count.
+        Failed trials (no ΔH) are left out; under NPT only the NVE trials count. Not meaningful with delayed
+        acceptance (the screened proposals have no ΔH).
         """
         start, stop = self.phases["production"]
         kT = units.kB * self.temperature

@@ -3,7 +3,8 @@
 Workdir files:
 
 - ``chain.log``: text table, one row per trial (columns :data:`LOG_COLUMNS`, units in the names; floats written
-  so they read back exactly); ``acceptance`` is the running acceptance rate;
+  so they read back exactly); ``acceptance`` is the running acceptance rate, ``screened`` marks proposals
+  that delayed acceptance rejected on the ML energy (no reference call);
 - ``states.traj``: ASE trajectory of the chain state after each trial (reference energy, forces, stress);
 - ``reference.traj``: every reference result, with its trial and the structure's digest (the cache a resumed
   run answers from instead of recalculating);
@@ -26,11 +27,11 @@ from ase.io import Trajectory
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.files import atomic_path, atomic_write_text
 
-LOG_COLUMNS = ("trial", "volume_move", "accepted", "failed", "E_ref_eV", "E_ML_eV", "dH_eV", "acceptance",
-               "volume_A3", "pressure_GPa")
+LOG_COLUMNS = ("trial", "volume_move", "accepted", "failed", "screened", "E_ref_eV", "E_ML_eV", "dH_eV",
+               "acceptance", "volume_A3", "pressure_GPa")
 #: Settings that must match for a workdir's chain to be continued.
 _IDENTITY = ("temperature_K", "md_steps", "timestep_fs", "ensemble", "pressure_GPa", "seed", "learn_trials",
-             "retrain_every", "volume_step", "n_atoms", "symbols", "structure", "potential")
+             "retrain_every", "volume_step", "delayed_acceptance", "n_atoms", "symbols", "structure", "potential")
 
 
 def structure_digest(atoms: Atoms) -> str:
@@ -149,10 +150,11 @@ class ChainStore:
     # -- records ----------------------------------------------------------------------------------------
     def record(self, trial: int, outcome: dict, state: dict, atoms: Atoms, kT: float, n_free: int) -> None:
         """One row of the chain log and one chain state, after trial ``trial``."""
-        accepted = [r[2] for r in self.rows] + [float(outcome["accepted"])]
+        accepted = [r[LOG_COLUMNS.index("accepted")] for r in self.rows] + [float(outcome["accepted"])]
         volume = abs(float(np.linalg.det(state["cell"]))) if atoms.pbc.all() else float("nan")
         row = [trial, float(outcome["kind"] == "volume"), float(outcome["accepted"]), float(outcome["failed"]),
-               state["e_ref"], outcome["e_ml"], outcome["delta_h"], float(np.mean(accepted)), volume,
+               float(outcome.get("screened", False)), state["e_ref"], outcome["e_ml"], outcome["delta_h"],
+               float(np.mean(accepted)), volume,
                pressure_gpa(state, int(n_free), kT) if atoms.pbc.all() else float("nan")]
         self.rows.append([float(v) for v in row])
         atoms.info.update(trial=trial, accepted=bool(outcome["accepted"]))
@@ -166,7 +168,7 @@ class ChainStore:
         self._traj.write(atoms)
 
     def acceptance(self) -> float:
-        return self.rows[-1][7] if self.rows else 0.0
+        return self.rows[-1][LOG_COLUMNS.index("acceptance")] if self.rows else 0.0
 
     def table(self) -> dict[str, np.ndarray]:
         data = np.array(self.rows, np.float64).reshape(-1, len(LOG_COLUMNS))
