@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _models_args(sub)
     _md_args(sub)
+    _slhmc_args(sub)
     _label_args(sub)
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
@@ -252,6 +253,69 @@ def cmd_md(args: argparse.Namespace) -> int:
         print(f"step {int(last['step'])}: T = {last['temperature_K']:.1f} K, E_tot = {last['etot_eV']:.6f} eV, "
               f"P = {last['pressure_GPa']:.4f} GPa")
     print(f"output in {result.workdir}: md.traj, md.log, restart.npz")
+    return 0
+
+
+def _slhmc_args(sub) -> None:
+    sh = sub.add_parser("slhmc", help="self-learning hybrid Monte Carlo: the reference's (DFT's) ensemble exactly, "
+                                      "proposals by ML MD; run again with the same --workdir to resume or extend")
+    source = sh.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="name of the proposal potential in the potential database")
+    source.add_argument("--n2p2", metavar="FOLDER", help="proposal potential: folder with n2p2 files (eV, Å)")
+    sh.add_argument("--version", type=int, help="model version (default: latest)")
+    sh.add_argument("--reference", default="qe", choices=("qe", "pyscf", "vasp", "emt"),
+                    help="the reference: a DFT recipe (results land in the database) or ASE's EMT (for trying)")
+    sh.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="DFT recipe settings (as label)")
+    sh.add_argument("--structure", required=True, help="starting structure, any ASE-readable file")
+    sh.add_argument("--index", default="-1", help="frame of the structure file (default: the last)")
+    sh.add_argument("--temperature", type=float, required=True, help="K")
+    sh.add_argument("--trials", type=int, required=True, help="trials in the chain (the total, when resuming)")
+    sh.add_argument("--md-steps", type=int, default=20, help="velocity-Verlet steps per trial (default 20)")
+    sh.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    sh.add_argument("--ensemble", default="nvt", choices=("nvt", "npt"))
+    sh.add_argument("--pressure", type=float, help="GPa (NPT)")
+    sh.add_argument("--volume-step", type=float, default=0.02, help="ln V half-width of the volume moves (NPT)")
+    sh.add_argument("--learn-trials", type=int, default=0, help="trials of the learning phase (retraining)")
+    sh.add_argument("--retrain-every", type=int, help="trials between retrainings in the learning phase")
+    sh.add_argument("--seed", type=int, default=0)
+    sh.add_argument("--delayed-acceptance", action="store_true",
+                    help="screen proposals with the ML energy first (exact; saves reference calls)")
+    sh.add_argument("--workdir", required=True, help="folder for chain.log, states.traj, restart.npz")
+    sh.set_defaults(func=cmd_slhmc)
+
+
+def cmd_slhmc(args: argparse.Namespace) -> int:
+    from mlmd_lab import slhmc
+
+    db = _connect(args) if args.model or args.reference != "emt" else None
+    if args.model:
+        potential = db.models.load(args.model, version=args.version)
+    else:
+        from mlmd_lab.potentials.model import HDNNP
+
+        potential = HDNNP.from_n2p2(args.n2p2)
+    if args.reference == "emt":
+        from ase.calculators.emt import EMT
+
+        reference = EMT()
+    else:
+        reference = _recipe(args.reference, args.option)
+    frames = _read_structures(args.structure, args.index)
+    if len(frames) != 1:
+        raise MLMDError(f"--index {args.index} selects {len(frames)} frames of {args.structure}; give one index")
+    result = slhmc.run(reference, potential, frames[0], temperature=args.temperature, n_trials=args.trials,
+                       md_steps=args.md_steps, timestep=args.timestep, ensemble=args.ensemble, pressure=args.pressure,
+                       seed=args.seed, learn_trials=args.learn_trials, retrain_every=args.retrain_every,
+                       workdir=args.workdir, db=db, progress=sys.stderr.isatty(), volume_step=args.volume_step,
+                       delayed_acceptance=args.delayed_acceptance)
+    print(f"{len(result.accepted)} trials, acceptance {result.acceptance_rate:.3f}, "
+          f"{result.n_reference_calls} reference calls; phases {result.phases}")
+    start, stop = result.phases["production"]
+    if stop - start >= 4:
+        for name, average in result.averages().items():
+            print(f"{name}: {average.mean:.6g} ± {average.stderr:.2g} (tau_int {average.tau_int:.1f} trials, "
+                  f"{average.reference_calls_per_sample:.1f} reference calls per independent sample)")
+    print(f"output in {args.workdir}: chain.log, states.traj, reference.traj, restart.npz")
     return 0
 
 
