@@ -33,7 +33,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "mlmd_lab"
 
 #: (layer name, module prefixes), lowest first; a module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("mlmd_lab.errors", "mlmd_lab.units", "mlmd_lab.files", "mlmd_lab.frames", "mlmd_lab.settings")),
+    ("base", ("mlmd_lab.errors", "mlmd_lab.units", "mlmd_lab.files", "mlmd_lab.frames", "mlmd_lab.settings",
+              "mlmd_lab.jaxconfig")),
     ("infrastructure", ("mlmd_lab.cluster",)),
     ("files/DFT", ("mlmd_lab.io", "mlmd_lab.dft")),
     ("frames", ("mlmd_lab.frameset",)),
