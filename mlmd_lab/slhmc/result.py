@@ -63,6 +63,9 @@ class SLHMCResult:
         phases: {"learning": (0, learn_trials), "production": (learn_trials, n_trials)}, trial index ranges.
         temperature: K; pressure: GPa or None; workdir: Path or None; run_id: the chain's id.
         production_calls: reference calls made in the production trials.
+        retrain_history: one info dict per retraining (trial, frames, errors).
+        stopped: True when ``on_trial`` stopped the chain before ``n_trials`` (the arrays then hold the trials
+            done; the same workdir continues the chain).
     """
 
     acceptance_rate: float
@@ -85,6 +88,7 @@ class SLHMCResult:
     run_id: str = ""
     production_calls: int = 0
     retrain_history: list[dict] = field(default_factory=list)
+    stopped: bool = False
 
     def __repr__(self) -> str:
         return (f"SLHMCResult({len(self.accepted)} trials, acceptance {self.acceptance_rate:.3f}, "
