@@ -79,7 +79,9 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         on_trial: called after each trial is recorded (and its restart written) with that trial's row (see
             :func:`trial_row`: trial, kind, accepted, failed, screened, E_ref_eV, E_ML_eV, dH_eV, acceptance,
             volume_A3, pressure_GPa, phase "learning"/"production", retrain: the retraining's info when the
-            potential was retrained after this trial, else None). Returning True stops the chain cleanly after
+            potential was retrained after this trial, else None; and E_ref_proposal_eV: the reference energy
+            of the proposal, NaN without one; reference_calls, production_calls: the chain's reference
+            calculations so far, all and those of production trials). Returning True stops the chain cleanly after
             that trial: the result holds the trials so far (``stopped=True``) and calling :func:`run` again with
             the same workdir continues the same chain. An exception it raises ends the run (the files stay
             consistent up to the last trial, as after a kill).
@@ -357,7 +359,7 @@ class _Chain:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(acceptance=f"{self.store.acceptance():.2f}")
-                if on_trial is not None and on_trial(self._row(retrained)) is True:
+                if on_trial is not None and on_trial(self._row(outcome, retrained)) is True:
                     break
         finally:
             if bar is not None:
@@ -365,8 +367,14 @@ class _Chain:
             self.store.close()
         return self._result(n_trials)
 
-    def _row(self, retrained: dict | None) -> dict:
-        return trial_row(self.store.rows[-1], self.settings["learn_trials"], retrained)
+    def _row(self, outcome: dict, retrained: dict | None) -> dict:
+        """The ``on_trial`` row of the trial just recorded (:func:`trial_row` and this run's extras)."""
+        row = trial_row(self.store.rows[-1], self.settings["learn_trials"], retrained)
+        result = outcome.get("result")
+        row["E_ref_proposal_eV"] = float(result["energy"]) if result is not None else float("nan")
+        row["reference_calls"] = self._calls()
+        row["production_calls"] = self._calls(production=True)
+        return row
 
     def _chain_atoms(self) -> Atoms:
         return state_atoms(self.atoms, self.state, self.settings["temperature_K"])

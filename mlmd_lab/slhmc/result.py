@@ -114,7 +114,7 @@ class SLHMCResult:
             values = np.asarray(values[start:stop], np.float64)
             if not np.all(np.isfinite(values)):
                 continue
-            out[name] = _average(values, self.production_calls)
+            out[name] = series_average(values, self.production_calls)
         return out
 
     def balance(self) -> Average:
@@ -133,20 +133,22 @@ class SLHMCResult:
         start, stop = self.phases["production"]
         kT = units.kB * self.temperature
         keep = (self.kinds[start:stop] == "md") & np.isfinite(self.delta_h[start:stop])
-        terms = _balance_terms(self.delta_h[start:stop][keep], kT)
+        terms = balance_terms(self.delta_h[start:stop][keep], kT)
         if len(terms) < MIN_SAMPLES:
             raise MLMDError(f"{len(terms)} production NVE trials with a ΔH; the diagnostic needs at least "
                             f"{MIN_SAMPLES}")
-        return _average(terms, self.production_calls)
+        return series_average(terms, self.production_calls)
 
 
-def _balance_terms(delta_h: np.ndarray, kT: float) -> np.ndarray:
+def balance_terms(delta_h: np.ndarray, kT: float) -> np.ndarray:
+    """The terms d = min(1, e^(-βΔH)) - [ΔH < 0] - [ΔH ≤ 0] of :meth:`SLHMCResult.balance` (ΔH in eV, kT in eV)."""
     x = np.asarray(delta_h, np.float64) / kT
     return np.minimum(1.0, np.exp(-np.minimum(x, 700.0))) - (x < 0) - (x <= 0)  # ties (ΔH = 0) count once
 
 
-def _average(values: np.ndarray, calls: int) -> Average:
-    """Blocking mean, error and autocorrelation time of one production series."""
+def series_average(values: np.ndarray, calls: int) -> Average:
+    """Blocking mean, error and autocorrelation time of one production series (at least 4 values; their unit),
+    with ``calls`` reference calls spent on it (for the calls per effective independent sample)."""
     if np.ptp(values) == 0:
         return Average(float(values[0]), 0.0, 0.5, len(values), float(len(values)), calls / len(values), True)
     block = block_average(values)
