@@ -112,6 +112,11 @@ def test_stop_button_ends_the_chain_early_and_the_workdir_resumes(tmp_path):
     earlier = again.energy_plot.data("reference (proposal)")[1][:done]  # chain.log keeps no rejected proposal
     np.testing.assert_array_equal(np.isnan(earlier), ~whole.accepted[:done])
     assert np.all(np.isfinite(again.energy_plot.data("reference (proposal)")[1][done:]))
+    # a complete chain: no new trial, the monitor shows the workdir's
+    third = SLHMCMonitor()
+    complete = third.run(EMT(), PROPOSAL, copper(), n_trials=done + 4, workdir=work, **RUN).wait(timeout=600)
+    assert len(complete.accepted) == done + 4
+    assert [r["trial"] for r in third.rows] == list(range(done + 4)) and "finished" in third.status.value
 
 
 def test_a_failing_reference_is_shown_in_the_widget_and_raised_by_wait():

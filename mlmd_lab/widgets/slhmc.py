@@ -260,6 +260,9 @@ class SLHMCMonitor(widgets.VBox):
 
     # ------------------------------------------------------------------ end
     def _finished(self, result: SLHMCResult) -> None:
+        if not self.rows and len(result.accepted):  # a workdir whose chain was already complete: no new trial
+            with self._lock:
+                self._add_earlier(len(result.accepted))
         self.result = result
         self.stopped = bool(result.stopped)
         done = len(result.accepted)
