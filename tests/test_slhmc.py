@@ -310,6 +310,50 @@ def test_workdir_resume_repeats_the_chain_exactly_and_repeats_no_reference_call(
                   **dict(kw, seed=5))
 
 
+def test_on_trial_sees_every_row_and_stops_a_resumable_chain(tmp_path):
+    kw = dict(temperature=T, md_steps=10, timestep=1.0, seed=4)
+    whole = slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=12, **kw)
+    rows: list[dict] = []
+
+    def stop_after_seven(row: dict) -> bool:
+        rows.append(row)
+        assert (tmp_path / "chain" / "restart.npz").exists()  # the trial's restart is written before the hook
+        return row["trial"] == 6
+
+    part = slhmc.run(Counting(), HARMONIC, four_hydrogens(), n_trials=12, workdir=tmp_path / "chain",
+                     on_trial=stop_after_seven, **kw)
+    assert part.stopped and len(part.accepted) == 7 and part.phases == {"learning": (0, 0), "production": (0, 7)}
+    assert [r["trial"] for r in rows] == list(range(7))
+    assert [r["accepted"] for r in rows] == list(whole.accepted[:7])
+    assert [r["E_ref_eV"] for r in rows] == list(whole.reference_energies[:7])
+    np.testing.assert_array_equal([r["dH_eV"] for r in rows], whole.delta_h[:7])
+    np.testing.assert_allclose([r["acceptance"] for r in rows], np.cumsum(whole.accepted[:7]) / np.arange(1, 8))
+    assert all(r["phase"] == "production" and r["kind"] == "md" and r["retrain"] is None for r in rows)
+    assert len((tmp_path / "chain" / "chain.log").read_text().splitlines()) == 8
+    reference = Counting()
+    resumed = slhmc.run(reference, HARMONIC, four_hydrogens(), n_trials=12, workdir=tmp_path / "chain",
+                        on_trial=lambda row: None, **kw)
+    assert reference.calls == 5 and not resumed.stopped  # trials 8-12 only
+    np.testing.assert_array_equal(resumed.accepted, whole.accepted)
+    np.testing.assert_array_equal(resumed.reference_energies, whole.reference_energies)
+    np.testing.assert_array_equal(resumed.delta_h, whole.delta_h)
+    assert resumed.n_reference_calls == whole.n_reference_calls == 13
+
+
+def test_on_trial_stops_without_a_workdir_and_trial_row_names_phase_kind_retrain():
+    rows: list[dict] = []
+    result = slhmc.run(QUARTIC, HARMONIC, four_hydrogens(), temperature=T, n_trials=6, md_steps=5, timestep=1.0,
+                       on_trial=lambda row: rows.append(row) or len(rows) == 4)
+    assert result.stopped and len(rows) == 4
+    from mlmd_lab.slhmc.chain import trial_row
+
+    row = trial_row([3, 1, 0, 1, 0, -1.0, -2.0, float("nan"), 0.25, 8.0, float("nan")], learn_trials=5,
+                    retrained={"trial": 4, "frames": 5})
+    assert row["phase"] == "learning" and row["kind"] == "volume" and row["failed"] and not row["accepted"]
+    assert row["retrain"] == {"trial": 4, "frames": 5} and row["volume_A3"] == 8.0
+    assert trial_row([5] + [0] * 10, learn_trials=5)["phase"] == "production"
+
+
 # ------------------------------------------------------------------------------ Lennard-Jones against Lennard-Jones
 class PairLJ(Calculator):
     """The shifted-force Lennard-Jones of :class:`~mlmd_lab.md.forcefield.LennardJones`, in numpy, for clusters."""

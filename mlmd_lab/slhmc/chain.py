@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from mlmd_lab.md.forcefield import LennardJones, forcefield
 from mlmd_lab.slhmc import kernel
 from mlmd_lab.slhmc.reference import Reference
 from mlmd_lab.slhmc.result import SLHMCResult
-from mlmd_lab.slhmc.store import ChainStore, state_atoms, structure_digest
+from mlmd_lab.slhmc.store import LOG_COLUMNS, ChainStore, state_atoms, structure_digest
 
 DEFAULT_SKIN = 0.5  # Å
 DEFAULT_VOLUME_STEP = 0.02  # ln V half-width of the volume moves
@@ -38,7 +38,7 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         learn_trials: int = 0, retrain_every: int | None = None, workdir: str | Path | None = None, db=None,
         cluster=None, progress: bool = False, volume_step: float = DEFAULT_VOLUME_STEP,
         skin: float = DEFAULT_SKIN, train_config=None, train_frames: Sequence[Atoms] = (),
-        delayed_acceptance: bool = False) -> SLHMCResult:
+        delayed_acceptance: bool = False, on_trial: Callable[[dict], bool | None] | None = None) -> SLHMCResult:
     """Self-learning hybrid Monte Carlo: sample the reference's (DFT's) ensemble exactly with ML proposals.
 
     Each NVE trial draws Maxwell–Boltzmann momenta at ``temperature``, runs ``md_steps`` velocity-Verlet steps
@@ -76,6 +76,15 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
             trained on).
         delayed_acceptance: screen each NVE proposal with the ML energy first (exact, see
             :mod:`mlmd_lab.slhmc.kernel`); proposals it rejects cost no reference call (``screened`` in the log).
+        on_trial: called after each trial is recorded (and its restart written) with that trial's row (see
+            :func:`trial_row`: trial, kind, accepted, failed, screened, E_ref_eV, E_ML_eV, dH_eV, acceptance,
+            volume_A3, pressure_GPa, phase "learning"/"production", retrain: the retraining's info when the
+            potential was retrained after this trial, else None; and E_ref_proposal_eV: the reference energy
+            of the proposal, NaN without one; reference_calls, production_calls: the chain's reference
+            calculations so far, all and those of production trials). Returning True stops the chain cleanly after
+            that trial: the result holds the trials so far (``stopped=True``) and calling :func:`run` again with
+            the same workdir continues the same chain. An exception it raises ends the run (the files stay
+            consistent up to the last trial, as after a kill).
 
     Returns:
         :class:`~mlmd_lab.slhmc.result.SLHMCResult`.
@@ -96,7 +105,7 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
         "structure": structure_digest(atoms), "potential": _describe(potential),
     }
     chain = _Chain(reference, potential, atoms, settings, workdir, db, cluster, (train_config, train_frames))
-    return chain.run(int(n_trials), progress)
+    return chain.run(int(n_trials), progress, on_trial)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -325,16 +334,18 @@ class _Chain:
         return dict(self._md_trial(rng, trial), kind="md")
 
     # -- learning ---------------------------------------------------------------------------------------
-    def _maybe_retrain(self, done: int) -> None:
+    def _maybe_retrain(self, done: int) -> dict | None:
+        """Retrain after trial ``done`` when the learning phase says so; returns the retraining's info or None."""
         learn, every = self.settings["learn_trials"], self.settings["retrain_every"]
         if self.learner is None or done > learn or done % int(every):
-            return
+            return None
         self.potential, info = self.learner.retrain(self.potential, done)
         self.retrains.append(info)
         self.propagator = make_propagator(self.potential, self.atoms, self.free, self.settings)
+        return info
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def run(self, n_trials: int, progress: bool) -> SLHMCResult:
+    def run(self, n_trials: int, progress: bool, on_trial=None) -> SLHMCResult:
         self._start()
         bar = _progress(progress, n_trials - self.trial)
         try:
@@ -343,16 +354,27 @@ class _Chain:
                 self.trial += 1
                 self.store.record(self.trial - 1, outcome, self.state, self._chain_atoms(), self.kT,
                                   self.free.sum())
-                self._maybe_retrain(self.trial)
+                retrained = self._maybe_retrain(self.trial)
                 self.store.write_restart(self._restart())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(acceptance=f"{self.store.acceptance():.2f}")
+                if on_trial is not None and on_trial(self._row(outcome, retrained)) is True:
+                    break
         finally:
             if bar is not None:
                 bar.close()
             self.store.close()
         return self._result(n_trials)
+
+    def _row(self, outcome: dict, retrained: dict | None) -> dict:
+        """The ``on_trial`` row of the trial just recorded (:func:`trial_row` and this run's extras)."""
+        row = trial_row(self.store.rows[-1], self.settings["learn_trials"], retrained)
+        result = outcome.get("result")
+        row["E_ref_proposal_eV"] = float(result["energy"]) if result is not None else float("nan")
+        row["reference_calls"] = self._calls()
+        row["production_calls"] = self._calls(production=True)
+        return row
 
     def _chain_atoms(self) -> Atoms:
         return state_atoms(self.atoms, self.state, self.settings["temperature_K"])
@@ -363,7 +385,8 @@ class _Chain:
 
     def _result(self, n_trials: int) -> SLHMCResult:
         table = self.store.table()
-        learn = self.settings["learn_trials"]
+        done = self.trial  # n_trials, or fewer when on_trial stopped the chain
+        learn = min(self.settings["learn_trials"], done)
         accepted = table["accepted"].astype(bool)
         return SLHMCResult(
             acceptance_rate=float(accepted.mean()), reference_energies=table["E_ref_eV"], accepted=accepted,
@@ -371,10 +394,29 @@ class _Chain:
             delta_h=table["dH_eV"], kinds=np.where(table["volume_move"].astype(bool), "volume", "md"),
             failed=table["failed"].astype(bool), screened=table["screened"].astype(bool),
             n_reference_calls=self._calls(), states=self.store.states(),
-            model=self.potential, phases={"learning": (0, learn), "production": (learn, n_trials)},
+            model=self.potential, phases={"learning": (0, learn), "production": (learn, done)},
             temperature=self.settings["temperature_K"], pressure=self.settings["pressure_GPa"],
             workdir=self.store.workdir, run_id=self.run_id, production_calls=self._calls(production=True),
-            retrain_history=list(self.retrains))
+            retrain_history=list(self.retrains), stopped=done < n_trials)
+
+
+def trial_row(row, learn_trials: int, retrained: dict | None = None) -> dict:
+    """One chain-log row (:data:`~mlmd_lab.slhmc.store.LOG_COLUMNS` values) as the dict ``on_trial`` receives.
+
+    Keys: trial (int, 0-based), kind ("md" or "volume"), accepted, failed, screened (bool), E_ref_eV (the chain
+    state's reference energy after the trial), E_ML_eV (the proposal's ML energy), dH_eV, acceptance (running
+    acceptance rate), volume_A3, pressure_GPa (NaN where undefined), phase ("learning" for trials below
+    ``learn_trials``, else "production"), retrain (the retraining's info dict — trial, frames, errors — when
+    the potential was retrained right after this trial, else None).
+    """
+    values = dict(zip(LOG_COLUMNS, (float(v) for v in row), strict=True))
+    trial = int(values["trial"])
+    out: dict = {"trial": trial, "kind": "volume" if values["volume_move"] else "md"}
+    out.update({k: bool(values[k]) for k in ("accepted", "failed", "screened")})
+    out.update({k: values[k] for k in ("E_ref_eV", "E_ML_eV", "dH_eV", "acceptance", "volume_A3", "pressure_GPa")})
+    out["phase"] = "learning" if trial < learn_trials else "production"
+    out["retrain"] = None if retrained is None else dict(retrained)
+    return out
 
 
 def _progress(enabled: bool, total: int):

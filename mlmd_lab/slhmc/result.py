@@ -63,6 +63,9 @@ class SLHMCResult:
         phases: {"learning": (0, learn_trials), "production": (learn_trials, n_trials)}, trial index ranges.
         temperature: K; pressure: GPa or None; workdir: Path or None; run_id: the chain's id.
         production_calls: reference calls made in the production trials.
+        retrain_history: one info dict per retraining (trial, frames, errors).
+        stopped: True when ``on_trial`` stopped the chain before ``n_trials`` (the arrays then hold the trials
+            done; the same workdir continues the chain).
     """
 
     acceptance_rate: float
@@ -85,6 +88,7 @@ class SLHMCResult:
     run_id: str = ""
     production_calls: int = 0
     retrain_history: list[dict] = field(default_factory=list)
+    stopped: bool = False
 
     def __repr__(self) -> str:
         return (f"SLHMCResult({len(self.accepted)} trials, acceptance {self.acceptance_rate:.3f}, "
@@ -110,7 +114,7 @@ class SLHMCResult:
             values = np.asarray(values[start:stop], np.float64)
             if not np.all(np.isfinite(values)):
                 continue
-            out[name] = _average(values, self.production_calls)
+            out[name] = series_average(values, self.production_calls)
         return out
 
     def balance(self) -> Average:
@@ -129,20 +133,22 @@ class SLHMCResult:
         start, stop = self.phases["production"]
         kT = units.kB * self.temperature
         keep = (self.kinds[start:stop] == "md") & np.isfinite(self.delta_h[start:stop])
-        terms = _balance_terms(self.delta_h[start:stop][keep], kT)
+        terms = balance_terms(self.delta_h[start:stop][keep], kT)
         if len(terms) < MIN_SAMPLES:
             raise MLMDError(f"{len(terms)} production NVE trials with a ΔH; the diagnostic needs at least "
                             f"{MIN_SAMPLES}")
-        return _average(terms, self.production_calls)
+        return series_average(terms, self.production_calls)
 
 
-def _balance_terms(delta_h: np.ndarray, kT: float) -> np.ndarray:
+def balance_terms(delta_h: np.ndarray, kT: float) -> np.ndarray:
+    """The terms d = min(1, e^(-βΔH)) - [ΔH < 0] - [ΔH ≤ 0] of :meth:`SLHMCResult.balance` (ΔH in eV, kT in eV)."""
     x = np.asarray(delta_h, np.float64) / kT
     return np.minimum(1.0, np.exp(-np.minimum(x, 700.0))) - (x < 0) - (x <= 0)  # ties (ΔH = 0) count once
 
 
-def _average(values: np.ndarray, calls: int) -> Average:
-    """Blocking mean, error and autocorrelation time of one production series."""
+def series_average(values: np.ndarray, calls: int) -> Average:
+    """Blocking mean, error and autocorrelation time of one production series (at least 4 values; their unit),
+    with ``calls`` reference calls spent on it (for the calls per effective independent sample)."""
     if np.ptp(values) == 0:
         return Average(float(values[0]), 0.0, 0.5, len(values), float(len(values)), calls / len(values), True)
     block = block_average(values)

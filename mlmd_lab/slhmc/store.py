@@ -65,6 +65,17 @@ def state_atoms(template: Atoms, state: dict, temperature: float) -> Atoms:
     return atoms
 
 
+def read_chain_log(workdir: str | Path) -> list[list[float]]:
+    """The rows of ``workdir/chain.log`` (one list of :data:`LOG_COLUMNS` values per trial; [] without a log).
+
+    Rows beyond the restart (a trial logged just before a kill) are included; a resumed run truncates them."""
+    path = Path(workdir) / "chain.log"
+    if not path.exists():
+        return []
+    return [[float(v) for v in line.split()] for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 def _format(value) -> str:
     value = float(value)
     return repr(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)

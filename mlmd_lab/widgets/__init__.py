@@ -7,6 +7,8 @@
 - :class:`JobMonitor` — a dask / dask-jobqueue cluster: jobs, workers, tasks done/failed, scale buttons, dashboard link.
 - :class:`MDViewer` — a trajectory in nglview, live temperature/energy/pressure, g(r).
 - :class:`ModelBrowser` — the potential database: errors, provenance, load and export.
+- :class:`SLHMCMonitor` — a self-learning hybrid Monte Carlo chain live: acceptance, reference vs ML energy,
+  production averages with error bars, the learning curve, Stop.
 
 Every widget carries ``mlmd-*`` DOM classes (``_dom_classes``) that the browser tests (and users' CSS) hook into.
 Imports are lazy so ``import mlmd_lab`` never pulls in the Jupyter stack.
@@ -23,6 +25,7 @@ _EXPORTS = {
     "TrainingMonitor": "mlmd_lab.widgets.training",
     "JobMonitor": "mlmd_lab.widgets.jobs",
     "MDViewer": "mlmd_lab.widgets.md",
+    "SLHMCMonitor": "mlmd_lab.widgets.slhmc",
     "structure_view": "mlmd_lab.widgets.structure",
     "LivePlot": "mlmd_lab.widgets.plots",
 }
