@@ -316,3 +316,15 @@ def test_allowed_upward_imports_still_exist():
     """An exception whose import is gone must leave the list (it would silently allow a later one)."""
     present = {(e.importer, e.imported) for e in EDGES if e.level == "function"}
     assert set(UPWARD_ALLOWED) <= present, sorted(set(UPWARD_ALLOWED) - present)
+
+
+def test_every_public_name_resolves():
+    """Each package's ``__all__`` names exist (a broken re-export once hid ExtrapolationWarning and evaluate)."""
+    import importlib
+
+    missing = []
+    for init in sorted(PACKAGE_ROOT.rglob("__init__.py")):
+        name = ".".join(init.parent.relative_to(PACKAGE_ROOT.parent).parts)
+        module = importlib.import_module(name)
+        missing += [f"{name}.{item}" for item in getattr(module, "__all__", ()) if not hasattr(module, item)]
+    assert not missing, f"names in __all__ that do not exist: {missing}"

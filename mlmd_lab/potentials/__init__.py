@@ -9,7 +9,7 @@ from mlmd_lab import jaxconfig
 
 jaxconfig.configure()  # float64 and the compilation cache, before anything is compiled
 
-from mlmd_lab.potentials.model import HDNNP  # noqa: E402, ExtrapolationWarning, evaluate
+from mlmd_lab.potentials.model import HDNNP, ExtrapolationWarning, evaluate  # noqa: E402
 from mlmd_lab.potentials.symfunc import SymmetryFunction  # noqa: E402
 
 __all__ = ["HDNNP", "ExtrapolationWarning", "SymmetryFunction", "evaluate", "generate_symmetry_functions"]
