@@ -35,7 +35,7 @@ TEST_PARAMETERS = {
     "03_training.ipynb": {"time_limit_s": 20, "monitor_time_limit_s": 5},
     "04_md_analysis.ipynb": {"nvt_steps": 60, "nve_steps": 200},
     "07_slhmc.ipynb": {"start_epochs": 20, "learn_trials": 10, "retrain_every": 10, "retrain_epochs": 30,
-                       "production_trials": 40, "reference_md_steps": 600, "ml_md_steps": 600},
+                       "production_trials": 40, "reference_mc_steps": 2000, "ml_md_steps": 600},
 }
 #: nbclient's per-cell limit (s): a hang guard with room for a 3x slower machine, not a timing assertion.
 CELL_TIMEOUT_S = 1200
