@@ -584,7 +584,9 @@ def test_trained_model_round_trips_through_database_and_n2p2(db, frames, tmp_pat
     for a, b in zip(again, expected, strict=True):
         assert a["energy"] == b["energy"]
         np.testing.assert_array_equal(a["forces"], b["forces"])
-    assert evaluate_model(loaded, trainer.split.test) == trainer.errors["test"]
+    # the same errors; to rounding only, because the trainer's final pass batches the frames in its own layout
+    # (summation order differs in the last digit; predictions themselves are compared exactly above)
+    assert evaluate_model(loaded, trainer.split.test) == pytest.approx(trainer.errors["test"], rel=1e-12)
 
 
 def test_from_database_uses_the_query(db, frames, tmp_path):
