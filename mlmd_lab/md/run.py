@@ -125,7 +125,7 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         pressure: target pressure in GPa (NPT only).
         timestep: in fs.
         steps: number of steps.
-        db: a :class:`~mlmd_lab.db.store.TeacherDB` when ``potential`` is a name.
+        db: a :class:`~mlmd_lab.db.store.Database` when ``potential`` is a name.
         workdir: folder for md.traj, md.log, restart.npz; None keeps frames and log in memory only.
         thermostat_time: Langevin 1/friction or Nosé–Hoover period in fs.
         barostat_time: stochastic cell rescaling time constant in fs.
@@ -157,7 +157,7 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
     ensemble = _canonical_ensemble(ensemble)
     atoms = _checked_atoms(atoms)
     _check_units(timestep, temperature, pressure, ensemble, steps)
-    potential = _resolve_potential(potential, db)
+    potential = resolve_potential(potential, db)
     ff = forcefield(potential, skin=DEFAULT_SKIN if skin is None else skin, dtype=dtype)
     free = _free_mask(atoms, fixed)
     if ensemble == "npt" and not free.all():
@@ -195,7 +195,7 @@ def resume(potential, workdir: str | Path, steps: int | None = None, *, db=None,
         raise MLMDError(f"no restart file {path}; a run writes one every restart_interval steps when workdir is set")
     saved = np.load(path, allow_pickle=False)
     settings = json.loads(str(saved["settings"]))
-    ff = forcefield(_resolve_potential(potential, db), skin=settings["skin_A"], dtype=settings["dtype"])
+    ff = forcefield(resolve_potential(potential, db), skin=settings["skin_A"], dtype=settings["dtype"])
     if _fingerprint(ff) != settings["potential"]:
         raise MLMDError(f"the potential differs from the one the run in {workdir} started with; resume with the "
                         "same potential (or start a new run from the last frame)")
@@ -262,10 +262,12 @@ def _check_units(timestep: float, temperature, pressure, ensemble: str, steps: i
         raise MLMDError(f"pressure={pressure} GPa is not plausible; it is in GPa (1 bar = 1e-4 GPa)")
 
 
-def _resolve_potential(potential, db):
+def resolve_potential(potential, db):
+    """``potential`` itself, or the model of that name loaded from ``db.models`` (the potential database);
+    shared by md.run and slhmc.run. A name without ``db`` is refused with the fix."""
     if isinstance(potential, str):
         if db is None:
-            raise MLMDError(f"potential {potential!r} is a name: give db= (a TeacherDB) to load it from the "
+            raise MLMDError(f"potential {potential!r} is a name: give db= (a Database) to load it from the "
                             "potential database")
         return db.models.load(potential)
     return potential

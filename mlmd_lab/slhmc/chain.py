@@ -24,6 +24,7 @@ from ase.constraints import FixAtoms
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.md.forcefield import LennardJones, forcefield
+from mlmd_lab.md.run import resolve_potential
 from mlmd_lab.slhmc import kernel
 from mlmd_lab.slhmc.reference import Reference
 from mlmd_lab.slhmc.result import SLHMCResult
@@ -92,7 +93,7 @@ def run(reference, potential, atoms: Atoms, *, temperature: float, n_trials: int
     ensemble = _checked_ensemble(ensemble, pressure)
     _check_numbers(temperature, n_trials, md_steps, timestep, learn_trials, retrain_every, volume_step)
     atoms = _checked_atoms(atoms, ensemble)
-    potential = _resolve_potential(potential, db)
+    potential = resolve_potential(potential, db)
     if learn_trials and not _trainable(potential):
         raise MLMDError(f"learn_trials={learn_trials} retrains the potential, which needs an HDNNP (here a "
                         f"{type(potential).__name__}); use learn_trials=0 or start from an HDNNP")
@@ -153,15 +154,6 @@ def _checked_atoms(atoms: Atoms, ensemble: str) -> Atoms:
     if atoms.pbc.any() and atoms.get_volume() < 1e-6:
         raise MLMDError("periodic structure with a zero-volume cell; set the cell or pbc=False")
     return atoms.copy()
-
-
-def _resolve_potential(potential, db):
-    if isinstance(potential, str):
-        if db is None:
-            raise MLMDError(f"potential {potential!r} is a name: give db= (a Database) to load it from the "
-                            "potential database")
-        return db.models.load(potential)
-    return potential
 
 
 def _trainable(potential) -> bool:
