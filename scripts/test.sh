@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # The whole test suite, real components included: set up .venv, lint, run pytest (slow tests too).
 # Extra arguments go to pytest (e.g. -m "not slow" for the fast subset, -x, -k NAME).
+#   MLMD_TEST_WORKERS  pytest-xdist worker processes (default: the CPU count, at most 4; 0 runs in this process)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$ROOT"
 echo "[test] ruff check"
 ruff check .
 echo "[test] pytest"
-exec python -m pytest "$@"
+# Most slow tests wait on one core (an XLA compile, a DFT process, a browser), so two workers on two cores halve
+# the wall time; tests on the one Slurm share a worker (tests/conftest.py).
+workers="${MLMD_TEST_WORKERS:-$(python -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')}"
+exec python -m pytest -n "$workers" --dist loadgroup "$@"

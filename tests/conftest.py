@@ -32,6 +32,14 @@ if "MLMD_JAX_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _jax_cache, True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (scripts/test.sh runs two workers), every test on the one real Slurm runs in one worker
+    (``--dist loadgroup``): their fixtures start Slurm and cancel all its jobs when done."""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 def external(sub: str = "") -> Path:
     """Path inside ../shared/external; skips the test (with the reason) if the folder is absent."""
     path = EXTERNAL / sub
@@ -151,11 +159,22 @@ KERNEL_READY_JS = """() => { const w = window.jupyterapp && window.jupyterapp.sh
     const s = w && w.sessionContext;
     return !!(s && s.isReady && s.session && s.session.kernel && s.session.kernel.connectionStatus === 'connected'
               && s.kernelDisplayStatus === 'idle'); }"""
-# Every cell has run: no prompt shows "[*]" or "[ ]" and the kernel is idle again.
+# Run All has ended, as a state: "done" (every prompt numbered, kernel idle), "error" (kernel idle with a traceback
+# shown: JupyterLab then leaves the later cells unrun, so waiting for "done" would only hang), "dead" (the kernel
+# died or restarts), or false while cells still run.
 ALL_RUN_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-    if (!w || !w.sessionContext || w.sessionContext.kernelDisplayStatus !== 'idle') return false;
+    const s = w && w.sessionContext;
+    if (!s) return false;
+    if (['dead', 'restarting', 'autorestarting'].includes(s.kernelDisplayStatus)) return 'dead';
+    if (s.kernelDisplayStatus !== 'idle') return false;
     const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')].map(p => p.textContent.trim());
-    return prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t)); }"""
+    if (prompts.length > 0 && prompts.every(t => /^\\[\\d+\\]:$/.test(t))) return 'done';
+    const stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']";
+    const errors = [...document.querySelectorAll(stderr)].filter(e => e.textContent.includes('Traceback'));
+    return errors.length > 0 ? 'error' : false; }"""
+# Run All has started: some prompt shows "[*]" or a number.
+STARTED_JS = """() => [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')]
+    .some(p => /^\\[(\\*|\\d+)\\]:$/.test(p.textContent.trim()))"""
 IDLE_JS = """() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
     return !!(w && w.sessionContext && w.sessionContext.kernelDisplayStatus === 'idle'); }"""
 
@@ -256,6 +275,14 @@ class NotebookPage:
         return self.page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
                                  ", .jp-RenderedText[data-mime-type='application/vnd.jupyter.error']").all_inner_texts()
 
+    def prompts(self) -> list[str]:
+        """The input prompts of the code cells ("[3]:" ran, "[*]:" runs, "[ ]:" never ran)."""
+        return [t.strip() for t in self.page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()]
+
+    def output_text(self) -> str:
+        """Every output area's text, in cell order (what a user would read)."""
+        return "\n".join(self.page.locator(".jp-OutputArea").all_inner_texts())
+
     def assert_no_console_errors(self, ignore: tuple[str, ...] = ()) -> None:
         errors = [e for e in self.console_errors if not any(i in e for i in ignore)]
         assert not errors, "browser console errors:\n" + "\n".join(errors)
@@ -281,6 +308,10 @@ def run_notebook(lab, browser, request):
     opened: list[NotebookPage] = []
     label = request.node.name.replace("[", "-").replace("]", "").replace("/", "_")
 
+    def lab_log() -> str:
+        log = lab["root"] / "jupyterlab.log"
+        return log.read_text(errors="replace")[-2000:] if log.exists() else "(none)"
+
     def _run(cells: list[str], *, name: str | None = None, timeout: float = 240) -> NotebookPage:
         nb_name = f"{name or label}.ipynb"
         notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {
@@ -296,12 +327,23 @@ def run_notebook(lab, browser, request):
         page.locator(".jp-Notebook .jp-Cell").first.click()
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel").get_by_text("Run All Cells", exact=True).click()
+        try:  # a click that landed before the notebook was ready starts nothing: then run all by the command
+            page.wait_for_function(STARTED_JS, timeout=30_000 * CEILING_SCALE, polling=250)
+        except Exception:
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+        ceiling_s = timeout * CEILING_SCALE
         try:
-            page.wait_for_function(ALL_RUN_JS, timeout=timeout * 1000 * CEILING_SCALE, polling=500)
-        finally:
+            state = page.wait_for_function(ALL_RUN_JS, timeout=ceiling_s * 1000, polling=500).json_value()
+        except Exception as exc:  # Playwright's TimeoutError: say what the notebook showed, not only "Timeout"
             nbp.screenshot("after-run-all")
+            pytest.fail(f"Run All of {nb_name} did not end within {ceiling_s:.0f} s ({type(exc).__name__}); "
+                        f"prompts {nbp.prompts()}; last outputs:\n{nbp.output_text()[-3000:]}\n"
+                        f"JupyterLab log:\n{lab_log()}")
+        nbp.screenshot("after-run-all")
         errors = [e for e in nbp.cell_errors() if "Traceback" in e]
         assert not errors, "a notebook cell failed:\n" + "\n\n".join(errors)[-4000:]
+        assert state == "done", (f"the kernel of {nb_name} is {state!r} after Run All; prompts {nbp.prompts()}; "
+                                 f"last outputs:\n{nbp.output_text()[-3000:]}\nJupyterLab log:\n{lab_log()}")
         return nbp
 
     yield _run

@@ -60,6 +60,14 @@ def test_button_click_reaches_python_and_nglview_renders(run_notebook):
 
 
 @pytest.mark.slow
+def test_a_failing_cell_fails_run_all_at_once_with_its_traceback(run_notebook):
+    """JupyterLab leaves the cells after an error unrun; the runner must report the error, not wait for them
+    (CI once waited 40 minutes for cells that would never run)."""
+    with pytest.raises(AssertionError, match="ValueError: bad input for the probe"):
+        run_notebook(["x = 6 * 7", "raise ValueError('bad input for the probe')", "y = x + 1"], timeout=60)
+
+
+@pytest.mark.slow
 def test_dask_dashboard_through_server_proxy(lab):
     """On JupyterHub the dashboard is only reachable through jupyter-server-proxy: <base>/proxy/<port>/status must
     serve dask's dashboard, and binder/jupyter_server_config.py's "dask" entry must be registered."""

@@ -41,7 +41,7 @@ def test_browser_cells_are_the_notebook_as_shipped():
 @pytest.mark.slow
 @pytest.mark.timeout(2400)  # hang guard for a slow machine, not a timing assertion
 def test_quickstart_notebook_in_the_browser(run_notebook):
-    nb = run_notebook(browser_cells(), name="quickstart", timeout=900)  # a cell error (the assertion too) fails
+    nb = run_notebook(browser_cells(), name="quickstart", timeout=600)  # a cell error (the assertion too) fails
     page = nb.page
     status = page.locator(".mlmd-training-status").inner_text()
     assert "finished" in status or "converged" in status, status
