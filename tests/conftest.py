@@ -298,6 +298,19 @@ def distinct_colours(locator) -> int:
     return len(image.getcolors(maxcolors=1 << 24))
 
 
+def drawn_colours(locator, timeout: float = 60.0, at_least: int = 11) -> int:
+    """Distinct colours of ``locator``'s screenshot once it has drawn: polled until ``at_least`` colours show or a
+    generous ceiling passes (a WebGL canvas draws its first frame late on a loaded machine); returns the count."""
+    import time
+
+    deadline = time.monotonic() + timeout * CEILING_SCALE
+    while True:
+        colours = distinct_colours(locator)
+        if colours >= at_least or time.monotonic() > deadline:
+            return colours
+        locator.page.wait_for_timeout(500)
+
+
 @pytest.fixture
 def run_notebook(lab, browser, request):
     """``run_notebook(cells, name=None, timeout=240) -> NotebookPage``: write a notebook of these code cells, open

@@ -152,7 +152,7 @@ def test_bad_sources_are_named(tmp_path):
 # ------------------------------------------------------------------------------------------ browser
 @pytest.mark.slow
 def test_md_viewer_in_jupyterlab(run_notebook):
-    from conftest import distinct_colours
+    from conftest import drawn_colours
 
     nb = run_notebook([
         "from ase.build import bulk\nfrom mlmd_lab.md import LennardJones\nfrom mlmd_lab.widgets import MDViewer\n"
@@ -174,8 +174,7 @@ def test_md_viewer_in_jupyterlab(run_notebook):
     status.filter(has_text="stopped: step").wait_for(timeout=120_000)
     canvas = page.locator(".mlmd-md-nglview canvas").first
     canvas.wait_for(timeout=60_000)
-    page.wait_for_timeout(2500)  # nglview loads and draws the structure
-    assert distinct_colours(canvas) > 10
+    assert drawn_colours(canvas) > 10
     page.locator(".mlmd-md-rdf path.line").first.wait_for(timeout=30_000)
     assert page.locator(".mlmd-md-stop").is_disabled()
     nb.screenshot("stopped", page.locator(".mlmd-md"))
