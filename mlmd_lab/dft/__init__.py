@@ -22,6 +22,7 @@ from mlmd_lab.dft.generators import (
 )
 from mlmd_lab.dft.recipes import (
     RECORD_NAME,
+    CalculatorRecipe,
     PySCF,
     QuantumEspresso,
     Recipe,
@@ -35,6 +36,7 @@ from mlmd_lab.dft.recipes import (
 
 __all__ = [
     "RECORD_NAME",
+    "CalculatorRecipe",
     "PySCF",
     "QuantumEspresso",
     "Recipe",

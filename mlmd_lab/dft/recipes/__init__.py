@@ -44,6 +44,7 @@ from mlmd_lab.dft.recipes.base import (
     ingest_settings,
     kpoint_grid,
 )
+from mlmd_lab.dft.recipes.calculator import CalculatorRecipe
 from mlmd_lab.dft.recipes.default import default_recipe
 from mlmd_lab.dft.recipes.espresso import QE_PSEUDO_DIR, QuantumEspresso, qe_pseudopotentials  # noqa: F401
 from mlmd_lab.dft.recipes.pyscf import PySCF
@@ -51,6 +52,7 @@ from mlmd_lab.dft.recipes.vasp import Vasp
 
 __all__ = [
     "RECORD_NAME",
+    "CalculatorRecipe",
     "PySCF",
     "QuantumEspresso",
     "Recipe",

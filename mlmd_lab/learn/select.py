@@ -1,0 +1,151 @@
+"""What leaves exploration for the reference: classification, physical filters, diverse selection.
+
+- :func:`classify`: accurate / candidate / failed by the calibrated committee max-atom force uncertainty
+  (eV/Å, computed in the MD engine) against the trust levels (lo, hi), with extrapolation (symmetry functions
+  outside the scaling range) as a second signal that makes an otherwise accurate frame a candidate;
+- :func:`physical_problem`: why a frame is unphysical (atoms too close, cell volume or shape changed too much),
+  or None; such frames never reach the reference;
+- :func:`descriptor` and :func:`farthest_points`: per-frame mean radial symmetry-function vectors and
+  farthest-point sampling in that space (deterministic), so the candidates labelled are spread out and far
+  from the frames already labelled, not picked at random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from ase import Atoms
+
+from mlmd_lab.errors import MLMDError
+
+ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
+#: Frames whose shortest interatomic distance is below this fraction of the starting structures' are rejected.
+MIN_DISTANCE_FRACTION = 0.7
+#: Largest relative cell volume change |V/V0 - 1| of an explored frame.
+MAX_VOLUME_CHANGE = 0.3
+#: Largest principal deviatoric (shape) strain of an explored cell against its starting cell.
+MAX_SHAPE_STRAIN = 0.2
+
+
+def classify(uncertainty: float, extrapolation: float, trust: tuple[float, float]) -> str:
+    """``"accurate"`` (uncertainty <= lo, no extrapolation), ``"candidate"`` (lo < uncertainty <= hi, or
+    extrapolating within hi) or ``"failed"`` (uncertainty > hi, or not finite).
+
+    Args:
+        uncertainty: the frame's largest calibrated committee force uncertainty over atoms (eV/Å).
+        extrapolation: count of symmetry functions outside the scaling range (0: none).
+        trust: (lo, hi) in eV/Å, lo < hi.
+    """
+    lo, hi = trust
+    if not np.isfinite(uncertainty) or uncertainty > hi:
+        return FAILED
+    if uncertainty > lo or extrapolation > 0:
+        return CANDIDATE
+    return ACCURATE
+
+
+def shortest_distance(atoms: Atoms) -> float:
+    """Shortest interatomic distance (Å, periodic images included); inf for a single isolated atom."""
+    from ase.neighborlist import neighbor_list
+
+    cutoff = 4.0
+    while True:
+        d = neighbor_list("d", atoms, cutoff, self_interaction=False)
+        if d.size or cutoff > 20 or not atoms.pbc.any() and len(atoms) < 2:
+            return float(d.min()) if d.size else float("inf")
+        cutoff *= 2
+
+
+def physical_problem(atoms: Atoms, start: Atoms, min_distance: float, *,
+                     min_fraction: float = MIN_DISTANCE_FRACTION, max_volume_change: float = MAX_VOLUME_CHANGE,
+                     max_shape_strain: float = MAX_SHAPE_STRAIN) -> str | None:
+    """Why ``atoms`` is unphysical (a sentence), or None when it may go to the reference.
+
+    Args:
+        atoms: an explored frame (Å).
+        start: the structure its MD started from (the reference cell).
+        min_distance: the starting structures' shortest interatomic distance (Å).
+        min_fraction: reject distances below ``min_fraction * min_distance``.
+        max_volume_change: reject |V / V0 - 1| above this (periodic cells).
+        max_shape_strain: reject a cell whose largest principal deviatoric Green-Lagrange strain exceeds this.
+    """
+    d = shortest_distance(atoms)
+    if d < min_fraction * min_distance:
+        return (f"atoms too close: shortest distance {d:.3f} Å < {min_fraction:g} x {min_distance:.3f} Å of the "
+                "starting structures")
+    if atoms.pbc.all() and start.pbc.all():
+        ratio = atoms.get_volume() / start.get_volume()
+        if abs(ratio - 1.0) > max_volume_change:
+            return f"cell volume changed by {100 * (ratio - 1):+.0f} % (limit ±{100 * max_volume_change:.0f} %)"
+        F = np.linalg.solve(start.cell.array, atoms.cell.array).T  # new vector = F · old vector
+        strain = 0.5 * (F.T @ F - np.eye(3))
+        deviatoric = strain - np.trace(strain) / 3.0 * np.eye(3)
+        shape = float(np.max(np.abs(np.linalg.eigvalsh(deviatoric))))
+        if shape > max_shape_strain:
+            return f"cell shape distorted: deviatoric strain {shape:.3f} (limit {max_shape_strain:g})"
+    return None
+
+
+def descriptor(atoms: Atoms, elements: Sequence[str], cutoff: float = 5.0, n_centres: int = 12) -> np.ndarray:
+    """Per-frame mean radial symmetry-function vector: for each ordered element pair (a, b) and each of
+    ``n_centres`` Gaussian centres r_k in [0.8, cutoff] Å (width the centre spacing), the mean over atoms of
+    element a of sum_j exp(-(r_ij - r_k)² / 2w²) fc(r_ij) over neighbours j of element b (cosine cutoff).
+    Invariant to translations, rotations and permutations; shape (E² n_centres,)."""
+    from ase.neighborlist import neighbor_list
+
+    centres = np.linspace(0.8, cutoff, n_centres)
+    width = centres[1] - centres[0]
+    i, j, d = neighbor_list("ijd", atoms, cutoff, self_interaction=False)
+    index = {e: k for k, e in enumerate(elements)}
+    species = np.array([index[s] for s in atoms.get_chemical_symbols()])
+    n_el = len(elements)
+    fc = 0.5 * (np.cos(np.pi * d / cutoff) + 1.0)
+    g = np.exp(-((d[:, None] - centres[None, :]) ** 2) / (2 * width**2)) * fc[:, None]
+    out = np.zeros((n_el, n_el, n_centres))
+    np.add.at(out, (species[i], species[j]), g)
+    counts = np.bincount(species, minlength=n_el).astype(float)
+    out /= np.maximum(counts, 1.0)[:, None, None]
+    return out.ravel()
+
+
+def farthest_points(candidates: np.ndarray, n: int, existing: np.ndarray | None = None,
+                    priority: Sequence[float] | None = None) -> list[int]:
+    """Indices of ``n`` candidates chosen by farthest-point sampling (deterministic).
+
+    Args:
+        candidates: (C, D) descriptors.
+        n: how many to pick (at most C).
+        existing: (K, D) descriptors already labelled: the first pick is the candidate farthest from them,
+            every pick maximises the distance to everything chosen or labelled so far.
+        priority: (C,) tie-break and first pick without ``existing`` (the largest, e.g. the uncertainty);
+            ties left are broken by the lowest index.
+
+    Distances are Euclidean after scaling each descriptor component by its standard deviation over candidates
+    and existing frames (components that do not vary are ignored).
+    """
+    X = np.asarray(candidates, np.float64)
+    if X.ndim != 2:
+        raise MLMDError(f"candidates must be a (frames, features) array, not shape {X.shape}")
+    n = int(min(max(n, 0), len(X)))
+    if n == 0:
+        return []
+    E = np.zeros((0, X.shape[1])) if existing is None else np.asarray(existing, np.float64).reshape(-1, X.shape[1])
+    allx = np.concatenate([X, E]) if len(E) else X
+    scale = allx.std(axis=0)
+    keep = scale > 1e-12 * max(1.0, float(np.abs(allx).max()))
+    Xs = X[:, keep] / scale[keep] if keep.any() else np.zeros((len(X), 1))
+    Es = E[:, keep] / scale[keep] if keep.any() else np.zeros((len(E), 1))
+    prio = np.zeros(len(X)) if priority is None else np.asarray(priority, np.float64)
+    if len(Es):
+        dist = np.min(np.linalg.norm(Xs[:, None, :] - Es[None, :, :], axis=2), axis=1)
+    else:
+        dist = np.full(len(X), np.inf)
+    chosen: list[int] = []
+    for _ in range(n):
+        score = np.where(np.isin(np.arange(len(X)), chosen), -np.inf, dist)
+        best = np.flatnonzero(score == score.max())
+        pick = int(best[np.argmax(prio[best])]) if len(best) > 1 else int(best[0])
+        chosen.append(pick)
+        dist = np.minimum(dist, np.linalg.norm(Xs - Xs[pick], axis=1))
+    return chosen
