@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -121,6 +122,42 @@ def test_calculator_recipe_labels_through_the_ledger(db, tmp_path):
     assert again.skipped == 3 and again.submitted == 0
     with pytest.raises(MLMDError, match="ASE calculator"):
         CalculatorRecipe(object())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("pw.x") is None or not Path("/usr/share/espresso/pseudo/Si.pbe-rrkj.UPF").is_file(),
+                    reason="Quantum ESPRESSO pw.x and quantum-espresso-data not installed (scripts/apt-packages.txt)")
+def test_qe_frames_in_the_database_are_recycled_by_their_settings(db, tmp_path):
+    """pw.x's output records more than the recipe states (extra.qe_xc_indices), so the stored signature's hash
+    differs from the recipe's; the frames must still be reused, and frames of other settings must not."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlmd_lab.dft import QuantumEspresso, rattle
+    from mlmd_lab.dft.label import label
+    from mlmd_lab.learn.loop import recycled_frames
+    from mlmd_lab.settings import normalise_signature, signature_hash
+
+    si8 = bulk("Si", "diamond", a=5.43, cubic=True)
+    recipe = QuantumEspresso(ecutwfc_ry=20, kpts=(1, 1, 1))
+    other = QuantumEspresso(ecutwfc_ry=30, kpts=(1, 1, 1))
+    assert label(rattle(si8, 2, amplitude=0.05, seed=1), recipe, db=db, workdir=tmp_path / "a",
+                 progress=False).labelled == 2
+    assert label(rattle(si8, 1, amplitude=0.05, seed=2), other, db=db, workdir=tmp_path / "b",
+                 progress=False).labelled == 1
+    undeclared = rattle(si8, 1, amplitude=0.05, seed=3)[0]
+    undeclared.calc = SinglePointCalculator(undeclared, energy=-100.0, forces=np.zeros((8, 3)))
+    undeclared.write(tmp_path / "si.extxyz")
+    db.ingest(tmp_path / "si.extxyz")
+
+    ours = recycled_frames(db, recipe, ["Si"])
+    assert len(ours) == 2
+    sig_id = db.frames_collection.find_one({"_id": ours[0].info["frame_id"]})["signature_id"]
+    stored = db.signature(sig_id)
+    assert "qe_xc_indices" in stored["extra"]  # read from pw.x's header; the recipe does not state it
+    assert signature_hash(normalise_signature(recipe.signature_settings(ours[0]))) != sig_id  # what was missed
+    assert len(recycled_frames(db, other, ["Si"])) == 1
+    assert recycled_frames(db, QuantumEspresso(ecutwfc_ry=20, kpts=(2, 2, 2)), ["Si"]) == []
+    assert len(db.frames(elements=["Si"])) == 4  # the undeclared frame is there, and recycled by neither
 
 
 # ------------------------------------------------------------------------------------------------ bad input

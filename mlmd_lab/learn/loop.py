@@ -225,6 +225,31 @@ def _json(data: Any) -> str:
     return json.dumps(data, indent=1, sort_keys=True, default=json_default)
 
 
+def recycled_frames(db, recipe, elements: list[str]) -> list[Atoms]:
+    """Every frame in ``db`` of exactly these ``elements`` computed with ``recipe``'s settings, sorted by id.
+
+    A stored signature counts as ``recipe``'s settings when :func:`mlmd_lab.settings.compare_signatures` finds
+    no conflict at all (error or warning) with the recipe's own signature for that frame's cell. Hash equality
+    is too strict: a parsed output records more than a recipe states (QE's ``extra.qe_xc_indices``, read from
+    pw.x's header), so no QE frame would ever be recycled.
+    """
+    from mlmd_lab.settings import compare_signatures
+
+    query = db.frame_query(elements=elements, exclusive=True)
+    wanted = []
+    for sig_id in db.frames_collection.distinct("signature_id", query):
+        stored = db.signature(sig_id)
+        one = db.frames(elements=elements, exclusive=True, limit=1, query={"signature_id": sig_id})
+        if stored is None or not len(one):
+            continue
+        if not compare_signatures(recipe.signature_settings(one[0]), stored, elements=elements):
+            wanted.append(sig_id)
+    if not wanted:
+        return []
+    frames = db.frames(elements=elements, exclusive=True, query={"signature_id": {"$in": wanted}})
+    return sorted(frames, key=lambda a: a.info["frame_id"])
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 class _Loop:
     """One loop: its settings, state files, and the phases of an iteration."""
@@ -446,20 +471,7 @@ class _Loop:
     # -- data -------------------------------------------------------------------------------------------
     def _frames(self) -> list[Atoms]:
         """Every labelled frame of these elements computed with this reference's settings, sorted by id."""
-        from mlmd_lab.settings import normalise_signature, signature_hash
-
-        docs = self.db.frames_collection.distinct("signature_id", self.db.frame_query(elements=self.elements,
-                                                                                     exclusive=True))
-        wanted = []
-        for sig_id in docs:
-            one = self.db.frames(elements=self.elements, exclusive=True, limit=1,
-                                 query={"signature_id": sig_id})
-            if len(one) and signature_hash(normalise_signature(self.recipe.signature_settings(one[0]))) == sig_id:
-                wanted.append(sig_id)
-        if not wanted:
-            return []
-        frames = self.db.frames(elements=self.elements, exclusive=True, query={"signature_id": {"$in": wanted}})
-        return sorted(frames, key=lambda a: a.info["frame_id"])
+        return recycled_frames(self.db, self.recipe, self.elements)
 
     # -- training ---------------------------------------------------------------------------------------
     def _train_config(self):
