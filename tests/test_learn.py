@@ -124,6 +124,22 @@ def test_calculator_recipe_labels_through_the_ledger(db, tmp_path):
         CalculatorRecipe(object())
 
 
+def test_frames_of_the_same_calculator_with_other_parameters_are_not_recycled(db, tmp_path):
+    from ase.calculators.lj import LennardJones
+
+    from mlmd_lab.dft import CalculatorRecipe, rattle
+    from mlmd_lab.dft.label import label
+    from mlmd_lab.learn.loop import recycled_frames
+
+    argon = bulk("Ar", "fcc", a=5.26, cubic=True)
+    lj = CalculatorRecipe(LennardJones(sigma=3.4, epsilon=0.0104, rc=8.0))
+    assert label(rattle(argon, 3, amplitude=0.05, seed=1), lj, db=db, workdir=tmp_path, progress=False).labelled == 3
+    assert len(recycled_frames(db, lj, ["Ar"])) == 3
+    assert len(recycled_frames(db, CalculatorRecipe(LennardJones(sigma=3.4, epsilon=0.0104, rc=8.0)), ["Ar"])) == 3
+    assert recycled_frames(db, CalculatorRecipe(LennardJones(sigma=3.3, epsilon=0.0104, rc=8.0)), ["Ar"]) == []
+    assert recycled_frames(db, CalculatorRecipe(EMT()), ["Ar"]) == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("pw.x") is None or not Path("/usr/share/espresso/pseudo/Si.pbe-rrkj.UPF").is_file(),
                     reason="Quantum ESPRESSO pw.x and quantum-espresso-data not installed (scripts/apt-packages.txt)")
