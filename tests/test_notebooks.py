@@ -32,7 +32,8 @@ EXECUTED = [p for p in NOTEBOOKS if p.name not in ELSEWHERE]
 #: Shorter runs for the suite, injected after a notebook's cell tagged "parameters" (as papermill does): what the
 #: notebooks prove (each cell runs, its checks hold) needs less than a user's tutorial run.
 TEST_PARAMETERS = {
-    "03_training.ipynb": {"time_limit_s": 20, "monitor_time_limit_s": 5},
+    "03_training.ipynb": {"time_limit_s": 20, "monitor_time_limit_s": 5, "frame_stride": 32,
+                          "monitor_frame_stride": 32},
     "04_md_analysis.ipynb": {"nvt_steps": 60, "nve_steps": 200},
     "07_slhmc.ipynb": {"start_epochs": 20, "learn_trials": 10, "retrain_every": 10, "retrain_epochs": 30,
                        "production_trials": 40, "reference_mc_steps": 2000, "ml_md_steps": 600},
