@@ -86,6 +86,16 @@ KSPACING_TOL = 0.05
 SIGMA_TOL = 1e-4
 #: Absolute U_eff difference (eV) above which :func:`compare_signatures` reports an error.
 HUBBARD_TOL = 1e-3
+#: ``extra`` entries that differ only in numerical accuracy (VASP's real-space projection, augmentation grids),
+#: compared as warnings; every other ``extra`` entry that both signatures state (an ASE calculator's parameters,
+#: a PySCF basis, charge or multiplicity, QE's total charge or pseudopotential md5, VASP's AEXX or GGA) is part of
+#: the energy surface, so a difference is an error.
+EXTRA_ACCURACY_KEYS = frozenset({"LREAL", "ADDGRID", "ENAUG", "LASPH", "GGA_COMPAT"})
+#: ``extra`` entries whose meaning the canonical keys already carry (``xc``, ``vdw``, compared there): VASP's raw
+#: GGA tag is "--" (from the POTCAR) or "PE" for the same PBE, so comparing it would report a false difference.
+EXTRA_DERIVED_KEYS = frozenset({"GGA", "METAGGA", "IVDW"})
+#: ``extra`` entries keyed by element, compared for the shared elements only.
+EXTRA_PER_ELEMENT_KEYS = frozenset({"pseudopotential_md5"})
 
 _XC_FAMILY = {
     "LDA": "LDA",
@@ -296,7 +306,8 @@ def compare_signatures(
     """List the conflicts between two signatures (empty list: safe to mix).
 
     Errors: different ``code``, ``xc``, ``vdw``; different pseudopotentials or +U values for the shared
-    elements (or for ``elements`` when given). Warnings: ``encut`` differing by more than 5 %, ``kspacing``
+    elements (or for ``elements`` when given); an ``extra`` entry that both state with different values
+    (except :data:`EXTRA_ACCURACY_KEYS`, warnings). Warnings: ``encut`` differing by more than 5 %, ``kspacing``
     by more than 0.05 Å⁻¹ or Γ-only vs not, different smearing method or width, ``prec``, ``spin``; and any
     compared value that is unknown (None) on one side only.
     """
@@ -337,6 +348,7 @@ def compare_signatures(
     shared = _shared_elements(a, b, elements)
     out.extend(_compare_pseudopotentials(a, b, shared))
     out.extend(_compare_hubbard(a, b, shared))
+    out.extend(_compare_extra(a, b, shared))
 
     ea, eb = a["encut"], b["encut"]
     if ea is None or eb is None:
@@ -447,6 +459,54 @@ def _compare_hubbard(a: dict[str, Any], b: dict[str, Any], shared: set[str] | No
                                 f"{el} has different Hubbard U_eff ({ua:g} vs {ub:g} eV), which changes the "
                                 "energy surface; use data computed with the same +U."))
     return out
+
+
+def _compare_extra(a: dict[str, Any], b: dict[str, Any], shared: set[str] | None) -> list[Conflict]:
+    """Conflicts for ``extra`` entries that both signatures state with different known values.
+
+    An entry stated on one side only is no conflict: a parsed output records more than a recipe states (QE's
+    ``qe_xc_indices``), and ``None`` (not recorded) is unknown, not different; :data:`EXTRA_DERIVED_KEYS` are
+    left to the canonical keys. Severity: see
+    :data:`EXTRA_ACCURACY_KEYS`; per-element entries (:data:`EXTRA_PER_ELEMENT_KEYS`) are compared for the
+    shared elements whose pseudopotential files have the same name (a changed file of the same name).
+    """
+    xa, xb = a["extra"] or {}, b["extra"] or {}
+    out = []
+    for key in sorted((set(xa) & set(xb)) - EXTRA_DERIVED_KEYS):
+        va, vb = xa[key], xb[key]
+        if key in EXTRA_PER_ELEMENT_KEYS and isinstance(va, dict) and isinstance(vb, dict):
+            both = set(va) & set(vb) if shared is None else set(va) & set(vb) & shared
+            pa, pb = a["pseudopotentials"] or {}, b["pseudopotentials"] or {}
+            both = {el for el in both if pa.get(el) == pb.get(el)}  # other files: reported as pseudopotentials
+            va, vb = {el: va[el] for el in sorted(both)}, {el: vb[el] for el in sorted(both)}
+        if key == "qe_xc_indices" and isinstance(va, list) and isinstance(vb, list):
+            va, vb = _strip_zeros(va), _strip_zeros(vb)  # pw.x versions print 6 or 7 indices, zero-padded
+        if va is None or vb is None or va == vb:
+            continue
+        if key in EXTRA_ACCURACY_KEYS:
+            out.append(Conflict(f"extra:{key}", va, vb, "warning",
+                                f"The runs differ in {key} ({_short(va)} vs {_short(vb)}), a numerical-accuracy "
+                                "setting that shifts energies and forces slightly; recompute with one value for "
+                                "consistent data."))
+        else:
+            out.append(Conflict(f"extra:{key}", va, vb, "error",
+                                f"The runs differ in {key} ({_short(va)} vs {_short(vb)}), which is part of the "
+                                "energy surface they sample; train on data computed with one value."))
+    return out
+
+
+def _strip_zeros(values: list) -> list:
+    """``values`` without trailing zeros."""
+    out = list(values)
+    while out and out[-1] == 0:
+        out.pop()
+    return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a setting, cut to ``limit`` characters for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _compare_kpoints(a: dict[str, Any], b: dict[str, Any]) -> list[Conflict]:

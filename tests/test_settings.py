@@ -134,6 +134,36 @@ def test_hubbard_u():
     assert compare_signatures(base(hubbard_u={"Fe": 5.0}), base()) == []  # Fe not in either data set
 
 
+def test_extra_entries_stated_by_both_sides_are_compared():
+    # an ASE calculator's parameters: another Lennard-Jones sigma is another energy surface
+    lj = {"code": "ase:LennardJones", "extra": {"calculator": "LennardJones", "parameters": {"sigma": 3.4}}}
+    other = {"code": "ase:LennardJones", "extra": {"calculator": "LennardJones", "parameters": {"sigma": 3.3}}}
+    c = by_key(compare_signatures(lj, other))
+    assert set(c) == {"extra:parameters"} and c["extra:parameters"].severity == "error"
+    assert "3.3" in c["extra:parameters"].message and compare_signatures(lj, dict(lj)) == []
+    # PySCF: another basis or multiplicity is an error
+    mol = {"code": "pyscf", "xc": "PBE", "extra": {"basis": "def2-svp", "charge": 0, "multiplicity": 1}}
+    c = by_key(compare_signatures(mol, {**mol, "extra": {**mol["extra"], "basis": "def2-tzvp", "multiplicity": 3}}))
+    assert set(c) == {"extra:basis", "extra:multiplicity"} and {x.severity for x in c.values()} == {"error"}
+    # accuracy settings warn; an entry on one side only, or unknown (None) on one side, is no conflict
+    c = by_key(compare_signatures(base(), base(extra={"LASPH": False})))
+    assert set(c) == {"extra:LASPH"} and c["extra:LASPH"].severity == "warning"
+    assert compare_signatures(base(), base(extra={"LASPH": True, "GGA": "PE"})) == []
+    assert compare_signatures(base(extra={"LASPH": True, "GGA": None}), base(extra={"LASPH": True, "GGA": "PE"})) == []
+    assert compare_signatures(base(extra={"GGA": "--"}), base(extra={"GGA": "PE"})) == []  # xc says PBE for both
+    # a pseudopotential md5 is compared for the shared elements only
+    md5 = base(extra={"pseudopotential_md5": {"Ti": "aa", "O": "bb"}})
+    assert compare_signatures(md5, base(extra={"pseudopotential_md5": {"O": "bb", "H": "cc"}})) == []
+    c = by_key(compare_signatures(md5, base(extra={"pseudopotential_md5": {"Ti": "ax", "O": "bb"}})))
+    assert set(c) == {"extra:pseudopotential_md5"} and c["extra:pseudopotential_md5"].severity == "error"
+    assert compare_signatures(md5, base(extra={"pseudopotential_md5": {"Ti": "ax", "O": "bb"}}), elements=["O"]) == []
+    # QE's functional indices: pw.x versions print 6 or 7 of them, zero-padded; other indices are an error
+    qe = {"code": "qe", "xc": "PBE", "extra": {"qe_xc_indices": [1, 4, 3, 4, 0, 0]}}
+    assert compare_signatures(qe, {**qe, "extra": {"qe_xc_indices": [1, 4, 3, 4, 0, 0, 0]}}) == []
+    c = by_key(compare_signatures(qe, {**qe, "extra": {"qe_xc_indices": [1, 4, 10, 8, 0, 0, 0]}}))
+    assert c["extra:qe_xc_indices"].severity == "error"
+
+
 def test_kpoint_smearing_prec_spin_warnings():
     c = by_key(compare_signatures(base(), base(kspacing=0.4)))
     assert set(c) == {"kspacing"} and c["kspacing"].severity == "warning"

@@ -229,12 +229,12 @@ def recycled_frames(db, recipe, elements: list[str]) -> list[Atoms]:
     """Every frame in ``db`` of exactly these ``elements`` computed with ``recipe``'s settings, sorted by id.
 
     A stored signature counts as ``recipe``'s settings when :func:`mlmd_lab.settings.compare_signatures` finds
-    no conflict at all (error or warning) with the recipe's own signature for that frame's cell, and every
-    ``extra`` entry that both state is equal (an ASE calculator's parameters live there; a QE pseudopotential's
-    md5 too). Hash equality is too strict: a parsed output records more than a recipe states (QE's
-    ``extra.qe_xc_indices``, read from pw.x's header), so no QE frame would ever be recycled.
+    no conflict at all (error or warning) with the recipe's own signature for that frame's cell (``extra``
+    entries included: an ASE calculator's parameters live there, a QE pseudopotential's md5 too). Hash equality
+    is too strict: a parsed output records more than a recipe states (QE's ``extra.qe_xc_indices``, read from
+    pw.x's header), so no QE frame would ever be recycled.
     """
-    from mlmd_lab.settings import compare_signatures, normalise_signature
+    from mlmd_lab.settings import compare_signatures
 
     query = db.frame_query(elements=elements, exclusive=True)
     wanted = []
@@ -243,11 +243,7 @@ def recycled_frames(db, recipe, elements: list[str]) -> list[Atoms]:
         one = db.frames(elements=elements, exclusive=True, limit=1, query={"signature_id": sig_id})
         if stored is None or not len(one):
             continue
-        ours = normalise_signature(recipe.signature_settings(one[0]))
-        theirs = normalise_signature(stored)
-        shared = set(ours["extra"]) & set(theirs["extra"])
-        if all(ours["extra"][k] == theirs["extra"][k] for k in shared) and \
-                not compare_signatures(ours, theirs, elements=elements):
+        if not compare_signatures(recipe.signature_settings(one[0]), stored, elements=elements):
             wanted.append(sig_id)
     if not wanted:
         return []
