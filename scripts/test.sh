@@ -10,5 +10,10 @@ ruff check .
 echo "[test] pytest"
 # Most slow tests wait on one core (an XLA compile, a DFT process, a browser), so two workers on two cores halve
 # the wall time; tests on the one Slurm share a worker (tests/conftest.py).
+# The LAMMPS with pair_style hdnnp that this workplace builds (../shared/tools/README.md), unless one is given.
+lmp="$ROOT/../shared/tools/lammps/lmp"
+if [[ -z "${MLMD_TEST_LAMMPS:-}" && -x "$lmp" ]]; then
+    export MLMD_TEST_LAMMPS="$lmp"
+fi
 workers="${MLMD_TEST_WORKERS:-$(python -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')}"
 exec python -m pytest -n "$workers" --dist loadgroup "$@"

@@ -374,8 +374,11 @@ def test_lammps_runs_each_ensemble(tmp_path, ensemble):
 
 
 def _hdnnp_lmp() -> tuple[list[str], dict]:
-    """A LAMMPS with ML-HDNNP: $MLMD_TEST_LAMMPS, or lmp/lmp_mpi on the PATH (none in this workplace)."""
-    candidates = [os.environ.get("MLMD_TEST_LAMMPS"), shutil.which("lmp_mpi"), shutil.which("lmp")]
+    """A LAMMPS with ML-HDNNP: $MLMD_TEST_LAMMPS, lmp/lmp_mpi on the PATH, or the workplace's build in
+    ../shared/tools/lammps/lmp (scripts/test.sh sets $MLMD_TEST_LAMMPS to it when present)."""
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "tools" / "lammps" / "lmp"
+    candidates = [os.environ.get("MLMD_TEST_LAMMPS"), shutil.which("lmp_mpi"), shutil.which("lmp"),
+                  str(shared) if shared.exists() else None]
     for candidate in filter(None, candidates):
         try:
             probe = subprocess.run([candidate, "-h"], capture_output=True, text=True, timeout=60)
@@ -400,3 +403,37 @@ def test_pair_style_hdnnp_energy_equals_predict(tmp_path, name):
     assert thermo["PotEng"] == pytest.approx(expected["energy"], rel=1e-9)
     pressure = -np.mean(expected["stress"][:3]) / ase_units.bar  # ASE stress is minus the pressure
     assert thermo["Press"] == pytest.approx(pressure, rel=1e-6, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_nve_in_lammps_and_in_mlmd_lab_stay_together(tmp_path):
+    """100 NVE steps (0.5 fs) of Cu2S from the same positions and velocities: LAMMPS's pair_style hdnnp and
+    mlmd_lab's engine end at the same positions to 1e-6 Å (both are velocity Verlet on the same forces)."""
+    from ase.io import read
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+    from mlmd_lab.md import run as md_run
+
+    command, env = _hdnnp_lmp()
+    model, atoms = _structure("Cu2S_PBE")
+    atoms.calc = None
+    MaxwellBoltzmannDistribution(atoms, temperature_K=600.0, rng=np.random.default_rng(5))
+    Stationary(atoms)
+    folder = write_lammps(model, tmp_path / "lammps", atoms, steps=100, ensemble="nve", timestep_fs=0.5,
+                          temperature_K=600.0, thermo_every=100, dump_every=0)
+    _run_lammps(command, env, folder, "in.lammps")
+    final = read(folder / "final.data", format="lammps-data", atom_style="atomic", units="metal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = md_run(model, atoms, "nve", timestep=0.5, steps=100, velocities="keep", log_interval=100).atoms
+    assert np.allclose(final.cell.array, atoms.cell.array, atol=1e-9)  # the box is not rotated (LAMMPS's form)
+    moved = np.linalg.norm(ours.positions - atoms.positions, axis=1).max()
+    difference = final.positions - ours.positions
+    fractional = np.linalg.solve(atoms.cell.array.T, difference.T).T
+    difference = (fractional - np.round(fractional)) @ atoms.cell.array  # LAMMPS wraps into the box
+    print(f"LAMMPS vs mlmd_lab after 100 NVE steps: largest position difference "
+          f"{np.abs(difference).max():.2e} Å (atoms moved up to {moved:.3f} Å)")
+    assert moved > 0.05  # the atoms did move
+    assert np.abs(difference).max() < 1e-6
+    velocity_gap = np.abs(final.get_velocities() - ours.get_velocities()).max()
+    assert velocity_gap < 1e-6 * np.abs(ours.get_velocities()).max()
