@@ -11,6 +11,10 @@ Reference: n2p2 2.3.0 energy+forces on this kind of machine, 281 µs/atom of CPU
 (../shared/external/README.md; a single point, no MD overhead). Target: no slower per core; GPU >= 1e6
 atom-steps/s on one H100/H200.
 
+LAMMPS row: the same water system, NVE 300 K, 0.5 fs, in LAMMPS's ``pair_style hdnnp`` (n2p2's library) on one
+core, from a folder written by ``mlmd_lab.md.write_lammps``: the LAMMPS of ``$MLMD_TEST_LAMMPS`` or
+../shared/tools/lammps/lmp; a run of 0 steps is subtracted (reading, set-up), median of 3.
+
 Drift (``--drift``): NVE of a 192-atom water box (DeePMD water frame, n2p2 H2O potential), 0.5 fs, 2 ps,
 float64: linear-fit total-energy drift in meV/atom/ps (target <= 0.1).
 
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WATER = ROOT / ".." / "shared" / "external" / "n2p2" / "H2O_RPBE-D3"
 DEEPMD = ROOT / ".." / "shared" / "external" / "deepmd-water" / "data_0"
 N2P2_US_PER_ATOM = 281.0
+LAMMPS = Path(os.environ.get("MLMD_TEST_LAMMPS") or ROOT / ".." / "shared" / "tools" / "lammps" / "lmp")
 
 
 def _setup(platform: str, threads: int) -> None:
@@ -73,6 +78,45 @@ def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, step
         "us_per_atom_step": timed / (steps * n) * 1e6,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
+
+
+def lammps_row(steps: int, repeats: int = 3) -> dict | None:
+    """LAMMPS (pair_style hdnnp, serial, one core) on the 1080-atom water: atom-steps/s of ``steps`` NVE steps
+    after subtracting a 0-step run (median of ``repeats``); None when no such LAMMPS is here."""
+    import statistics
+    import subprocess
+    import tempfile
+    import warnings
+
+    if not LAMMPS.exists():
+        print(f"LAMMPS: not measured (no LAMMPS with pair_style hdnnp at {LAMMPS})")
+        return None
+    from mlmd_lab.io.n2p2 import read_input_data
+    from mlmd_lab.md import write_lammps
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr")
+    atoms = read_input_data(WATER / "input.data", "Ha", "Bohr")[0]
+    core = {sorted(os.sched_getaffinity(0))[0]}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    times: dict[int, list[float]] = {0: [], steps: []}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for n in times:
+            folder = write_lammps(model, Path(tmp) / f"run{n}", atoms, steps=n, ensemble="nve", timestep_fs=0.5,
+                                  temperature_K=300.0, thermo_every=max(1, n), dump_every=0)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                subprocess.run([str(LAMMPS), "-in", "in.lammps", "-log", "none", "-screen", "none"], cwd=folder,
+                               env=env, check=True, preexec_fn=lambda: os.sched_setaffinity(0, core))
+                times[n].append(time.perf_counter() - t0)
+    timed = statistics.median(times[steps]) - statistics.median(times[0])
+    n_atoms = len(atoms)
+    return {"platform": "lammps", "device": f"LAMMPS pair_style hdnnp ({LAMMPS.name}, serial)", "threads": 1,
+            "dtype": "float64", "atoms": n_atoms, "steps": steps, "skin_A": 2.0, "wall_s": sum(times[steps]),
+            "compile_s": statistics.median(times[0]), "rebuilds": None,
+            "atom_steps_per_s": steps * n_atoms / timed, "us_per_atom_step": timed / (steps * n_atoms) * 1e6,
+            "peak_rss_gib": None}
 
 
 def drift_worker(steps: int) -> dict:
@@ -134,10 +178,13 @@ def main() -> None:
             r = run_json_worker(cmd, f"{platform}/{threads}/{dtype}/x{repeat ** 3}")
             if r is not None:
                 results.append(r)
+        lammps = lammps_row(max(10, args.steps // 2))
+        if lammps is not None:
+            results.append(lammps)
         rows = []
         for r in results:
             cores = r["threads"] or 1
-            per_core = r["us_per_atom_step"] * cores if r["platform"] == "cpu" else None
+            per_core = r["us_per_atom_step"] * cores if r["platform"] in ("cpu", "lammps") else None
             rows.append([f"{r['platform']} {r['threads'] or ''}{'t ' if r['threads'] else ''}{r['dtype']}",
                          r["atoms"], r["steps"], r["atom_steps_per_s"], r["us_per_atom_step"], per_core,
                          None if per_core is None else N2P2_US_PER_ATOM / per_core, r["rebuilds"], r["compile_s"],
