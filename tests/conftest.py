@@ -203,10 +203,17 @@ def lab(tmp_path_factory, mongo_uri):
     env = {**os.environ, "MLMD_MONGODB_URI": mongo_uri, "JUPYTERLAB_SETTINGS_DIR": str(settings / "user"),
            "JUPYTERLAB_WORKSPACES_DIR": str(settings / "workspaces"), "PYTHONUNBUFFERED": "1"}
     log = open(root / "jupyterlab.log", "w")  # noqa: SIM115 - closed after the server stops
+    # The Binder/hub config, tested here, plus one test-only setting: the server closes a kernel websocket whose
+    # browser answered no ping for 90 s (jupyter_server's default), and replies in flight are then lost (cells
+    # stay "[*]"). On two cores shared by a JAX kernel, another test worker and a software-WebGL Chromium, the
+    # page can be that slow to read its socket; a person's browser on a hub is not starved like that.
+    config = settings / "jupyter_server_config.py"
+    config.write_text(f"exec(open({str(ROOT / 'binder' / 'jupyter_server_config.py')!r}).read())\n"
+                      "c.ServerApp.tornado_settings = {'ws_ping_timeout': 3_600_000}  # ms\n")
     cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
            "--LabApp.expose_app_in_browser=True", f"--LabApp.app_settings_dir={settings}",
-           f"--config={ROOT / 'binder' / 'jupyter_server_config.py'}"]  # the hub/Binder config, tested here
+           f"--config={config}"]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -342,18 +349,25 @@ def run_notebook(lab, browser, request):
         """Poll until Run All ends: ALL_RUN_JS's state, or "lost" when the server's kernel is idle and the last
         cell is numbered while the page still shows "[*]" for earlier cells (or a busy kernel): JupyterLab dropped
         the kernel websocket and lost replies (its reconnect replays only what the server buffered). None on timeout."""
-        deadline, stale_since = time.monotonic() + ceiling_s, None
+        deadline, stale_since, idle_since = time.monotonic() + ceiling_s, None, None
         while time.monotonic() < deadline:
             state = nbp.page.evaluate(ALL_RUN_JS)
             if state:
                 return state
             prompts = nbp.prompts()
+            server_idle = server_kernel_state(nbp.path) == "idle"
             # the last cell ran (the kernel runs in order and aborts the queue on an error), yet ALL_RUN_JS did not
             # see "done": the page shows "[*]" or a busy kernel that the server says is idle
-            stale = bool(prompts and re.fullmatch(r"\[\d+\]:", prompts[-1])
-                         and server_kernel_state(nbp.path) == "idle")
+            stale = bool(prompts and re.fullmatch(r"\[\d+\]:", prompts[-1]) and server_idle)
             stale_since = (stale_since or time.monotonic()) if stale else None
             if stale_since and time.monotonic() - stale_since > 15 * CEILING_SCALE:
+                return "lost"
+            # the page still waits on cells ("[*]"), but the server's kernel has been idle for a minute: a kernel
+            # with queued requests is never idle that long (cells that wait on a thread keep it busy), so the page
+            # lost the replies (or its requests) when its websocket dropped
+            waiting = any(p == "[*]:" for p in prompts)
+            idle_since = (idle_since or time.monotonic()) if (server_idle and waiting) else None
+            if idle_since and time.monotonic() - idle_since > 60 * CEILING_SCALE:
                 return "lost"
             nbp.page.wait_for_timeout(1000)
         return None

@@ -7,6 +7,7 @@ Debian's chromium (conftest.run_notebook).
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -18,6 +19,7 @@ from mlmd_lab.errors import MLMDError
 from mlmd_lab.train.callbacks import Metrics
 from mlmd_lab.train.trainer import Trainer, TrainingDivergedError, TrainingWarning
 from mlmd_lab.widgets import LivePlot, TrainingMonitor
+from mlmd_lab.widgets.plots import MAX_DRAWN_POINTS, ThrottledValue
 from mlmd_lab.widgets.training import format_duration
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -64,6 +66,34 @@ def test_liveplot_appends_from_threads_and_throttles_redraws():
     np.testing.assert_array_equal(np.asarray(plot.lines["b"].y), np.arange(500.0) + 1)
 
 
+def test_liveplot_sends_at_most_max_drawn_points_but_keeps_every_point():
+    n = 4 * MAX_DRAWN_POINTS + 3
+    plot = LivePlot()
+    plot.set_data("s", np.arange(n), np.arange(n) + 0.5)
+    assert plot.n_points("s") == n and plot.drawn_points("s") <= MAX_DRAWN_POINTS
+    drawn = np.asarray(plot.lines["s"].x)
+    assert drawn[0] == 0 and drawn[-1] == n - 1 and np.all(np.diff(drawn) > 0)  # evenly thinned, ends kept
+    np.testing.assert_array_equal(np.asarray(plot.lines["s"].y), drawn + 0.5)  # x and y stay paired
+    assert len(plot.data("s")[0]) == n
+
+
+def test_throttled_value_shows_the_latest_value_and_a_final_one_wins():
+    import ipywidgets
+
+    html = ipywidgets.HTML("")
+    text = ThrottledValue(html, max_rate=5.0)
+    for k in range(2000):  # a training loop's epoch line
+        text.set(f"epoch {k}")
+    assert text.updates <= 2  # the first at once, the rest wait for the timer
+    wait_until(lambda: html.value == "epoch 1999", 10, "the timer's update")
+    text.set("running: step 10")  # pending (the last update was just now) ...
+    text.set("finished", now=True)  # ... and dropped: a late timer must not overwrite the final status
+    time.sleep(0.5)
+    assert html.value == "finished"
+    with pytest.raises(MLMDError, match="max_rate"):
+        ThrottledValue(html, max_rate=0)
+
+
 def test_liveplot_log_scale_hides_non_positive_values_and_set_data_replaces():
     plot = LivePlot(log_y=True)
     plot.set_data("s", [1, 2, 3, 4], [1.0, 0.0, -2.0, np.nan])
@@ -93,6 +123,9 @@ def test_monitor_callback_draws_curves_in_display_units_and_eta():
     np.testing.assert_allclose(y, [3.0, 1.5, 1.0])  # meV/atom
     np.testing.assert_allclose(monitor.force_plot.data("train")[1], [50.0, 25.0, 50.0 / 3])  # meV/Å
     np.testing.assert_allclose(monitor.lr_plot.data("learning rate")[1], [1e-3, 5e-4, 1e-3 / 3])
+    # the epoch line is throttled (at most 5 updates a second): the last epoch's line shows soon after
+    wait_until(lambda: "epoch 3 / 10" in monitor.epochs.value, 10, "the throttled epoch line")
+    assert monitor._epochs_text.updates <= 3  # epoch 0 at once; epochs 1-3 unthrottled would make 4
     # 2 s per epoch, 7 epochs left: ETA ≤ 14 s
     assert "epoch 3 / 10" in monitor.epochs.value and "ETA ≤ 14 s" in monitor.epochs.value
     assert "F 20.0 meV/Å" in monitor.epochs.value
@@ -113,6 +146,7 @@ def test_monitor_shows_stress_errors_in_gpa_and_the_training_summary():
     m = Metrics(epoch=1, step=4, learning_rate=1e-3, elapsed=2.0, validation={"force_rmse": 0.05,
                                                                               "stress_rmse": 0.005})
     monitor.on_epoch_end(m)
+    wait_until(lambda: "epoch 1 / 2" in monitor.epochs.value, 10, "the throttled epoch line")
     assert "S 0.801 GPa (valid)" in monitor.epochs.value and "ETA ≤ 1.0 s" in monitor.epochs.value
     monitor.on_train_end({"reason": "max_epochs", "text": "Data: 4 of 40 frames (10 %) held out as a test set",
                           "errors": {"test": {"energy_rmse": 1e-3, "force_rmse": 0.02, "stress_rmse": 0.005,
@@ -127,6 +161,7 @@ def test_monitor_ensemble_members_get_their_own_curves_and_time_limit_caps_eta(f
     for member in (0, 1):
         monitor.on_train_begin({"epochs": 100, "member": member})
         monitor.on_epoch_end(metrics(1, member=member))
+    wait_until(lambda: "member 1" in monitor.epochs.value, 10, "the throttled epoch line")
     assert monitor.force_plot.series == ["train m0", "validation m0", "train m1", "validation m1"]
     assert "member 1" in monitor.epochs.value and "ETA ≤ 3.0 s" in monitor.epochs.value  # 5 s limit - 2 s
 
@@ -150,6 +185,7 @@ def test_start_streams_epochs_and_stop_button_ends_training_early(frames):
     wait_until(lambda: len(monitor.history) >= 2, what="two epochs")
     seen = monitor.force_plot.n_points("validation")
     wait_until(lambda: monitor.force_plot.n_points("validation") > seen, what="more epochs")  # still gaining
+    wait_until(lambda: "ETA" in monitor.epochs.value, 10, "the throttled epoch line")
     assert "epoch" in monitor.epochs.value and "ETA" in monitor.epochs.value
     monitor.stop_button.click()
     model = monitor.wait(timeout=300)

@@ -38,7 +38,7 @@ import numpy as np
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
-from mlmd_lab.widgets.plots import LivePlot
+from mlmd_lab.widgets.plots import LivePlot, ThrottledValue
 
 FS_PER_PS = 1000.0
 
@@ -121,6 +121,7 @@ class MDViewer(widgets.VBox):
 
         self.status = widgets.HTML("<b>MD</b>: nothing loaded")
         self.status.add_class("mlmd-md-status")
+        self._status_text = ThrottledValue(self.status, max_rate=max_rate)  # a log row per block would flood
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
                                           tooltip="end the MD run after the current block (files stay readable)")
         self.stop_button.add_class("mlmd-md-stop")
@@ -299,7 +300,7 @@ class MDViewer(widgets.VBox):
                 self._show_pressure(True)
         if self._stop.is_set():
             return True
-        self._set_status("running: " + _row_text(values, self._total_steps))
+        self._set_status("running: " + _row_text(values, self._total_steps), throttled=True)
         return False
 
     def stop(self) -> None:
@@ -335,9 +336,11 @@ class MDViewer(widgets.VBox):
         text = _row_text(last, self._total_steps) if last else "no steps"
         return f"{text}; {len(self.frames)} frames"
 
-    def _set_status(self, text: str, error: bool = False) -> None:
+    def _set_status(self, text: str, error: bool = False, throttled: bool = False) -> None:
+        """Show ``text``; ``throttled`` for the per-row line (a few updates a second), else at once (and a pending
+        row line is dropped, so it never overwrites a final status)."""
         color = "#c62828" if error else "inherit"
-        self.status.value = f"<b>MD</b>: <span style='color:{color}'>{html.escape(text)}</span>"
+        self._status_text.set(f"<b>MD</b>: <span style='color:{color}'>{html.escape(text)}</span>", now=not throttled)
 
     def _show_error(self, err: BaseException) -> None:
         self.error_box.value = (f"<pre style='white-space:pre-wrap;color:#c62828'>"

@@ -6,7 +6,15 @@
 
 Appending only stores the point; the figure is redrawn at most ``max_rate`` times a second (a timer sends the
 last points of a burst), so a callback firing thousands of times a second costs the browser nothing. Points are
-kept in Python (``plot.data(series)``); the figure shows them all.
+kept in Python (``plot.data(series)``); the figure shows at most ``max_points`` of them per series (evenly
+thinned, the last point always kept), so a 4,000-epoch curve redrawn five times a second stays a few kilobytes
+a message. :class:`ThrottledValue` does the same for a text widget (an epoch counter, an MD status line): the
+latest value wins, at most ``max_rate`` updates a second.
+
+Why throttle at all: every widget update is a message through the Jupyter server's websocket; a training loop
+at 140 epochs a second (or an MD log row per block) floods a busy browser, which then stops reading its socket,
+misses the server's pings and is disconnected, and replies in flight at that moment are lost (cells stay
+"[*]"). A few updates a second look the same to a person.
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ import ipywidgets as widgets
 import numpy as np
 
 from mlmd_lab.errors import MLMDError
+
+#: Most points per series sent to the figure (thinned evenly beyond it; :meth:`LivePlot.data` keeps all).
+MAX_DRAWN_POINTS = 1000
 
 #: Colours of the series, in order (matplotlib's tab10).
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -180,9 +191,10 @@ class LivePlot(widgets.VBox):
             keep = np.isfinite(x) & np.isfinite(y)
             if self.log_y:
                 keep &= y > 0
+            x, y = thin(x[keep], y[keep], MAX_DRAWN_POINTS)
             line = self.lines[name]
             with line.hold_sync():
-                line.x, line.y = x[keep], y[keep]
+                line.x, line.y = x, y
 
     def close(self) -> None:
         """Stop a pending redraw timer and close the widgets."""
@@ -194,3 +206,55 @@ class LivePlot(widgets.VBox):
             self.figure.close()
         super().close()
 
+
+
+def thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``max_points`` of the points ``(x, y)``: evenly strided, first and last kept (unchanged if fewer)."""
+    n = len(x)
+    if n <= max_points:
+        return x, y
+    index = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
+    return x[index], y[index]
+
+
+class ThrottledValue:
+    """Set one trait of a widget (e.g. an HTML's ``value``) at most ``max_rate`` times a second, from any thread.
+
+    :meth:`set` applies the value at once if the last update is old enough, else keeps it as pending and a timer
+    applies the latest pending value soon after; ``set(value, now=True)`` (a final status) applies at once and
+    drops anything pending, so a late timer never overwrites it. :meth:`flush` applies what is pending.
+    """
+
+    def __init__(self, widget: widgets.Widget, name: str = "value", max_rate: float = 5.0) -> None:
+        if not max_rate > 0:
+            raise MLMDError(f"ThrottledValue max_rate={max_rate} must be > 0 (updates per second)")
+        self.widget, self.name, self.max_rate = widget, name, float(max_rate)
+        self._lock = threading.RLock()
+        self._pending: tuple[object] | None = None
+        self._last = 0.0
+        self._timer: threading.Timer | None = None
+        self.updates = 0
+
+    def set(self, value: object, now: bool = False) -> None:
+        """Show ``value`` (throttled unless ``now``); the latest value always ends up shown."""
+        with self._lock:
+            self._pending = (value,)
+            wait = self._last + 1.0 / self.max_rate - time.monotonic()
+            if now or wait <= 0:
+                self.flush()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Apply the pending value now (if any) and cancel the timer."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pending is not None:
+                (value,), self._pending = self._pending, None
+                setattr(self.widget, self.name, value)
+                self._last = time.monotonic()
+                self.updates += 1

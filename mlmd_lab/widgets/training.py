@@ -28,7 +28,7 @@ import ipywidgets as widgets
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.train.callbacks import Callback, Metrics, display_unit, format_value
-from mlmd_lab.widgets.plots import LivePlot
+from mlmd_lab.widgets.plots import LivePlot, ThrottledValue
 
 _REASONS = {
     "converged": "converged",
@@ -83,6 +83,7 @@ class TrainingMonitor(widgets.VBox, Callback):
         self.status.add_class("mlmd-training-status")
         self.epochs = widgets.HTML("")
         self.epochs.add_class("mlmd-training-epochs")
+        self._epochs_text = ThrottledValue(self.epochs, max_rate=max_rate)  # one line per epoch would flood
         self.stop_button = widgets.Button(description="Stop", icon="stop", button_style="danger", disabled=True,
                                           tooltip="stop training after the current epoch (best weights are kept)")
         self.stop_button.add_class("mlmd-training-stop")
@@ -199,7 +200,7 @@ class TrainingMonitor(widgets.VBox, Callback):
         who = "" if info.get("member") is None else f" member {info['member']}"
         self._set_status(f"training{who}: {info.get('n_train', '?')} training and {info.get('n_validation', '?')} "
                          f"validation frames, {info.get('n_parameters', '?')} parameters")
-        self.epochs.value = f"epoch {info.get('start_epoch', 0)} / {info.get('epochs', '?')}"
+        self._epochs_text.set(f"epoch {info.get('start_epoch', 0)} / {info.get('epochs', '?')}", now=True)
 
     def on_epoch_end(self, metrics: Metrics) -> bool:
         with self._lock:
@@ -212,11 +213,12 @@ class TrainingMonitor(widgets.VBox, Callback):
                 if value is not None:
                     plot.append(f"{split}{suffix}", metrics.epoch, value * factor)
         self.lr_plot.append(f"learning rate{suffix}", metrics.epoch, metrics.learning_rate)
-        self.epochs.value = self._epoch_text(metrics)
+        self._epochs_text.set(self._epoch_text(metrics))
         return self._stop.is_set()
 
     def on_train_end(self, summary: dict[str, Any]) -> None:
         self.summary = dict(summary)
+        self._epochs_text.flush()  # the last epoch's line, not a throttled earlier one
         for plot in self._plots():
             plot.flush()
         reason = summary.get("reason", "finished")
