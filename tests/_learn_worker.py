@@ -4,7 +4,9 @@
 
 The reference is :class:`CountingEMT`: ASE's EMT that appends the digest of every structure it calculates to
 ``$LEARN_COUNT_FILE``; with ``$LEARN_KILL_AT`` set, the call that makes the count reach it kills this process
-(SIGKILL) before computing. Prints the result as one JSON line.
+(SIGKILL) before computing. With ``$LEARN_KILL_IN_TRAINING=K`` the process kills itself (SIGKILL) inside the K-th
+committee training of the run, at epoch 20 of its second member (the first member's weights exist in memory
+only). Prints the result as one JSON line.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ class CountingEMT(EMT):
         return super().calculate(atoms, properties, system_changes)
 
 
+def kill_inside_training(k: int) -> None:
+    """Make the k-th call of ``train_ensemble`` in this process SIGKILL it at epoch 20 of member 1."""
+    from mlmd_lab.train import trainer as trainer_module
+    from mlmd_lab.train.callbacks import Callback
+
+    real, calls = trainer_module.train_ensemble, []
+
+    class Killer(Callback):
+        def on_epoch_end(self, metrics):
+            if metrics.member == 1 and metrics.epoch >= 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return False
+
+    def train_ensemble(*args, callbacks=(), **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            callbacks = [*callbacks, Killer()]
+        return real(*args, callbacks=callbacks, **kwargs)
+
+    trainer_module.train_ensemble = train_ensemble  # learn's loop imports it from this module when it trains
+
+
 def main() -> None:
     from ase.build import bulk
 
@@ -47,6 +71,8 @@ def main() -> None:
 
     uri, database, workdir, count_file = sys.argv[1:5]
     os.environ["LEARN_COUNT_FILE"] = count_file
+    if os.environ.get("LEARN_KILL_IN_TRAINING"):
+        kill_inside_training(int(os.environ["LEARN_KILL_IN_TRAINING"]))
     warnings.simplefilter("ignore")
     db = connect(uri, database=database)
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))

@@ -60,6 +60,33 @@ def test_classify_by_trust_levels_and_extrapolation():
     assert select.classify(float("nan"), 0, trust) == "failed"
 
 
+def test_suggested_lo_is_the_data_target_and_does_not_follow_the_committee():
+    rms = 0.8  # eV/Å
+    good, better = select.suggest_trust(rms, 0.03, 8), select.suggest_trust(rms, 0.01, 8)
+    # a better committee must not make "accurate" harder to reach (a lo that follows the error never converges)
+    assert good[0] == better[0] and good[1] == better[1] == pytest.approx(select.HI_FACTOR * good[0])
+    young = select.suggest_trust(rms, 0.5, 8)  # a committee far from the target: hi widens, lo stays
+    assert young[0] == good[0] and young[1] == pytest.approx(select.HI_ERROR_FACTOR * 0.5) and young[1] > good[1]
+    assert select.suggest_trust(rms, 0.03, 64)[0] > good[0]  # more atoms, a larger largest error at equal RMSE
+    # Gaussian errors per component, drawn: a potential at the target RMSE has ~99 % of its 8-atom frames' largest
+    # atomic error below lo; one at twice the RMSE far fewer, one at 70 % of it nearly all
+    rng = np.random.default_rng(0)
+    unit = np.linalg.norm(rng.normal(0.0, 1.0, size=(40000, 8, 3)), axis=2).max(axis=1)
+
+    def accurate(share: float) -> float:
+        return float(np.mean(share * rms * unit <= good[0]))
+
+    target = select.TARGET_FORCE_SHARE
+    assert accurate(target) == pytest.approx(select.ACCURATE_QUANTILE, abs=0.003)
+    assert accurate(2 * target) < 0.5 and accurate(0.7 * target) > 0.9999
+    with pytest.raises(MLMDError, match="rms_force"):
+        select.suggest_trust(0.0, 0.01, 8)
+    with pytest.raises(MLMDError, match="validation_error"):
+        select.suggest_trust(1.0, float("nan"), 8)
+    with pytest.raises(MLMDError, match="n_atoms"):
+        select.suggest_trust(1.0, 0.01, 0)
+
+
 def test_filters_reject_unphysical_frames_with_a_reason():
     start = copper()
     d0 = select.shortest_distance(start)
@@ -277,28 +304,62 @@ def test_failing_reference_tasks_are_recorded_and_skipped(db, tmp_path):
     assert "reference calculations failed" in result.summary()
 
 
-@pytest.mark.slow
-def test_killed_during_labelling_resumes_without_repeating_a_task(mongo_uri, tmp_path):
+def _worker(mongo_uri: str, database: str, workdir: Path, count_file: Path, **env: str):
+    """Run tests/_learn_worker.py (one learning run in its own process) with extra environment ``env``."""
+    args = [sys.executable, str(ROOT / "tests" / "_learn_worker.py"), mongo_uri, database, str(workdir),
+            str(count_file)]
+    return subprocess.run(args, env=dict(os.environ, PYTHONPATH=str(ROOT), **env), capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.fixture(scope="module")
+def plain_learn_run(mongo_uri, tmp_path_factory):
+    """The uninterrupted worker run that the killed ones must reproduce: (result, calls, workdir)."""
     from mlmd_lab.db import connect
 
-    worker = [sys.executable, str(ROOT / "tests" / "_learn_worker.py"), mongo_uri]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    names = [f"test_{uuid.uuid4().hex[:12]}" for _ in range(2)]
+    tmp = tmp_path_factory.mktemp("learn-plain")
+    name = f"test_{uuid.uuid4().hex[:12]}"
     try:
-        plain = subprocess.run([*worker, names[0], str(tmp_path / "plain"), str(tmp_path / "plain.calls")], env=env,
-                               capture_output=True, text=True, timeout=900)
+        plain = _worker(mongo_uri, name, tmp / "plain", tmp / "plain.calls")
         assert plain.returncode == 0, plain.stderr[-3000:]
         expected = json.loads(plain.stdout.strip().splitlines()[-1])
-        calls_plain = (tmp_path / "plain.calls").read_text().split()
-        assert expected["calls"] == len(calls_plain) > 13  # the seed set (12) and candidates of iteration 1
-        args = [*worker, names[1], str(tmp_path / "killed"), str(tmp_path / "killed.calls")]
-        killed = subprocess.run(args, env=dict(env, LEARN_KILL_AT="14"), capture_output=True, text=True, timeout=900)
+        calls = (tmp / "plain.calls").read_text().split()
+        assert expected["calls"] == len(calls) > 13  # the seed set (12) and candidates of iteration 1
+        assert expected["iterations"] == 2
+        yield expected, calls, tmp / "plain"
+    finally:
+        with connect(mongo_uri, database=name) as db:
+            db.drop()
+
+
+def _assert_same_models(expected: dict, plain: Path, resumed: Path) -> None:
+    """Every iteration's committee of the resumed run is bit for bit the uninterrupted run's."""
+    for k in range(1, expected["iterations"] + 1):
+        for member in (0, 1):
+            a = plain / f"model-{k:03d}" / f"member_{member}"
+            b = resumed / f"model-{k:03d}" / f"member_{member}"
+            files = sorted(a.glob("weights.*.data"))
+            assert files, f"no weights in {a}"
+            for f in files:
+                assert f.read_bytes() == (b / f.name).read_bytes(), f"iteration {k} member {member} {f.name}"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("learn-kill")  # one worker runs both kill tests: the plain run is made once
+def test_killed_during_labelling_resumes_without_repeating_a_task(plain_learn_run, mongo_uri, tmp_path):
+    from mlmd_lab.db import connect
+
+    expected, calls_plain, plain_dir = plain_learn_run
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        run = (mongo_uri, name, tmp_path / "killed", tmp_path / "killed.calls")
+        killed = _worker(*run, LEARN_KILL_AT="14")
         assert killed.returncode == -9  # SIGKILL during the second candidate's calculation
         assert (tmp_path / "killed" / "explore-001.json").exists()
         assert not (tmp_path / "killed" / "iteration-001.json").exists()
         calls_killed = (tmp_path / "killed.calls").read_text().split()
         assert len(calls_killed) == 14
-        rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
+        rerun = _worker(*run)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
         calls_all = (tmp_path / "killed.calls").read_text().split()
@@ -306,15 +367,41 @@ def test_killed_during_labelling_resumes_without_repeating_a_task(mongo_uri, tmp
         assert sorted(set(calls_all)) == sorted(set(calls_plain))
         assert len(calls_all) == len(calls_plain) + 1 and calls_all.count(calls_killed[-1]) == 2
         assert resumed["calls"] == expected["calls"] and resumed["stop_reason"] == expected["stop_reason"]
-        for k in range(1, expected["iterations"] + 1):
-            for member in (0, 1):
-                a = tmp_path / "plain" / f"model-{k:03d}" / f"member_{member}"
-                b = tmp_path / "killed" / f"model-{k:03d}" / f"member_{member}"
-                for f in sorted(a.glob("weights.*.data")):
-                    assert f.read_bytes() == (b / f.name).read_bytes(), f"iteration {k} member {member} {f.name}"
-        with connect(mongo_uri, database=names[1]) as db:
+        _assert_same_models(expected, plain_dir, tmp_path / "killed")
+        with connect(mongo_uri, database=name) as db:
             assert db.mongo["labelling"].count_documents({"status": "complete"}) == expected["calls"]
     finally:
-        for name in names:
-            with connect(mongo_uri, database=name) as db:
-                db.drop()
+        with connect(mongo_uri, database=name) as db:
+            db.drop()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("learn-kill")
+def test_killed_during_training_resumes_with_the_same_model_and_no_task_repeated(plain_learn_run, mongo_uri,
+                                                                                 tmp_path):
+    """SIGKILL inside iteration 2's committee training (iteration 1 done, its candidates labelled, member 0 of the
+    new committee trained in memory only); the rerun computes nothing again and ends with the same models."""
+    from mlmd_lab.db import connect
+
+    expected, calls_plain, plain_dir = plain_learn_run
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    try:
+        run = (mongo_uri, name, tmp_path / "killed", tmp_path / "killed.calls")
+        killed = _worker(*run, LEARN_KILL_IN_TRAINING="2")
+        assert killed.returncode == -9, killed.stderr[-3000:]
+        workdir = tmp_path / "killed"
+        assert (workdir / "iteration-001.json").exists() and (workdir / "model-001").is_dir()
+        assert not (workdir / "model-002").exists()  # killed inside that training: nothing of it was written
+        calls_killed = (tmp_path / "killed.calls").read_text().split()
+        assert sorted(calls_killed) == sorted(calls_plain)  # every reference call of the run came before the kill
+        rerun = _worker(*run)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
+        assert sorted((tmp_path / "killed.calls").read_text().split()) == sorted(calls_plain)  # none repeated
+        assert resumed["calls"] == expected["calls"] and resumed["stop_reason"] == expected["stop_reason"]
+        _assert_same_models(expected, plain_dir, workdir)
+        with connect(mongo_uri, database=name) as db:
+            assert db.mongo["labelling"].count_documents({"status": "complete"}) == expected["calls"]
+    finally:
+        with connect(mongo_uri, database=name) as db:
+            db.drop()

@@ -38,11 +38,6 @@ from mlmd_lab.learn.result import IterationRecord, LearnResult, load_committee
 CONVERGED_FRACTION = 0.99
 #: ... in this many consecutive iterations.
 CONVERGED_ITERATIONS = 2
-#: Suggested trust levels: lo = LO_FACTOR x the committee's mean atomic force error on its held-out frames,
-#: at most LO_FORCE_SHARE x the RMS force component of the training data; hi = HI_FACTOR x lo.
-LO_FACTOR = 3.0
-LO_FORCE_SHARE = 0.1
-HI_FACTOR = 3.0
 #: An iteration in which more than this share of the reference tasks fail stops the loop.
 MAX_FAILED_SHARE = 0.5
 #: Fewest labelled frames to train a committee on.
@@ -91,7 +86,8 @@ def run(reference, structures, *, temperatures, pressures=None, db, workdir, com
             tasks; the loop then ends with stop_reason "stopped" (rerun to continue).
         progress: print one line per iteration and show the labelling progress bars.
         trust: (lo, hi) in eV/Å for the calibrated max-atom force uncertainty; None: suggested per iteration
-            from the committee's validation errors (:data:`LO_FACTOR`, :data:`LO_FORCE_SHARE`, :data:`HI_FACTOR`).
+            from the labelled data's RMS force (lo, the accuracy asked) and the committee's validation error
+            (widens hi for a young committee): :func:`mlmd_lab.learn.select.suggest_trust`.
         per_iteration: most reference calculations per iteration.
         seed: seeds the seed set, the training and the MD (fixed seed: the same result, resumed or not).
         train_config: a :class:`~mlmd_lab.train.trainer.TrainingConfig` (or dict of its fields) overriding
@@ -513,9 +509,8 @@ class _Loop:
     def _trust(self, meta: dict) -> tuple[tuple[float, float], str]:
         if self.o["trust"] is not None:
             return tuple(self.o["trust"]), "given"
-        err = meta["validation"]["force_mean_error"]
-        lo = min(LO_FACTOR * err, LO_FORCE_SHARE * meta["rms_force"])
-        return (float(lo), float(HI_FACTOR * lo)), "suggested"
+        n_atoms = max(len(atoms) for atoms in self.structures)
+        return select.suggest_trust(meta["rms_force"], meta["validation"]["force_mean_error"], n_atoms), "suggested"
 
     # -- exploration ------------------------------------------------------------------------------------
     def _explore(self, k: int, frames: list[Atoms], meta: dict) -> dict | None:

@@ -20,6 +20,15 @@ from ase import Atoms
 from mlmd_lab.errors import MLMDError
 
 ACCURATE, CANDIDATE, FAILED = "accurate", "candidate", "failed"
+#: Suggested trust levels (:func:`suggest_trust`): the force RMSE asked of the potential, as a share of the
+#: labelled data's RMS force component (the accuracy target of automatic construction) ...
+TARGET_FORCE_SHARE = 0.05
+#: ... in this share of the frames the largest atomic error of a potential at that RMSE stays below lo, ...
+ACCURATE_QUANTILE = 0.99
+#: ... hi = this many times lo, ...
+HI_FACTOR = 3.0
+#: ... or this many times the committee's own mean atomic force error on held-out frames, when that is more.
+HI_ERROR_FACTOR = 4.0
 #: Frames whose shortest interatomic distance is below this fraction of the starting structures' are rejected.
 MIN_DISTANCE_FRACTION = 0.7
 #: Largest relative cell volume change |V/V0 - 1| of an explored frame.
@@ -43,6 +52,41 @@ def classify(uncertainty: float, extrapolation: float, trust: tuple[float, float
     if uncertainty > lo or extrapolation > 0:
         return CANDIDATE
     return ACCURATE
+
+
+def suggest_trust(rms_force: float, validation_error: float, n_atoms: int) -> tuple[float, float]:
+    """Trust levels (lo, hi) in eV/Å for the calibrated max-atom force uncertainty, from the data and the committee.
+
+    lo is the accuracy asked of the potential, tied to the data, not to the committee: the largest atomic force
+    error that a potential whose force RMSE is :data:`TARGET_FORCE_SHARE` of the data's RMS force component shows
+    in :data:`ACCURATE_QUANTILE` of the frames of ``n_atoms`` atoms (errors Gaussian per component, so an atom's
+    |error| is chi-distributed with 3 degrees of freedom: lo = sigma * chi_3 quantile of q^(1/N); 8 atoms:
+    3.97 sigma, 64 atoms: 4.49 sigma). A calibrated committee then finds >= 99 % of the explored frames
+    accurate exactly when it is about that good, which is what the stop rule asks. A lo that follows the
+    committee's own error (an earlier rule: min(3 x the validation error, 0.1 x RMS force)) shrinks as the
+    model improves, keeps the accurate fraction where it was, and the loop never converges (EMT Cu stopped at
+    "max iterations" with 6.1 % RMSE).
+
+    hi separates candidates from failed frames (too far from the data to learn from): :data:`HI_FACTOR` x lo, or
+    :data:`HI_ERROR_FACTOR` x the committee's validation error (mean atomic |F_mean - F_ref| on frames no member
+    trained on) when a young committee's own error is larger, so its exploration still yields candidates.
+
+    Args:
+        rms_force: RMS force component of the labelled frames (eV/Å), > 0.
+        validation_error: the committee's mean atomic force error on held-out frames (eV/Å), >= 0.
+        n_atoms: atoms per explored frame (the largest starting structure's), >= 1.
+    """
+    from scipy.stats import chi2
+
+    if not (np.isfinite(rms_force) and rms_force > 0):
+        raise MLMDError(f"suggest_trust: rms_force={rms_force} eV/Å must be a positive number")
+    if not (np.isfinite(validation_error) and validation_error >= 0):
+        raise MLMDError(f"suggest_trust: validation_error={validation_error} eV/Å must be >= 0")
+    if int(n_atoms) < 1:
+        raise MLMDError(f"suggest_trust: n_atoms={n_atoms} must be >= 1")
+    sigma = TARGET_FORCE_SHARE * float(rms_force)
+    lo = sigma * float(np.sqrt(chi2(3).ppf(ACCURATE_QUANTILE ** (1.0 / int(n_atoms)))))
+    return lo, max(HI_FACTOR * lo, HI_ERROR_FACTOR * float(validation_error))
 
 
 def shortest_distance(atoms: Atoms) -> float:
