@@ -6,10 +6,10 @@
 
 Appending only stores the point; the figure is redrawn at most ``max_rate`` times a second (a timer sends the
 last points of a burst), so a callback firing thousands of times a second costs the browser nothing. Points are
-kept in Python (``plot.data(series)``); the figure shows at most ``max_points`` of them per series (evenly
-thinned, the last point always kept), so a 4,000-epoch curve redrawn five times a second stays a few kilobytes
-a message. :class:`ThrottledValue` does the same for a text widget (an epoch counter, an MD status line): the
-latest value wins, at most ``max_rate`` updates a second.
+kept in Python (``plot.data(series)``); the figure shows at most :data:`MAX_DRAWN_POINTS` of them per series
+(evenly thinned, the first and last points always kept), so a 4,000-epoch curve redrawn five times a second
+stays a few kilobytes a message. :class:`ThrottledValue` does the same for a text widget (an epoch counter,
+an MD status line): the latest value wins, at most ``max_rate`` updates a second.
 
 Why throttle at all: every widget update is a message through the Jupyter server's websocket; a training loop
 at 140 epochs a second (or an MD log row per block) floods a busy browser, which then stops reading its socket,
@@ -205,7 +205,6 @@ class LivePlot(widgets.VBox):
         if getattr(self, "figure", None) is not None:
             self.figure.close()
         super().close()
-
 
 
 def thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
