@@ -348,7 +348,9 @@ def run_notebook(lab, browser, request):
     def wait_all_run(nbp: NotebookPage, ceiling_s: float) -> str | None:
         """Poll until Run All ends: ALL_RUN_JS's state, or "lost" when the server's kernel is idle and the last
         cell is numbered while the page still shows "[*]" for earlier cells (or a busy kernel): JupyterLab dropped
-        the kernel websocket and lost replies (its reconnect replays only what the server buffered). None on timeout."""
+        the kernel websocket and lost replies (its reconnect replays only what the server buffered); also "lost" when
+        the page shows "[*]" cells while the server's kernel has sat idle for a minute (x CEILING_SCALE). None on
+        timeout."""
         deadline, stale_since, idle_since = time.monotonic() + ceiling_s, None, None
         while time.monotonic() < deadline:
             state = nbp.page.evaluate(ALL_RUN_JS)
