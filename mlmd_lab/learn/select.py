@@ -64,8 +64,7 @@ def suggest_trust(rms_force: float, validation_error: float, n_atoms: int) -> tu
     3.97 sigma, 64 atoms: 4.49 sigma). A calibrated committee then finds >= 99 % of the explored frames
     accurate exactly when it is about that good, which is what the stop rule asks. A lo that follows the
     committee's own error (an earlier rule: min(3 x the validation error, 0.1 x RMS force)) shrinks as the
-    model improves, keeps the accurate fraction where it was, and the loop never converges (EMT Cu stopped at
-    "max iterations" with 6.1 % RMSE).
+    model improves, so the accurate fraction stops measuring the model's quality (measured in docs/learn.md).
 
     hi separates candidates from failed frames (too far from the data to learn from): :data:`HI_FACTOR` x lo, or
     :data:`HI_ERROR_FACTOR` x the committee's validation error (mean atomic |F_mean - F_ref| on frames no member
