@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import bqplot
 import ipywidgets as widgets
@@ -69,8 +69,7 @@ class LivePlot(widgets.VBox):
         self._x: dict[str, list[float]] = {}
         self._y: dict[str, list[float]] = {}
         self._dirty: set[str] = set()
-        self._last_draw = 0.0
-        self._timer: threading.Timer | None = None
+        self._limiter = RateLimiter(self._draw, self.max_rate, self._lock)
         self.redraws = 0
         self.x_scale = bqplot.LinearScale()
         self.y_scale = bqplot.LogScale() if self.log_y else bqplot.LinearScale()
@@ -125,7 +124,7 @@ class LivePlot(widgets.VBox):
             self._x[series].extend(float(v) for v in xs)
             self._y[series].extend(float(v) for v in ys)
             self._dirty.add(series)
-            self._schedule()
+            self._limiter.request()
 
     def set_data(self, series: str, xs: Sequence[float], ys: Sequence[float]) -> None:
         """Replace the points of ``series`` (created if new) and redraw at once."""
@@ -162,27 +161,12 @@ class LivePlot(widgets.VBox):
         return int(np.asarray(self.lines[series].x).size)
 
     # ------------------------------------------------------------------ drawing
-    def _schedule(self) -> None:
-        """Draw now if the last draw is old enough, else make sure a timer draws soon (lock held)."""
-        wait = self._last_draw + 1.0 / self.max_rate - time.monotonic()
-        if wait <= 0:
-            self._draw()
-        elif self._timer is None:
-            self._timer = threading.Timer(wait, self.flush)
-            self._timer.daemon = True
-            self._timer.start()
-
     def flush(self) -> None:
         """Send every pending point to the figure now."""
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._draw()
+        self._limiter.run()
 
     def _draw(self) -> None:
         dirty, self._dirty = self._dirty, set()
-        self._last_draw = time.monotonic()
         if not dirty:
             return
         self.redraws += 1
@@ -198,10 +182,9 @@ class LivePlot(widgets.VBox):
 
     def close(self) -> None:
         """Stop a pending redraw timer and close the widgets."""
-        timer = getattr(self, "_timer", None)  # also safe on a half-built plot (bad arguments)
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
+        limiter = getattr(self, "_limiter", None)  # also safe on a half-built plot (bad arguments)
+        if limiter is not None:
+            limiter.cancel()
         if getattr(self, "figure", None) is not None:
             self.figure.close()
         super().close()
@@ -214,6 +197,46 @@ def thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[np.ndarray, np.
         return x, y
     index = np.unique(np.linspace(0, n - 1, max_points).round().astype(int))
     return x[index], y[index]
+
+
+class RateLimiter:
+    """Run ``action`` at most ``max_rate`` times a second, from any thread, never dropping the last request.
+
+    :meth:`request` runs it at once when the last run is old enough (or ``now``), else makes sure a timer runs
+    it once soon after; :meth:`run` runs it now and cancels that timer. ``action`` runs with ``lock`` held (the
+    owner's lock, so its state and the runs are serialised). Shared by :class:`LivePlot` and
+    :class:`ThrottledValue`.
+    """
+
+    def __init__(self, action: Callable[[], object], max_rate: float, lock: threading.RLock) -> None:
+        self._action, self.max_rate, self._lock = action, float(max_rate), lock
+        self._last = 0.0
+        self._timer: threading.Timer | None = None
+
+    def request(self, now: bool = False) -> None:
+        """Run now if allowed (or ``now``), else once from a timer when the rate allows."""
+        with self._lock:
+            wait = self._last + 1.0 / self.max_rate - time.monotonic()
+            if now or wait <= 0:
+                self.run()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self.run)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def run(self) -> None:
+        """Run ``action`` now and cancel a pending timer."""
+        with self._lock:
+            self.cancel()
+            self._last = time.monotonic()
+            self._action()
+
+    def cancel(self) -> None:
+        """Drop a pending timer (nothing runs)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
 
 class ThrottledValue:
@@ -230,30 +253,25 @@ class ThrottledValue:
         self.widget, self.name, self.max_rate = widget, name, float(max_rate)
         self._lock = threading.RLock()
         self._pending: tuple[object] | None = None
-        self._last = 0.0
-        self._timer: threading.Timer | None = None
+        self._limiter = RateLimiter(self._apply, self.max_rate, self._lock)
         self.updates = 0
 
     def set(self, value: object, now: bool = False) -> None:
         """Show ``value`` (throttled unless ``now``); the latest value always ends up shown."""
         with self._lock:
             self._pending = (value,)
-            wait = self._last + 1.0 / self.max_rate - time.monotonic()
-            if now or wait <= 0:
-                self.flush()
-            elif self._timer is None:
-                self._timer = threading.Timer(wait, self.flush)
-                self._timer.daemon = True
-                self._timer.start()
+            self._limiter.request(now)
 
     def flush(self) -> None:
         """Apply the pending value now (if any) and cancel the timer."""
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if self._pending is not None:
-                (value,), self._pending = self._pending, None
-                setattr(self.widget, self.name, value)
-                self._last = time.monotonic()
-                self.updates += 1
+            if self._pending is None:
+                self._limiter.cancel()
+            else:
+                self._limiter.run()
+
+    def _apply(self) -> None:
+        if self._pending is not None:
+            (value,), self._pending = self._pending, None
+            setattr(self.widget, self.name, value)
+            self.updates += 1
