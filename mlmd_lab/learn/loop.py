@@ -58,7 +58,8 @@ def run(reference, structures, *, temperatures, pressures=None, db, workdir, com
         seed: int = 0, train_config=None, md_steps: int = EXPLORE["steps"], timestep: float = EXPLORE["timestep"],
         frame_interval: int = EXPLORE["interval"], runs_per_condition: int = EXPLORE["runs"],
         md_options: dict | None = None, model_name: str | None = None,
-        on_iteration: Callable[[IterationRecord], Any] | None = None) -> LearnResult:
+        on_iteration: Callable[[IterationRecord], Any] | None = None,
+        on_phase: Callable[[str, dict], Any] | None = None) -> LearnResult:
     """Build a validated committee potential automatically, from one or a few structures.
 
     Each iteration: reuse every labelled frame the database holds for these elements and this reference's
@@ -97,6 +98,10 @@ def run(reference, structures, *, temperatures, pressures=None, db, workdir, com
         md_options: further keywords of :func:`mlmd_lab.md.run` (e.g. compressibility, thermostat_time).
         model_name: name in ``db.models`` (default ``learn-<elements>``).
         on_iteration: called with each finished :class:`IterationRecord`.
+        on_phase: called as ``on_phase(phase, info)`` when a phase starts: ``"training"`` (info: iteration,
+            frames, committee; not called when the committee is read back from the workdir), ``"exploring"``
+            (each MD run: iteration, temperature_K, pressure_GPa or None, run, runs, steps) and ``"labelling"``
+            (iteration, structures: the reference calculations about to run; the seed set too, in iteration 1).
 
     Returns:
         :class:`~mlmd_lab.learn.result.LearnResult`.
@@ -130,7 +135,7 @@ def run(reference, structures, *, temperatures, pressures=None, db, workdir, com
         train_config=train_config, md=dict(steps=int(md_steps), timestep=float(timestep),
                                            interval=int(frame_interval), runs=int(runs_per_condition),
                                            options=dict(md_options or {})),
-        model_name=model_name, on_iteration=on_iteration))
+        model_name=model_name, on_iteration=on_iteration, on_phase=on_phase))
     return loop.run()
 
 
@@ -286,6 +291,10 @@ class _Loop:
         else:
             self.run_id = uuid.uuid4().hex[:12]
             atomic_write_text(path, _json(dict(mine, run_id=self.run_id)))
+
+    def _phase(self, name: str, **info) -> None:
+        if self.o.get("on_phase") is not None:
+            self.o["on_phase"](name, info)
 
     def _path(self, kind: str, k: int) -> Path:
         return self.workdir / f"{kind}-{k:03d}"
@@ -488,6 +497,7 @@ class _Loop:
         if not folder.exists():
             from mlmd_lab.train.trainer import TrainingWarning, train_ensemble
 
+            self._phase("training", iteration=k, frames=len(frames), committee=self.o["committee"])
             t0 = time.perf_counter()
             config = replace(self._train_config(), seed=self.o["seed"] + 100 * k)
             with warnings.catch_warnings():  # "only N frames": expected in the first iterations
@@ -527,6 +537,8 @@ class _Loop:
                     return None
                 start_index = (k - 1 + r + c) % len(self.structures)
                 seed = int(np.random.default_rng([self.o["seed"], k, c, r]).integers(2**31))
+                self._phase("exploring", iteration=k, temperature_K=temperature, pressure_GPa=pressure, run=r + 1,
+                            runs=self.o["md"]["runs"], steps=self.o["md"]["steps"])
                 run_frames, stopped = self._md(start_index, temperature, pressure, seed)
                 if stopped:
                     entry["md_stopped"].append(stopped)
@@ -672,6 +684,8 @@ class _Loop:
             return None if doc is None else doc.get("status")
 
         todo = [a for a, key in zip(structures, keys, strict=True) if status(key) not in ("complete", "failed")]
+        if todo:
+            self._phase("labelling", iteration=k, structures=len(todo))
         if self.o["cluster"] is None:
             for atoms in todo:
                 if _stop_requested(self.o["stop"]):
