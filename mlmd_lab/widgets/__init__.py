@@ -9,6 +9,8 @@
 - :class:`ModelBrowser` — the potential database: errors, provenance, load and export.
 - :class:`SLHMCMonitor` — a self-learning hybrid Monte Carlo chain live: acceptance, reference vs ML energy,
   production averages with error bars, the learning curve, Stop.
+- :class:`LearnMonitor` — automatic potential construction (:func:`mlmd_lab.learn.run`) live: accurate /
+  candidate / failed fractions per iteration and condition, reference budget, validation errors, phase, Stop.
 
 Every widget carries ``mlmd-*`` DOM classes (``_dom_classes``) that the browser tests (and users' CSS) hook into.
 Imports are lazy so ``import mlmd_lab`` never pulls in the Jupyter stack.
@@ -26,6 +28,7 @@ _EXPORTS = {
     "JobMonitor": "mlmd_lab.widgets.jobs",
     "MDViewer": "mlmd_lab.widgets.md",
     "SLHMCMonitor": "mlmd_lab.widgets.slhmc",
+    "LearnMonitor": "mlmd_lab.widgets.learn",
     "structure_view": "mlmd_lab.widgets.structure",
     "LivePlot": "mlmd_lab.widgets.plots",
 }
