@@ -102,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     _md_args(sub)
     _slhmc_args(sub)
     _label_args(sub)
+    _learn_args(sub)
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
     srv.add_argument("action", choices=("start", "stop", "status"))
@@ -110,12 +111,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _label_args(sub) -> None:
-    lb = sub.add_parser("label", help="label structures with DFT (QE, VASP, PySCF) on a cluster, into the database")
+    lb = sub.add_parser("label", help="label structures with DFT (QE, VASP, PySCF; or ASE's EMT, for trying) on a "
+                                      "cluster, into the database")
     lb.add_argument("--structures", required=True, help="structures, any ASE-readable file")
     lb.add_argument("--index", default=":", help="frames of the file (default: all)")
     lb.add_argument("--rattle", type=int, metavar="N", help="label N rattled copies of each structure instead")
     lb.add_argument("--amplitude", type=float, default=0.05, help="rattle amplitude in Å (default 0.05)")
-    lb.add_argument("--recipe", default="qe", choices=("qe", "pyscf", "vasp"))
+    lb.add_argument("--recipe", default="qe", choices=("qe", "pyscf", "vasp", "emt"),
+                    help="qe, pyscf, vasp, or emt (ASE's EMT calculator for Al Cu Ag Au Ni Pd Pt (H C N O): tutorials)")
     lb.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE",
                     help="recipe settings, e.g. ecutwfc_ry=30 kspacing=0.3 pseudopotentials.Si=Si.pbe-rrkj.UPF")
     lb.add_argument("--cluster", default=None,
@@ -136,6 +139,8 @@ def cmd_label(args: argparse.Namespace) -> int:
     if args.rattle:
         structures = [r for a in structures for r in generators.rattle(a, args.rattle, amplitude=args.amplitude)]
     recipe = _recipe(args.recipe, args.option)
+    if args.recipe == "emt":
+        _check_emt_elements(structures)
     db = _connect(args)
     cluster = None
     if args.cluster or args.profile:
@@ -156,7 +161,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def _recipe(name: str, options: list[str]):
-    from mlmd_lab.dft import PySCF, QuantumEspresso, Vasp
+    """The recipe ``name`` (qe, pyscf, vasp; emt: ASE's EMT as a CalculatorRecipe) with ``KEY=VALUE`` options."""
+    from mlmd_lab.dft import CalculatorRecipe, PySCF, QuantumEspresso, Vasp
 
     kwargs: dict[str, Any] = {}
     for key, parsed in parse_pairs(options).items():
@@ -167,6 +173,14 @@ def _recipe(name: str, options: list[str]):
             kwargs.setdefault(outer, {})[inner] = parsed
         else:
             kwargs[key] = parsed
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        unknown = sorted(set(kwargs) - set(EMT.default_parameters))
+        if unknown:
+            raise MLMDError(f"bad --option for the emt recipe: {', '.join(unknown)}; EMT takes "
+                            f"{', '.join(EMT.default_parameters) or 'no options'}")
+        return CalculatorRecipe(EMT(**kwargs))
     cls = {"qe": QuantumEspresso, "pyscf": PySCF, "vasp": Vasp}[name]
     try:
         return cls(**kwargs)
@@ -174,11 +188,22 @@ def _recipe(name: str, options: list[str]):
         raise MLMDError(f"bad --option for the {name} recipe: {err}") from err
 
 
+def _check_emt_elements(structures: list) -> None:
+    """Refuse structures with elements ASE's EMT has no parameters for (every calculation would fail)."""
+    from ase.calculators.emt import parameters
+
+    missing = sorted({s for atoms in structures for s in atoms.get_chemical_symbols()} - set(parameters))
+    if missing:
+        raise MLMDError(f"ASE's EMT has no parameters for {', '.join(missing)} (only {' '.join(sorted(parameters))}); "
+                        "use a DFT reference (qe, vasp or pyscf) for these elements")
+
+
 def _read_structures(path: str, index: str) -> list:
     from ase.io import read
 
     if not Path(path).exists():
-        raise MLMDError(f"structure file {path} does not exist")
+        raise MLMDError(f"structure file {path} does not exist; give the path of a structure file in a format ASE "
+                        "reads (extxyz, POSCAR, .traj, cif, ...)")
     try:
         out = read(path, index=index)
     except Exception as err:  # ASE raises many kinds for unreadable files
@@ -317,6 +342,84 @@ def cmd_slhmc(args: argparse.Namespace) -> int:
                   f"{average.reference_calls_per_sample:.1f} reference calls per independent sample)")
     print(f"output in {args.workdir}: chain.log, states.traj, reference.traj, restart.npz")
     return 0
+
+
+def _learn_args(sub) -> None:
+    le = sub.add_parser("learn", help="build a validated committee potential automatically from one or a few "
+                                      "structures (mlmd_lab.learn.run); run again with the same --workdir to continue")
+    le.add_argument("structure", metavar="STRUCTURE_FILE", help="starting structures, any ASE-readable file (Å)")
+    le.add_argument("--index", default=":", help="frames of the file to start from (default: all)")
+    le.add_argument("--reference", required=True, choices=("emt", "qe", "vasp", "pyscf"),
+                    help="the reference: a DFT recipe, or emt (ASE's EMT, for trying: Al Cu Ag Au Ni Pd Pt)")
+    le.add_argument("--option", nargs="*", default=[], metavar="KEY=VALUE", help="recipe settings (as label)")
+    le.add_argument("--temperatures", nargs="+", type=float, required=True, metavar="K",
+                    help="exploration temperatures in K, e.g. 300 600")
+    le.add_argument("--pressures", nargs="+", type=float, metavar="GPa",
+                    help="exploration pressures in GPa: NPT at each (default: NVT)")
+    le.add_argument("--workdir", required=True, help="folder of the loop's state (a rerun continues from it)")
+    le.add_argument("--committee", type=int, help="committee members (default 4)")
+    le.add_argument("--max-iterations", type=int, help="most iterations (default 20)")
+    le.add_argument("--budget", type=int, help="most reference calculations in all (default: no limit)")
+    le.add_argument("--per-iteration", type=int, help="most reference calculations per iteration (default 12)")
+    le.add_argument("--model-name", help="name in the potential database (default learn-<elements>)")
+    le.add_argument("--trust", nargs=2, type=float, metavar=("LO", "HI"),
+                    help="trust levels of the calibrated max-atom force uncertainty in eV/Å (default: suggested)")
+    le.add_argument("--md-steps", type=int, help="exploration MD steps per condition and iteration (default 400)")
+    le.add_argument("--timestep", type=float, help="exploration MD time step in fs (default 1)")
+    le.add_argument("--frame-interval", type=int, help="MD steps between explored frames (default 10)")
+    le.add_argument("--seed", type=int, help="seed of the seed set, training and MD (default 0)")
+    le.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="training settings per iteration (TrainingConfig fields), e.g. hidden=10,10 max_epochs=500")
+    le.add_argument("--cluster", default=None,
+                    help="run the reference on local, slurm, pbs, sge or pjm (default: here, or the profile's kind)")
+    le.add_argument("--profile", help="cluster profile of the clusters config file")
+    le.add_argument("--jobs", type=int, default=1, help="workers (local) or batch jobs to start (default 1)")
+    le.set_defaults(func=cmd_learn)
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from mlmd_lab import learn
+
+    structures = _read_structures(args.structure, args.index)
+    recipe = _recipe(args.reference, args.option)
+    if args.reference == "emt":
+        _check_emt_elements(structures)
+    given = dict(committee=args.committee, max_iterations=args.max_iterations, reference_budget=args.budget,
+                 per_iteration=args.per_iteration, model_name=args.model_name, md_steps=args.md_steps,
+                 timestep=args.timestep, frame_interval=args.frame_interval, seed=args.seed,
+                 trust=tuple(args.trust) if args.trust else None, train_config=_config_overrides(args.config) or None)
+    options = {key: value for key, value in given.items() if value is not None}
+    db = _connect(args)
+    cluster = None
+    if args.cluster or args.profile:
+        from mlmd_lab.cluster import cluster as make_cluster
+
+        cluster = make_cluster(args.cluster, args.profile,
+                               **({"n_workers": args.jobs} if args.cluster == "local" else {}))
+        if args.cluster != "local":
+            cluster.scale(jobs=args.jobs)
+    formulas = ", ".join(sorted({a.get_chemical_formula() for a in structures}))
+    print(f"learning a potential for {formulas} ({len(structures)} starting structure"
+          f"{'s' * (len(structures) != 1)}) with the {args.reference} reference; state in {args.workdir}")
+    print("iter  frames  val |dF|  trust (eV/Å)  accurate/candidate/failed per condition", flush=True)
+    try:
+        result = learn.run(recipe, structures, temperatures=args.temperatures, pressures=args.pressures, db=db,
+                           workdir=args.workdir, cluster=cluster, progress=True, **options)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    print(f"stop reason: {result.stop_reason} (converged: {result.converged}) after {len(result.iterations)} "
+          f"iterations, {result.n_reference_calls} reference calls")
+    if result.failed_tasks:
+        print(f"{len(result.failed_tasks)} reference calculations failed (recorded, not run again); first: "
+              f"{result.failed_tasks[0][1][:200]}")
+    if result.model_name:
+        print(f"model: {result.model_name} v{result.model_version} in the potential database "
+              f"(mlmd-lab models show {result.model_name})")
+    else:
+        print("no model saved" + ("; run the same command again to continue" if result.stop_reason == "stopped"
+                                  else ""))
+    return 1 if result.stop_reason == "reference failures" else 0
 
 
 def _models_args(sub) -> None:
