@@ -396,13 +396,20 @@ class LearnMonitor(widgets.VBox):
         with self._lock:
             self.phase = (name, dict(info))
             self.phases.append(self.phase)
-            seed = name == "labelling" and int(info.get("iteration", 0)) == 1 and not any(
-                n in ("training", "exploring") and int(i.get("iteration", 0)) == 1 for n, i in self.phases)
+            seed = name == "labelling" and int(info.get("iteration", 0)) == 1 and not self._explored_first()
             self._labelling = int(info.get("structures", 0)) if name == "labelling" else 0
         self._phase_text.set(html.escape(phase_text(name, info, seed=seed)))
         self._show_budget()
         if not self._stop.is_set():
             self._set_status(f"running: iteration {info.get('iteration', '?')}")
+
+    def _explored_first(self) -> bool:
+        """Iteration 1 has explored (this session, or an earlier one: its explore-001.json): labelling in it now is
+        of candidates, not of the seed set."""
+        if any(n == "exploring" and int(i.get("iteration", 0)) == 1 for n, i in self.phases):
+            return True
+        workdir = self._settings.get("workdir")
+        return workdir is not None and (Path(workdir) / "explore-001.json").exists()
 
     def _show_budget(self) -> None:
         calls = self.reference_calls
