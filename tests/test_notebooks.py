@@ -37,7 +37,7 @@ TEST_PARAMETERS = {
     "04_md_analysis.ipynb": {"nvt_steps": 60, "nve_steps": 200},
     "07_slhmc.ipynb": {"start_epochs": 20, "learn_trials": 10, "retrain_every": 10, "retrain_epochs": 30,
                        "production_trials": 40, "reference_mc_steps": 2000, "ml_md_steps": 600},
-    "08_learn.ipynb": {"max_iterations": 2, "reference_budget": 40, "per_iteration": 3, "committee": 2,
+    "08_learn.ipynb": {"max_iterations": 1, "reference_budget": 40, "per_iteration": 3, "committee": 2,
                        "hidden": (4, 4), "max_epochs": 30, "md_steps": 40, "test_frames": 4},
 }
 #: nbclient's per-cell limit (s): a hang guard with room for a 3x slower machine, not a timing assertion.
