@@ -48,8 +48,12 @@ MIN_SEED_FRAMES = 8
 #: Training settings per iteration: small and fixed (deterministic, seconds on a laptop CPU).
 QUICK_TRAINING = dict(n_radial=6, n_angular=2, zetas=(1.0, 4.0), hidden=(15, 15), max_epochs=1000, patience=1000,
                       validation_smoothing=1, fractions=(0.8, 0.2, 0.0), dtype="float64", seed=0)
-#: The exploration MD per condition and iteration (fs, steps).
-EXPLORE = dict(steps=400, timestep=1.0, interval=10, runs=1)
+#: The exploration MD per condition and iteration (steps, fs, steps between frames, runs): 100 frames per
+#: condition, the fewest at which an accurate fraction of 0.99 (the stop rule) can be told from 0.98. With 40
+#: (steps=400) a single candidate broke the rule, and few candidates per iteration made progress slow: EMT Cu8 at
+#: 300/600 K (benchmarks/bench_learn.py) ran 8 iterations without stopping (0.85-0.95 at 600 K), while with 100
+#: frames it converged in iteration 7 after 55 reference calls (force RMSE 2.5 % of the RMS force, docs/learn.md).
+EXPLORE = dict(steps=1000, timestep=1.0, interval=10, runs=1)
 
 
 def run(reference, structures, *, temperatures, pressures=None, db, workdir, committee: int = 4,
