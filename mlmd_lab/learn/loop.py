@@ -91,8 +91,9 @@ def run(reference, structures, *, temperatures, pressures=None, db, workdir, com
             tasks; the loop then ends with stop_reason "stopped" (rerun to continue).
         progress: print one line per iteration and show the labelling progress bars.
         trust: (lo, hi) in eV/Å for the calibrated max-atom force uncertainty; None: suggested per iteration
-            from the labelled data's RMS force (lo, the accuracy asked) and the committee's validation error
-            (widens hi for a young committee): :func:`mlmd_lab.learn.select.suggest_trust`.
+            from the RMS force of the explored frames (the committee's forces on the physical ones; lo, the
+            accuracy asked) and the committee's validation error (widens hi for a young committee):
+            :func:`mlmd_lab.learn.select.suggest_trust`.
         per_iteration: most reference calculations per iteration.
         seed: seeds the seed set, the training and the MD (fixed seed: the same result, resumed or not).
         train_config: a :class:`~mlmd_lab.train.trainer.TrainingConfig` (or dict of its fields) overriding
@@ -401,6 +402,7 @@ class _Loop:
                 return None
         t_explore = float(explored.get("seconds", time.perf_counter() - t0))
         record.trust, record.trust_source = tuple(explored["trust"]), explored["trust_source"]
+        record.target_rms_force = explored.get("target_rms_force")
         record.conditions = explored["conditions"]
         record.rejected = explored["rejected"]
         record.stop = explored["stop"]
@@ -520,22 +522,43 @@ class _Loop:
     def _load_model(self, k: int):
         return load_committee(self._path("model", k), iteration=k)
 
-    def _trust(self, meta: dict) -> tuple[tuple[float, float], str]:
+    def _trust(self, meta: dict, runs: list[list[Atoms]]) -> tuple[tuple[float, float], str, float | None]:
+        """(lo, hi), their source and the RMS force (eV/Å) the accuracy target is measured against.
+
+        The RMS force is that of the committee's mean forces on the explored frames that pass the physical
+        filters: the distribution the potential is asked to be accurate on. The labelled frames' RMS force is not
+        used: once frames from a wild early exploration are labelled (bench_learn --seed 1: iteration 1 at 600 K
+        was 59 % failed frames), their large forces doubled it and with it lo, so the target became 10 %
+        instead of 5 %. Falls back to the labelled frames' when no explored frame passes the filters."""
         if self.o["trust"] is not None:
-            return tuple(self.o["trust"]), "given"
+            return tuple(self.o["trust"]), "given", None
+        squares = [atoms.info["force_sq_mean"] for frames in runs for atoms in frames
+                   if atoms.info.get("problem") is None and np.isfinite(atoms.info.get("force_sq_mean", np.nan))]
+        rms = float(np.sqrt(np.mean(squares))) if squares else float(meta["rms_force"])
         n_atoms = max(len(atoms) for atoms in self.structures)
-        return select.suggest_trust(meta["rms_force"], meta["validation"]["force_mean_error"], n_atoms), "suggested"
+        trust = select.suggest_trust(rms, meta["validation"]["force_mean_error"], n_atoms)
+        return trust, "suggested", rms
+
+    @staticmethod
+    def _reject_force_outliers(runs: list[list[Atoms]], rms: float) -> None:
+        """Mark frames whose largest committee atomic force exceeds :data:`select.MAX_FORCE_FACTOR` x the target
+        RMS force component (eV/Å) as unphysical: never labelled (why: select.MAX_FORCE_FACTOR)."""
+        limit = select.MAX_FORCE_FACTOR * rms
+        for frames in runs:
+            for atoms in frames:
+                largest = atoms.info.get("max_force", 0.0)
+                if atoms.info.get("problem") is None and largest > limit:
+                    atoms.info["problem"] = (f"largest force {largest:.2f} eV/Å > {select.MAX_FORCE_FACTOR:g} x the "
+                                             f"explored RMS force component {rms:.3f} eV/Å")
 
     # -- exploration ------------------------------------------------------------------------------------
     def _explore(self, k: int, frames: list[Atoms], meta: dict) -> dict | None:
         t0 = time.perf_counter()
-        trust, source = self._trust(meta)
-        explored, conditions = [], []
+        runs: list[list[Atoms]] = []  # per condition: its explored frames (all runs)
+        stopped_runs: list[list[str]] = []
         for c, (temperature, pressure) in enumerate(self.conditions):
-            entry = {"temperature_K": temperature, "pressure_GPa": pressure, "frames": 0, "accurate": 0.0,
-                     "candidate": 0.0, "failed": 0.0, "md_stopped": [], "rejected": 0, "selected": 0,
-                     "labelled": 0}
-            counts = {select.ACCURATE: 0, select.CANDIDATE: 0, select.FAILED: 0}
+            runs.append([])
+            stopped_runs.append([])
             for r in range(self.o["md"]["runs"]):
                 if _stop_requested(self.o["stop"]):
                     return None
@@ -545,14 +568,27 @@ class _Loop:
                             runs=self.o["md"]["runs"], steps=self.o["md"]["steps"])
                 run_frames, stopped = self._md(start_index, temperature, pressure, seed)
                 if stopped:
-                    entry["md_stopped"].append(stopped)
-                    counts[select.FAILED] += 1  # the step the engine refused counts as a failed frame
+                    stopped_runs[c].append(stopped)
                 for atoms in run_frames:
-                    kind = select.classify(atoms.info["uncertainty"], atoms.info["extrapolation"], trust)
-                    counts[kind] += 1
-                    if kind != select.ACCURATE:
-                        atoms.info.update(condition=c, start=start_index, kind=kind)
-                        explored.append(atoms)
+                    atoms.info.update(condition=c, start=start_index, problem=select.physical_problem(
+                        atoms, self.structures[start_index], self.min_distance))
+                runs[c] += run_frames
+        trust, source, rms = self._trust(meta, runs)
+        if rms is not None:
+            self._reject_force_outliers(runs, rms)
+        explored, conditions = [], []
+        for c, (temperature, pressure) in enumerate(self.conditions):
+            entry = {"temperature_K": temperature, "pressure_GPa": pressure, "frames": 0, "accurate": 0.0,
+                     "candidate": 0.0, "failed": 0.0, "md_stopped": stopped_runs[c], "rejected": 0, "selected": 0,
+                     "labelled": 0}
+            counts = {select.ACCURATE: 0, select.CANDIDATE: 0, select.FAILED: 0}
+            counts[select.FAILED] += len(stopped_runs[c])  # the step the engine refused counts as a failed frame
+            for atoms in runs[c]:
+                kind = select.classify(atoms.info["uncertainty"], atoms.info["extrapolation"], trust)
+                counts[kind] += 1
+                if kind != select.ACCURATE:
+                    atoms.info.update(kind=kind)
+                    explored.append(atoms)
             total = max(1, sum(counts.values()))
             entry.update(frames=int(sum(counts.values())), **{kind: n / total for kind, n in counts.items()},
                          counts=counts)
@@ -566,7 +602,8 @@ class _Loop:
         pre = self._ledger_status(selected)
         with atomic_path(self._path("candidates", k).with_suffix(".traj")) as tmp:
             self._write_traj(tmp, selected)
-        out = {"trust": list(trust), "trust_source": source, "conditions": conditions, "rejected": rejected,
+        out = {"trust": list(trust), "trust_source": source, "target_rms_force": rms, "conditions": conditions,
+               "rejected": rejected,
                "stop": stop, "selected_conditions": [int(a.info["condition"]) for a in selected], "pre": pre,
                "seconds": time.perf_counter() - t0}
         atomic_write_text(self._path("explore", k).with_suffix(".json"), _json(out))
@@ -574,7 +611,9 @@ class _Loop:
 
     def _md(self, start_index: int, temperature: float, pressure, seed: int) -> tuple[list[Atoms], str | None]:
         """One exploration run; frames carry ``info["uncertainty"]`` (the log's calibrated max-atom committee
-        force uncertainty, eV/Å) and ``info["extrapolation"]`` at their step."""
+        force uncertainty, eV/Å), ``info["extrapolation"]`` at their step and ``info["force_sq_mean"]`` (mean
+        squared component of the committee's mean forces, eV²/Å²) and ``info["max_force"]`` (its largest atomic
+        force, eV/Å)."""
         from mlmd_lab.md.run import LOG_COLUMNS, MDStoppedError
         from mlmd_lab.md.run import run as md_run
 
@@ -607,8 +646,11 @@ class _Loop:
                 continue  # the starting structure is not explored
             frame = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell.array, pbc=atoms.pbc)
             frame.wrap()
+            forces = atoms.calc.results.get("forces") if atoms.calc is not None else None
             frame.info.update(step=step, temperature=temperature, pressure=pressure,
-                              uncertainty=by_step[step][0], extrapolation=by_step[step][1])
+                              uncertainty=by_step[step][0], extrapolation=by_step[step][1],
+                              force_sq_mean=float(np.mean(np.square(forces))) if forces is not None else float("nan"),
+                              max_force=float(np.linalg.norm(forces, axis=1).max()) if forces is not None else 0.0)
             frames.append(frame)
         return frames, stopped
 
@@ -632,7 +674,7 @@ class _Loop:
         """Physical filters, then farthest-point selection within this iteration's budget."""
         rejected, kept = [], []
         for atoms in explored:
-            why = select.physical_problem(atoms, self.structures[atoms.info["start"]], self.min_distance)
+            why = atoms.info["problem"]
             if why is None:
                 kept.append(atoms)
             else:

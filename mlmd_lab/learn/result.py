@@ -39,7 +39,9 @@ class IterationRecord:
         validation: the committee's errors on its held-out calibration frames (eV/Å; ``force_mean_error`` is the
             mean |F_mean - F_ref| per atom) and the members' validation RMSEs (eV/atom, eV/Å).
         trust: (lo, hi) eV/Å, the calibrated max-atom force uncertainty separating accurate / candidate / failed;
-            trust_source: "suggested" (from the validation errors) or "given".
+            trust_source: "suggested" (:func:`~mlmd_lab.learn.select.suggest_trust`) or "given".
+        target_rms_force: the RMS force component (eV/Å) the suggested lo is the 5 % target of: the committee's
+            mean forces on this iteration's physical explored frames (None with given trust levels).
         rejected: [{"condition", "reason"}] of the candidates the filters refused (before any reference call).
         selected: candidates chosen (farthest points) for the reference; labelled: of those, labelled now;
         recycled: of those, already labelled in the database (the ledger answered; no call).
@@ -56,6 +58,7 @@ class IterationRecord:
     validation: dict[str, Any] = field(default_factory=dict)
     trust: tuple[float, float] = (0.0, 0.0)
     trust_source: str = "suggested"
+    target_rms_force: float | None = None
     rejected: list[dict[str, Any]] = field(default_factory=list)
     selected: int = 0
     labelled: int = 0

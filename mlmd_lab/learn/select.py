@@ -4,7 +4,8 @@
   (eV/Å, computed in the MD engine) against the trust levels (lo, hi), with extrapolation (symmetry functions
   outside the scaling range) as a second signal that makes an otherwise accurate frame a candidate;
 - :func:`physical_problem`: why a frame is unphysical (atoms too close, cell volume or shape changed too much),
-  or None; such frames never reach the reference;
+  or None; such frames never reach the reference (nor do frames with a committee force beyond
+  :data:`MAX_FORCE_FACTOR` x the explored RMS force, checked by the loop);
 - :func:`descriptor` and :func:`farthest_points`: per-frame mean radial symmetry-function vectors and
   farthest-point sampling in that space (deterministic), so the candidates labelled are spread out and far
   from the frames already labelled, not picked at random.
@@ -31,6 +32,12 @@ HI_FACTOR = 3.0
 HI_ERROR_FACTOR = 4.0
 #: Frames whose shortest interatomic distance is below this fraction of the starting structures' are rejected.
 MIN_DISTANCE_FRACTION = 0.7
+#: Frames whose largest committee atomic force exceeds this many times the explored frames' RMS force component
+#: are rejected. Thermal forces are near Gaussian per component: the largest atomic force of a 1000-atom frame is
+#: ~5 RMS, so 8 RMS is no equilibrium state at the explored conditions. Why it exists: a young committee's MD
+#: at 600 K (bench_learn --seed 1) yielded candidates with 6 eV/Å forces (RMS 0.5); labelled, they dominated the
+#: force loss and a later committee fitted everything badly (all members 0.2-0.27 eV/Å RMSE, mean |dF| 0.32).
+MAX_FORCE_FACTOR = 8.0
 #: Largest relative cell volume change |V/V0 - 1| of an explored frame.
 MAX_VOLUME_CHANGE = 0.3
 #: Largest principal deviatoric (shape) strain of an explored cell against its starting cell.
@@ -71,7 +78,8 @@ def suggest_trust(rms_force: float, validation_error: float, n_atoms: int) -> tu
     trained on) when a young committee's own error is larger, so its exploration still yields candidates.
 
     Args:
-        rms_force: RMS force component of the labelled frames (eV/Å), > 0.
+        rms_force: RMS force component (eV/Å, > 0) of the frames the accuracy is asked on (the loop: the committee's
+            forces on its physical explored frames).
         validation_error: the committee's mean atomic force error on held-out frames (eV/Å), >= 0.
         n_atoms: atoms per explored frame (the largest starting structure's), >= 1.
     """
