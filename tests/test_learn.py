@@ -163,6 +163,30 @@ def test_calculator_recipe_labels_through_the_ledger(db, tmp_path):
         CalculatorRecipe(object())
 
 
+def test_labelled_frames_with_forces_far_beyond_the_explored_rms_are_left_out_of_training(db, tmp_path):
+    """From the second iteration, frames whose largest reference force exceeds 8 x the last exploration's RMS force
+    are not trained on (they stay in the database); in the first iteration (no exploration yet) all are."""
+    from mlmd_lab.dft import CalculatorRecipe, rattle
+    from mlmd_lab.dft.label import label
+    from mlmd_lab.learn.loop import _Loop
+    from mlmd_lab.learn.result import IterationRecord
+
+    recipe = CalculatorRecipe(EMT())
+    squeezed = copper()
+    squeezed.positions[1] = squeezed.positions[0] + [1.9, 0.0, 0.0]  # 1.9 Å from atom 0: ~10 eV/Å under EMT
+    label([*rattle(copper(), 3, amplitude=0.05, seed=1), squeezed], recipe, db=db, workdir=tmp_path, progress=False)
+    loop = _Loop(recipe, [copper()], [300.0], [None], db, tmp_path / "learn", dict(
+        committee=2, trust=None, per_iteration=4, seed=0, train_config=None, md={}))
+    frames, outliers = loop._training_frames()
+    assert len(frames) == 4 and outliers == []  # first iteration: nothing to compare with
+    loop.records = [IterationRecord(iteration=1, target_rms_force=0.5)]  # limit 4 eV/Å
+    frames, outliers = loop._training_frames()
+    assert len(frames) == 3 and len(outliers) == 1
+    assert db.count() == 4
+    (left_out,) = db.frames(elements=["Cu"], query={"_id": {"$in": outliers}}) or [None]
+    assert left_out is not None and np.linalg.norm(left_out.get_forces(), axis=1).max() > 4.0
+
+
 def test_frames_of_the_same_calculator_with_other_parameters_are_not_recycled(db, tmp_path):
     from ase.calculators.lj import LennardJones
 

@@ -35,7 +35,8 @@ class IterationRecord:
             ``candidate``, ``failed`` (fractions of the frames), ``md_stopped`` (why MD runs ended early),
             ``rejected`` (candidates refused by the physical filters), ``selected`` and ``labelled``.
         train_frames: labelled frames the committee was trained on; reused: those not labelled by this run (data
-            recycling: already in the database before).
+            recycling: already in the database before); outliers: ids of labelled frames left out of training
+            (largest reference force beyond ``select.MAX_FORCE_FACTOR`` x the explored RMS force).
         validation: the committee's errors on its held-out calibration frames (eV/Å; ``force_mean_error`` is the
             mean |F_mean - F_ref| per atom) and the members' validation RMSEs (eV/atom, eV/Å).
         trust: (lo, hi) eV/Å, the calibrated max-atom force uncertainty separating accurate / candidate / failed;
@@ -55,6 +56,7 @@ class IterationRecord:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     train_frames: int = 0
     reused: int = 0
+    outliers: list = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     trust: tuple[float, float] = (0.0, 0.0)
     trust_source: str = "suggested"
@@ -89,7 +91,8 @@ class IterationRecord:
         err_text = f"{1e3 * err:.0f} meV/Å" if err is not None else "-"
         return (f"{self.iteration:>4}  {self.train_frames:>6}  {err_text:>9}  {self.trust[0]:.3f}-{self.trust[1]:.3f}  "
                 f"{parts}  rejected {len(self.rejected)}, labelled {self.labelled}, calls {self.reference_calls}, "
-                f"failed {len(self.failed_tasks)}" + (f"  -> {self.stop}" if self.stop else ""))
+                f"failed {len(self.failed_tasks)}" + (f", outliers {len(self.outliers)}" if self.outliers else "")
+                + (f"  -> {self.stop}" if self.stop else ""))
 
 
 def _condition_name(c: dict[str, Any]) -> str:
