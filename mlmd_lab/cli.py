@@ -39,12 +39,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="embedded server folder (default: $MLMD_DATA_DIR or the user data folder)")
     sub = p.add_subparsers(title="commands")
 
-    demo = sub.add_parser("demo", help="the main job: ingest the sample runs, show what the database holds, run the "
-                                       "quickstart loop (DFT -> training -> MD -> analysis) and write its HTML report")
+    demo = sub.add_parser("demo", help="the main job: ingest the sample runs, show what the database holds, build a "
+                                       "potential for a solid automatically with real DFT, check it against DFT and "
+                                       "write its HTML report (autobuild/report.html)")
     demo.add_argument("--samples", help="folder of sample data (default: ../shared/external, else a bundled example)")
+    demo.add_argument("--autobuild-workdir", default="autobuild",
+                      help="automatic construction's state, DFT folders and report.html (default: autobuild)")
+    demo.add_argument("--engine", choices=("auto", "qe", "pyscf"), default="auto",
+                      help="DFT of the automatic construction (auto: Quantum ESPRESSO when pw.x is installed)")
+    demo.add_argument("--no-autobuild", action="store_true", help="skip the automatic construction")
+    demo.add_argument("--quickstart", action="store_true",
+                      help="also run the water quickstart (PySCF -> training -> MD -> analysis, 2-5 min)")
     demo.add_argument("--workdir", default="quickstart",
                       help="quickstart outputs and report.html (default: quickstart)")
-    demo.add_argument("--no-quickstart", action="store_true", help="only ingest and summarise")
+    demo.add_argument("--no-quickstart", action="store_true", help=argparse.SUPPRESS)  # the default now
     demo.set_defaults(func=cmd_demo)
 
     lab = sub.add_parser("lab", help="open JupyterLab on the tutorial notebooks (embedded database started first)")
@@ -645,13 +653,17 @@ def cmd_server(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mlmd_lab.demo import run_demo
 
-    result = run_demo(_connect(args), samples=Path(args.samples) if args.samples else None, workdir=args.workdir,
-                      quickstart=not args.no_quickstart)
-    if result is not None and not result.passed:
-        failed = "; ".join(text for ok, text in result.checks if not ok)
-        print(f"mlmd-lab demo: quickstart checks failed ({failed}); see {result.report_path}", file=sys.stderr)
-        return 3
-    return 0
+    results = run_demo(_connect(args), samples=Path(args.samples) if args.samples else None, workdir=args.workdir,
+                       quickstart=args.quickstart and not args.no_quickstart, autobuild=not args.no_autobuild,
+                       autobuild_workdir=args.autobuild_workdir, engine=args.engine)
+    status = 0
+    for result in results:
+        if not result.passed:
+            failed = "; ".join(text for ok, text in result.checks if not ok)
+            what = "quickstart" if type(result).__name__ == "QuickstartResult" else "automatic construction"
+            print(f"mlmd-lab demo: {what} checks failed ({failed}); see {result.report_path}", file=sys.stderr)
+            status = 3
+    return status
 
 
 def cmd_lab(args: argparse.Namespace) -> int:
