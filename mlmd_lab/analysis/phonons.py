@@ -160,18 +160,55 @@ def brute_force_constants(atoms: Atoms, forces_of: Callable[[list[Atoms]], list[
     return (0.5 * (flat + flat.T)).reshape(n, 3, n, 3)
 
 
-def frequencies(atoms: Atoms, phi: np.ndarray) -> np.ndarray:
-    """The cell's 3N Γ-point frequencies in cm⁻¹, ascending (imaginary ones as negative numbers)."""
-    from ase.vibrations import VibrationsData
-
+def _dynamical_matrix(atoms: Atoms, phi: np.ndarray) -> np.ndarray:
     n = len(atoms)
     if phi.shape != (n, 3, n, 3):
         raise MLMDError(f"force constants of shape {phi.shape}; expected ({n}, 3, {n}, 3)")
-    values = VibrationsData(atoms, phi).get_energies()  # eV, complex for unstable modes
-    cm1 = np.where(np.abs(values.imag) > np.abs(values.real), -np.abs(values.imag), values.real)
-    from ase.units import invcm
+    inv_sqrt_m = np.repeat(1.0 / np.sqrt(atoms.get_masses()), 3)
+    d = phi.reshape(3 * n, 3 * n) * inv_sqrt_m[:, None] * inv_sqrt_m[None, :]
+    return 0.5 * (d + d.T)  # eV/(Å² amu)
 
-    return np.sort(cm1 / invcm)
+
+def _to_cm1(eigenvalues: np.ndarray) -> np.ndarray:
+    """Eigenvalues of the dynamical matrix (eV/(Å² amu)) → frequencies in cm⁻¹ (imaginary ones negative)."""
+    from ase import units
+
+    omega = np.sqrt(np.abs(eigenvalues) * units._e / units._amu) * 1e10  # rad/s
+    return np.sign(eigenvalues) * omega / (2 * np.pi * units._c * 100.0)
+
+
+def modes(atoms: Atoms, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cell's 3N Γ-point frequencies in cm⁻¹, ascending (imaginary ones as negative numbers), and the
+    eigenvectors of the mass-weighted dynamical matrix as columns (3N, 3N)."""
+    values, vectors = np.linalg.eigh(_dynamical_matrix(atoms, phi))
+    return _to_cm1(values), vectors
+
+
+def frequencies(atoms: Atoms, phi: np.ndarray) -> np.ndarray:
+    """The cell's 3N Γ-point frequencies in cm⁻¹, ascending (imaginary ones as negative numbers)."""
+    return modes(atoms, phi)[0]
+
+
+def frequencies_in_subspaces(atoms: Atoms, phi: np.ndarray, vectors: np.ndarray,
+                             groups: Sequence[Sequence[int]]) -> tuple[list[np.ndarray], float]:
+    """Frequencies (cm⁻¹) of force constants ``phi`` within the mode subspaces of a reference: for each group of
+    reference eigenvector columns (a degenerate set, e.g. from :func:`degenerate_groups`), the eigenvalues of
+    ``phi``'s dynamical matrix projected onto that subspace. This compares the same modes of two models (by their
+    symmetry and displacement pattern), not merely the n-th lowest of each: two models may order modes
+    differently. Exact when each group spans an irreducible representation that occurs once (diamond's cell: Γ
+    acoustic and optical, X TA, LA/LO and TO); the second value is the largest part of ``phi``'s dynamical matrix
+    that maps a subspace out of itself, relative to its norm (0 when the subspaces are invariant, as symmetry
+    makes them)."""
+    d = _dynamical_matrix(atoms, phi)
+    scale = float(np.linalg.norm(d, 2)) or 1.0
+    out, leak = [], 0.0
+    for indices in groups:
+        u = vectors[:, list(indices)]
+        du = d @ u
+        inside = u.T @ du
+        out.append(np.sort(_to_cm1(np.linalg.eigvalsh(0.5 * (inside + inside.T)))))
+        leak = max(leak, float(np.linalg.norm(du - u @ inside, 2)) / scale)
+    return out, leak
 
 
 def degenerate_groups(values: np.ndarray, tolerance: float = 0.01, floor: float = 1.0) -> list[list[int]]:
