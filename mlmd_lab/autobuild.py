@@ -17,9 +17,12 @@ then checks the result against DFT on data the loop never trained on, and writes
 3. The loop's own figures: accurate fraction per condition and iteration, reference calls, the held-out error of
    every iteration's committee (a learning curve on frames none of them saw) and the stop reason as it is.
 
-The reference: Quantum ESPRESSO (pw.x) for diamond Si8 (PBE, Si.pbe-rrkj norm-conserving, 20 Ry, 2×2×2 k,
-Marzari-Vanderbilt 0.01 Ry: 3-7 s per calculation on 2 shared cores; smearing because Γ-only or fixed occupations
-fail to converge on hot, distorted Si cells) when pw.x and the pseudopotential are installed. Otherwise PySCF at
+The reference: Quantum ESPRESSO (pw.x) for diamond Si8 (PBE, Si.pbe-rrkj norm-conserving, 20 Ry, Γ-centred
+2×2×2 k, fixed occupations: 3-7 s per calculation on 2 shared cores) when pw.x and the pseudopotential are
+installed. Fixed occupations, not smearing: with Marzari-Vanderbilt 0.01 Ry on this k-mesh the single-displacement
+forces of the ideal cell do not add up to the frozen Γ phonon (378 against 480 cm⁻¹ for the same mode, measured),
+while with fixed occupations both give 526 cm⁻¹; they converged on the most uncertain 900 K frames the loop
+explored (9 of 9). Γ-only sampling does not (rattled Si8 closes its gap there). Otherwise PySCF at
 Γ for diamond C8 (GTH-DZVP/GTH-PBE; Si8 at Γ has no gap and does not converge without smearing, which the PySCF
 recipe lacks); PySCF needs 30-50 s per periodic calculation here, so that fallback runs a smaller plan and still
 takes longer than the main job's 10 minutes (it says so).
@@ -206,11 +209,11 @@ def choose_system(engine: str = "auto") -> System:
         raise MLMDError(f"engine={engine!r}: use 'auto', 'qe' or 'pyscf'")
     if engine == "qe" or (engine == "auto" and qe_available()):
         recipe = QuantumEspresso(pseudopotentials={"Si": SI_PSEUDOPOTENTIAL}, ecutwfc_ry=20.0, kpts=(2, 2, 2),
-                                 smearing=("mv", 0.01), xc="PBE")
+                                 smearing=None, xc="PBE")
         return System("Si8 (diamond, Quantum ESPRESSO)", diamond_cell("Si", 5.43), recipe,
-                      "pw.x is installed: plane waves with k-points and smearing, 3-7 s per Si8 calculation on 2 "
-                      "shared cores (20 Ry and 2x2x2 k are cheap, not converged: the checks compare the potential "
-                      "with this same DFT, not with experiment)")
+                      "pw.x is installed: plane waves, 2x2x2 k-points, fixed occupations (a semiconductor), 3-7 s "
+                      "per Si8 calculation on 2 shared cores (20 Ry and 2x2x2 k are cheap, not converged: the checks "
+                      "compare the potential with this same DFT, not with experiment)")
     recipe = PySCF(ke_cutoff=25.0)
     return System("C8 (diamond, PySCF at Γ)", diamond_cell("C", 3.567), recipe,
                   "pw.x is not installed: PySCF (pip only) at the Γ point, GTH-DZVP/GTH-PBE; diamond C because Si8 "
@@ -264,10 +267,15 @@ def holdout_structures(model, start: Atoms, settings: AutobuildSettings, seed: i
 
 
 def phonon_comparison(atoms: Atoms, recipe, model, folder: Path, delta: float) -> dict[str, Any]:
-    """Γ-point frequencies of ``atoms``'s cell (cm⁻¹, ascending, imaginary ones negative) from DFT (``recipe`` run in
-    ``folder``, cached there, not in the database) and from ``model``, the same symmetric displacements for both,
-    compared mode by mode in ascending order; degenerate DFT groups with the mean of each and their relative
-    difference. The 3 DFT frequencies nearest 0 are the acoustic translations (left out of the differences)."""
+    """Γ-point frequencies of ``atoms``'s cell (cm⁻¹, imaginary ones negative) from DFT (``recipe`` run in
+    ``folder``, cached there, not in the database) and from ``model``, the same symmetric displacements for both.
+
+    Modes are matched by their displacement pattern, not by order: ``ml_cm1[i]`` is the potential's frequency in
+    the subspace of DFT's degenerate mode group holding mode i (:func:`~mlmd_lab.analysis.phonons.
+    frequencies_in_subspaces`; ``subspace_leak`` ~ 0 confirms the groups are symmetry subspaces); the two models
+    may order their modes differently (``ml_own_cm1``: the potential's own ascending spectrum). Degenerate DFT
+    groups carry the mean of each and their relative difference. The 3 DFT frequencies nearest 0 are the
+    acoustic translations (left out of the differences)."""
     from mlmd_lab.analysis import phonons as ph
     from mlmd_lab.dft.label import task_key
 
@@ -278,21 +286,26 @@ def phonon_comparison(atoms: Atoms, recipe, model, folder: Path, delta: float) -
         dft_forces.append(frame.get_forces())
     ml_forces = [np.asarray(r["forces"]) for r in model.predict([d.atoms for d in displaced], stress=False,
                                                                 warn=False)]
-    dft = ph.frequencies(atoms, ph.force_constants(atoms, displaced, dft_forces))
-    ml = ph.frequencies(atoms, ph.force_constants(atoms, displaced, ml_forces))
+    dft, vectors = ph.modes(atoms, ph.force_constants(atoms, displaced, dft_forces))
+    ml_phi = ph.force_constants(atoms, displaced, ml_forces)
     acoustic = set(np.argsort(np.abs(dft))[:3].tolist())  # the Γ translations: the 3 frequencies nearest 0
+    groups_idx = ph.degenerate_groups(dft)
+    matched, leak = ph.frequencies_in_subspaces(atoms, ml_phi, vectors, groups_idx)
+    ml = np.empty_like(dft)  # the potential's frequency of each DFT mode (same subspace), not its n-th lowest
     groups = []
-    for indices in ph.degenerate_groups(dft):
-        d, m = float(np.mean(dft[indices])), float(np.mean(ml[indices]))
+    for indices, values in zip(groups_idx, matched, strict=True):
+        ml[indices] = values
+        d, m = float(np.mean(dft[indices])), float(np.mean(values))
         is_acoustic = bool(acoustic & set(indices))
         groups.append({"modes": len(indices), "dft_cm1": d, "ml_cm1": m, "dft_THz": d * ph.CM1_TO_THZ,
                        "ml_THz": m * ph.CM1_TO_THZ, "rel_diff": None if is_acoustic else (m - d) / abs(d),
                        "acoustic": is_acoustic})
     others = np.array([i for i in range(len(dft)) if i not in acoustic])
     rel = (ml[others] - dft[others]) / np.abs(dft[others])
-    return {"dft_cm1": dft, "ml_cm1": ml, "groups": groups, "displacements": len(displaced),
-            "max_rel_diff": float(np.max(np.abs(rel))), "mean_abs_rel_diff": float(np.mean(np.abs(rel))),
-            "unstable_dft_modes": int(np.sum(dft[others] < 0)), "delta_A": delta}
+    return {"dft_cm1": dft, "ml_cm1": ml, "ml_own_cm1": ph.frequencies(atoms, ml_phi), "groups": groups,
+            "subspace_leak": leak, "displacements": len(displaced), "max_rel_diff": float(np.max(np.abs(rel))),
+            "mean_abs_rel_diff": float(np.mean(np.abs(rel))), "unstable_dft_modes": int(np.sum(dft[others] < 0)),
+            "delta_A": delta}
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -542,8 +555,12 @@ def write_report(result: AutobuildResult, path: str | Path, db=None) -> Path:
     p = result.phonons
     rep.text(f"Force constants of the {len(result.system.atoms)}-atom cell from {p['displacements']} DFT calculations "
              f"(± {p['delta_A']} Å; the crystal's symmetry gives the rest), the same displacements for the potential. "
-             "The cell's frequencies are the bulk ones at Γ and the three X points. DFT runs in "
+             "The cell's frequencies are the bulk ones at Γ and the three X points. Modes are matched by their "
+             "pattern, not their order: the potential's frequencies are those of its dynamical matrix within each "
+             f"DFT mode subspace (leak out of them {p['subspace_leak']:.1e}: symmetry subspaces). DFT runs in "
              "phonons/, not in the database (so no later loop trains on them).")
+    rep.text("The potential's own spectrum, ascending (cm⁻¹): "
+             + ", ".join(f"{v:.0f}" for v in np.unique(np.round(p["ml_own_cm1"]))))
     rep.table([{"modes": g["modes"], "DFT (cm⁻¹)": g["dft_cm1"], "potential (cm⁻¹)": g["ml_cm1"],
                 "DFT (THz)": g["dft_THz"], "potential (THz)": g["ml_THz"],
                 "difference (%)": None if g["rel_diff"] is None else 100 * g["rel_diff"]} for g in p["groups"]])

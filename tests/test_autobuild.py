@@ -61,6 +61,24 @@ def test_fcc_cubic_cell_frequencies_are_gamma_and_x():
     assert freqs[-1] > freqs[3] > 50.0
 
 
+def test_frequencies_in_subspaces_match_modes_not_order():
+    si = bulk("Si", "diamond", a=5.43, cubic=True)
+    displaced = phonons.displacements(si, 0.01)
+
+    def phi_of(calc):
+        return phonons.force_constants(si, displaced, _forces_with(calc)([d.atoms for d in displaced]))
+
+    reference = phi_of(LennardJones(sigma=2.1, epsilon=1.0, rc=5.0))
+    other = phi_of(LennardJones(sigma=2.0, epsilon=1.3, rc=5.0))
+    freqs, vectors = phonons.modes(si, reference)
+    groups = phonons.degenerate_groups(freqs)
+    same, leak = phonons.frequencies_in_subspaces(si, reference, vectors, groups)
+    assert leak < 1e-10 and np.allclose(np.concatenate(same), freqs, atol=1e-3)  # cm⁻¹
+    projected, leak = phonons.frequencies_in_subspaces(si, other, vectors, groups)
+    assert leak < 1e-8  # the groups are symmetry subspaces: the other model's modes stay in them
+    assert np.allclose(np.sort(np.concatenate(projected)), phonons.frequencies(si, other), atol=1e-3)
+
+
 def test_displacements_refuse_a_molecule():
     from ase.build import molecule
 
@@ -79,7 +97,7 @@ def test_plan_keywords_and_system_choice():
     if autobuild.qe_available():
         qe = autobuild.choose_system("auto")
         assert qe.atoms.get_chemical_formula() == "Si8" and type(qe.recipe).__name__ == "QuantumEspresso"
-        assert qe.recipe.kpts == [2, 2, 2] and qe.recipe.smearing is not None
+        assert qe.recipe.kpts == [2, 2, 2] and qe.recipe.smearing is None  # a semiconductor
     with pytest.raises(MLMDError, match="engine"):
         autobuild.choose_system("vasp")
 
