@@ -5,7 +5,8 @@ property of the machine as much as of the code, so it is measured here, not asse
 slower machine must not fail for being slow). Each route runs in a fresh database on the embedded server:
 
 - ``notebook``: the tutorial notebook executed top to bottom by nbclient in a fresh kernel (as a user's Run All);
-- ``run_quickstart``: :func:`mlmd_lab.quickstart.run_quickstart` in this process (what ``mlmd-lab demo`` runs).
+- ``run_quickstart``: :func:`mlmd_lab.quickstart.run_quickstart` in this process (what
+  ``mlmd-lab demo --quickstart`` runs).
 
 Run: ``python benchmarks/bench_quickstart.py [--repeat 1] [--routes notebook run_quickstart]``. Prints a table
 (seconds, the budget, the ratio, the slowest cells or steps) and writes ``benchmarks/results/bench_quickstart.json``.

@@ -9,7 +9,7 @@ second, so the loop fits in minutes on a laptop or a Binder pod, and a molecule 
 vibrations. The potential's harmonic frequencies are compared with DFT's own (finite differences on both), and
 the MD's vibrational spectrum (from the velocity autocorrelation of an NVE run) with the harmonic frequencies;
 the NVE run also checks energy conservation. Each step is a function, so ``notebooks/00_quickstart.ipynb`` runs
-the same code cell by cell (with widgets) and ``mlmd-lab demo`` runs it headless.
+the same code cell by cell (with widgets) and ``mlmd-lab demo --quickstart`` runs it headless.
 """
 
 from __future__ import annotations
@@ -218,7 +218,8 @@ def analyse(minimum: Atoms, model, nve, recipe=None) -> tuple[dict[str, np.ndarr
 
 def run_quickstart(db=None, settings: QuickstartSettings | None = None, workdir: str | Path = "quickstart",
                    report: bool = True, log: Callable[[str], None] = print) -> QuickstartResult:
-    """The whole loop headless (what ``mlmd-lab demo`` runs); writes ``workdir/report.html`` when ``report``."""
+    """The whole loop headless (what ``mlmd-lab demo --quickstart`` runs); writes ``workdir/report.html`` when
+    ``report``."""
     import mlmd_lab
 
     settings = settings or QuickstartSettings()
