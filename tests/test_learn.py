@@ -343,6 +343,19 @@ def test_loop_converges_after_two_iterations_with_every_frame_accurate(db, tmp_p
 
 
 @pytest.mark.slow
+def test_the_reference_budget_counts_the_seed_set(db, tmp_path):
+    """budget 14 = the seed set (12) + 2: iteration 1 labels at most 2 candidates (it once labelled up to
+    per_iteration more, the seed calls not yet counted), and iteration 2 stops on the budget."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = learn.run(EMT(), copper(), temperatures=[700], db=db, workdir=tmp_path, committee=2,
+                           reference_budget=14, per_iteration=8, max_iterations=4, md_steps=60, timestep=2.0,
+                           trust=(1e-3, 50.0), train_config=dict(FAST_TRAINING, max_epochs=100))
+    assert result.iterations[0].reference_calls == 14 == result.n_reference_calls == db.count(), result.summary()
+    assert result.stop_reason == "reference budget" and len(result.iterations) == 2
+
+
+@pytest.mark.slow
 def test_a_run_with_a_fifth_of_the_reference_tasks_failing_finishes_with_them_recorded(db, tmp_path):
     """The reference is broken for ~20 % of the structures (FailingEMT: a deterministic 52/256 of them), seed set
     and candidates alike. The run finishes by its normal stop rule, every failure is

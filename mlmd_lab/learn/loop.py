@@ -278,6 +278,7 @@ class _Loop:
             "train_config": self._train_config().to_dict(),
         }
         self.run_id = None
+        self._calls_this_iteration = 0
         self.records: list[IterationRecord] = []
         self.model = None
 
@@ -365,9 +366,10 @@ class _Loop:
     def _calls(self) -> int:
         return int(sum(r.reference_calls for r in self.records))
 
-    def _budget_left(self, spent_now: int = 0) -> int | None:
+    def _budget_left(self) -> int | None:
+        """Reference calls left in the budget: finished iterations' and this iteration's so far (the seed set)."""
         budget = self.o["reference_budget"]
-        return None if budget is None else budget - self._calls() - spent_now
+        return None if budget is None else budget - self._calls() - self._calls_this_iteration
 
     # -- one iteration ----------------------------------------------------------------------------------
     def _iteration(self, k: int) -> IterationRecord | None:
@@ -397,7 +399,9 @@ class _Loop:
         explored = self._load_json(self._path("explore", k).with_suffix(".json"))
         t0 = time.perf_counter()
         if explored is None:
+            self._calls_this_iteration = record.reference_calls  # the seed set's, in iteration 1
             explored = self._explore(k, frames, meta)
+            self._calls_this_iteration = 0
             if explored is None:
                 return None
         t_explore = float(explored.get("seconds", time.perf_counter() - t0))
