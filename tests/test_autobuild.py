@@ -110,7 +110,7 @@ def test_autobuild_with_real_qe_writes_the_report_and_computes_the_checks(db, tm
     from mlmd_lab.dft.label import LEDGER
 
     # cheap DFT (Γ with smearing, 12 Ry: ~1-4 s per Si8 here) and a tiny plan: a 6-structure seed set (the
-    # budget), one training and exploration, then "max iterations"; 2 held-out frames, 2 phonon runs
+    # budget), one training and exploration, then "reference budget"; 2 held-out frames, 2 phonon runs
     recipe = QuantumEspresso(pseudopotentials={"Si": autobuild.SI_PSEUDOPOTENTIAL}, ecutwfc_ry=12.0, kpts=(1, 1, 1),
                              smearing=("mv", 0.02))
     system = autobuild.System("Si8 test", autobuild.diamond_cell("Si"), recipe, "test: cheap QE")
@@ -124,8 +124,8 @@ def test_autobuild_with_real_qe_writes_the_report_and_computes_the_checks(db, tm
     html = result.report_path.read_text()
     assert "Held-out DFT frames" in html and "Phonons" in html and html.count("data:image/png;base64,") >= 3
     calls = result.learn.n_reference_calls
-    assert result.learn.stop_reason == "max iterations" and calls == 6
-    assert "did NOT stop by itself" in html and "max iterations" in html  # not converged: said as it is
+    assert result.learn.stop_reason == "reference budget" and calls == 6  # the seed set spent it all
+    assert "did NOT stop by itself" in html and "reference budget" in html  # not converged: said as it is
 
     # held-out frames: labelled after the loop, into the database, tagged; the committee trained on the loop's only
     assert result.holdout["n_frames"] == 2 and len(result.holdout_frames) == 2
@@ -140,7 +140,7 @@ def test_autobuild_with_real_qe_writes_the_report_and_computes_the_checks(db, tm
     assert len(result.checks) == 4 and all(isinstance(ok, bool) for ok, _ in result.checks)
     assert set(result.timings_s) == {"learn", "holdout_dft", "holdout_errors", "phonons", "report"}
     summary = json.loads((tmp_path / "ab" / "summary.json").read_text())
-    assert summary["learn"]["stop_reason"] == "max iterations" and len(summary["checks"]) == 4
+    assert summary["learn"]["stop_reason"] == "reference budget" and len(summary["checks"]) == 4
 
     # a rerun: the loop's workdir answers, the ledger and the phonon folders too; no DFT runs, same figures
     calls_before = db.mongo[LEDGER].count_documents({})
