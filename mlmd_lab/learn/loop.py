@@ -489,7 +489,7 @@ class _Loop:
         """Every labelled frame of these elements computed with this reference's settings, sorted by id."""
         return recycled_frames(self.db, self.recipe, self.elements)
 
-    def _training_frames(self) -> tuple[list[Atoms], list[int]]:
+    def _training_frames(self) -> tuple[list[Atoms], list[str]]:
         """The labelled frames to train on, and the ids of those left out: frames whose largest reference atomic
         force exceeds :data:`select.MAX_FORCE_FACTOR` x the last exploration's RMS force component (from the
         second iteration on). A young committee's uncertainty can miss such a frame (it underestimates its

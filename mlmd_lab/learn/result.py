@@ -56,7 +56,7 @@ class IterationRecord:
     conditions: list[dict[str, Any]] = field(default_factory=list)
     train_frames: int = 0
     reused: int = 0
-    outliers: list = field(default_factory=list)
+    outliers: list[str] = field(default_factory=list)
     validation: dict[str, Any] = field(default_factory=dict)
     trust: tuple[float, float] = (0.0, 0.0)
     trust_source: str = "suggested"
