@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlmd_lab import cli_access
 from mlmd_lab.errors import MLMDError
 
 QUERY_KEYS = ("elements", "exclusive", "formula", "tags", "limit")
@@ -74,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--allow-unfinished", action="store_true", help="keep complete steps of unfinished runs")
     ing.add_argument("--workers", type=int, help="parser processes (default: automatic)")
     ing.add_argument("--no-progress", action="store_true")
+    cli_access.add_ingest_options(ing)
     ing.set_defaults(func=cmd_ingest)
 
     q = sub.add_parser("query", help="find frames and summarise or export them")
@@ -114,7 +116,9 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("server", help="embedded database server: start (keep running), stop, status")
     srv.add_argument("action", choices=("start", "stop", "status"))
+    cli_access.add_server_options(srv)
     srv.set_defaults(func=cmd_server)
+    cli_access.add_parsers(sub)
     return p
 
 
@@ -513,7 +517,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     report = db.ingest(args.paths, units=args.units, settings=parse_pairs(args.settings) or None,
                        tags=args.tags, last_only=args.last_only, allow_unfinished=args.allow_unfinished,
                        workers=args.workers, progress=not args.no_progress,
-                       keys={k: str(v) for k, v in parse_pairs(args.keys).items()} or None)
+                       keys={k: str(v) for k, v in parse_pairs(args.keys).items()} or None,
+                       visibility=args.visibility, dataset=args.dataset, licence=args.licence, group=args.group,
+                       embargo_until=args.embargo_until)
     print(report)
     return 1 if report.failed and not (report.added or report.skipped) else 0
 
@@ -636,6 +642,8 @@ def cmd_models_export(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from mlmd_lab.db import EmbeddedServer
 
+    if args.action == "start" and args.auth:
+        return cli_access.start_server(args)
     server = EmbeddedServer(args.data_dir)
     if args.action == "start":
         info = server.pin()

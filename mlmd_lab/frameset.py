@@ -166,6 +166,23 @@ class FrameSet(Sequence[Atoms]):
                 out[sig_id] = atoms.info.get("signature") or {}
         return out
 
+    def credit(self) -> list[dict[str, Any]]:
+        """Whose data this is: one entry per (owner, data set, licence) with its frame count and contributors.
+
+        Frames from the database carry ``info["owner"]`` (from where they live on the server),
+        ``["dataset"]`` and ``["licence"]``; frames made in memory count as ``owner=None``. A potential
+        trained on the set records this list (``provenance["credit"]``).
+        """
+        rows: dict[tuple, dict[str, Any]] = {}
+        for atoms in self._frames:
+            info = atoms.info
+            key = (info.get("owner"), info.get("dataset"), info.get("licence"))
+            row = rows.setdefault(key, {"owner": key[0], "dataset": key[1], "licence": key[2], "frames": 0,
+                                        "contributors": list(info.get("contributors") or []),
+                                        "visibility": info.get("visibility")})
+            row["frames"] += 1
+        return sorted(rows.values(), key=lambda r: (str(r["owner"]), str(r["dataset"])))
+
     # -- export -----------------------------------------------------------------------------------
     def to_extxyz(self, path: str | os.PathLike) -> None:
         """Write extended XYZ (eV, Å) keeping results and metadata (frame ids, source, signature)."""

@@ -37,7 +37,11 @@ from mlmd_lab.errors import MLMDError
 from mlmd_lab.frames import content_hash, results_of
 
 #: ``atoms.info`` keys that are database metadata, not copied into ``info`` of a stored frame.
-META_KEYS = ("frame_id", "calc_id", "signature_id", "signature", "source", "file_hash", "tags", "step")
+META_KEYS = ("frame_id", "calc_id", "signature_id", "signature", "source", "file_hash", "tags", "step", "owner",
+             "dataset", "licence", "visibility", "group", "contributors", "embargo_until")
+#: Sharing fields of frame and calculation documents (see :mod:`mlmd_lab.db.access`); ``owner``,
+#: ``visibility`` and ``group`` are set by the reader from the database a document lives in.
+SHARING_KEYS = ("owner", "dataset", "licence", "visibility", "group", "contributors", "embargo_until")
 
 
 def pack(values: Any, dtype: str = "<f8") -> Binary:
@@ -143,6 +147,9 @@ def frame_from_document(doc: dict[str, Any], signature: dict[str, Any] | None = 
         signature_id=doc.get("signature_id"),
         tags=list(doc.get("tags", [])),
     )
+    for key in SHARING_KEYS:
+        if doc.get(key) is not None:
+            atoms.info[key] = list(doc[key]) if key == "contributors" else doc[key]
     if signature is not None:
         atoms.info["signature"] = signature
     return atoms

@@ -58,6 +58,7 @@ class IngestReport:
         ignored: files in the tree that are none of the recognised formats.
         warnings: ``(path, warning)`` from readers (unconverged SCF steps, ...).
         seconds: wall time.
+        dataset: the data set's name (for ``db.share`` / ``db.publish``).
     """
 
     added: int = 0
@@ -69,6 +70,7 @@ class IngestReport:
     warnings: list[tuple[str, str]] = field(default_factory=list)
     bytes_read: int = 0
     seconds: float = 0.0
+    dataset: str | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -103,6 +105,8 @@ class _Options:
     settings: dict[str, Any] | None
     tags: tuple[str, ...]
     keys: dict[str, str] | None = None
+    #: sharing fields stamped on every new calculation and frame (dataset, licence, owner, contributors)
+    sharing: tuple[tuple[str, Any], ...] = ()
 
 
 # -- discovery -----------------------------------------------------------------------------------
@@ -247,8 +251,9 @@ class Ingestor:
 
     def __init__(self, db: Any) -> None:
         self.db = db
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "started": psutil.Process().create_time()}
+        # the process writing a calculation (for rolling back what a killed process left half-written)
+        self.writer = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": psutil.Process().create_time()}
 
     def run(
         self,
@@ -268,10 +273,15 @@ class Ingestor:
             workers = 1 if total_bytes < PARALLEL_THRESHOLD_BYTES else min(4, os.cpu_count() or 1)
         bar = _progress(progress, len(todo))
         pending: list[_Parsed] = []
+        sharing = dict(options.sharing)
         for result in self._parse_all(todo, options, workers):
             if isinstance(result, tuple):
                 report.failed.append(result)
             else:
+                if sharing:
+                    result.calc_doc.update(sharing)
+                    for doc in result.frame_docs:
+                        doc.update(sharing)
                 report.warnings += [(result.path, w) for w in result.warnings]
                 pending.append(result)
                 if len(pending) >= BATCH_CALCS or sum(len(p.frame_docs) for p in pending) >= BATCH_FRAMES:
@@ -359,12 +369,12 @@ class Ingestor:
             [UpdateOne({"_id": k}, {"$setOnInsert": v}, upsert=True) for k, v in signatures.items()], ordered=False)
         ids = [p.calc_doc["_id"] for p in batch]
         calcs.delete_many({"_id": {"$in": ids}, "status": {"$ne": "complete"}})
-        calcs.insert_many([{**p.calc_doc, "status": "writing", "owner": self.owner} for p in batch])
+        calcs.insert_many([{**p.calc_doc, "status": "writing", "writer": self.writer} for p in batch])
         docs = [d for p in batch for d in p.frame_docs]
         added = 0
         for i in range(0, len(docs), BATCH_FRAMES):
             added += _insert_new(frames, docs[i:i + BATCH_FRAMES])
-        calcs.update_many({"_id": {"$in": ids}}, {"$set": {"status": "complete"}, "$unset": {"owner": ""}})
+        calcs.update_many({"_id": {"$in": ids}}, {"$set": {"status": "complete"}, "$unset": {"writer": ""}})
         report.added += added
         report.skipped += len(docs) - added
         report.calculations_added += len(batch)
@@ -373,9 +383,9 @@ class Ingestor:
         """Delete calculations left in "writing" by dead processes on this host, and their frames."""
         calcs = self.db.calculations_collection
         dead = []
-        for doc in calcs.find({"status": "writing"}, {"owner": 1}):
-            owner = doc.get("owner") or {}
-            if owner.get("host") == self.owner["host"] and not _alive(owner):
+        for doc in calcs.find({"status": "writing"}, {"writer": 1, "owner": 1}):
+            writer = doc.get("writer") or doc.get("owner") or {}  # "owner": the field's name before issue 17
+            if isinstance(writer, dict) and writer.get("host") == self.writer["host"] and not _alive(writer):
                 dead.append(doc["_id"])
         if dead:
             self.db.frames_collection.delete_many({"calc_id": {"$in": dead}})

@@ -94,6 +94,10 @@ class ModelRecord:
     calibration: dict[str, Any] | None = None
     chemsys: str = ""
     id: str | None = None
+    owner: str | None = None
+    visibility: str = "private"
+    group: str | None = None
+    credit: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_document(cls, doc: dict[str, Any], provenance: dict[str, Any] | None = None) -> ModelRecord:
@@ -145,6 +149,11 @@ class ModelRecord:
         out["files"] = [{**f, "id": str(f["id"])} for f in self.files]
         return json.loads(json.dumps(out, default=_json_default))
 
+    def credit_text(self) -> str:
+        """One line: whose data the potential was trained on, e.g. "trained on alice's data set 'Cu-bulk'
+        (40 frames, CC-BY-4.0) and bob's data set 'S8' (30 frames, CC-BY-4.0)"."""
+        return credit_text(self.credit)
+
     # -- display ---------------------------------------------------------------------------------------
     def _summary_rows(self) -> list[tuple[str, str]]:
         created = self.created.strftime("%Y-%m-%d %H:%M UTC") if self.created else "-"
@@ -155,6 +164,11 @@ class ModelRecord:
                 ("architecture", _architecture_text(self.architecture, self.symmetry_functions)),
                 ("training frames", "-" if n is None else str(n)),
                 ("created", created)]
+        if self.owner:
+            shared = self.visibility + (f" ({self.group})" if self.group else "")
+            rows.append(("owner", f"{self.owner}, {shared}"))
+        if self.credit:
+            rows.append(("credit", self.credit_text()))
         if self.calibration:
             scale = ", ".join(f"{e} x{float(v):.3g}" for e, v in self.calibration.get("force_scale", {}).items())
             rows.append(("force calibration", f"{scale} (on {self.calibration.get('n_frames', '?')} "
@@ -208,6 +222,28 @@ class ModelStore:
         self.database = database
         self.collection = database.mongo[COLLECTION]
         self.bucket = gridfs.GridFSBucket(database.mongo, bucket_name=BUCKET)
+        self._buckets: dict[str, gridfs.GridFSBucket] = {database.mongo.name: self.bucket}
+
+    def _bucket_of(self, doc: dict[str, Any]) -> gridfs.GridFSBucket:
+        name = doc.get("_db") or self.database.mongo.name
+        if name not in self._buckets:
+            self._buckets[name] = gridfs.GridFSBucket(self.database.client[name], bucket_name=BUCKET)
+        return self._buckets[name]
+
+    def _visible(self) -> list[tuple[Any, Any]]:
+        """(area, models collection) of every database the caller may read (see ``Database.areas``)."""
+        return [(area, mdb[COLLECTION]) for area, mdb in self.database._each_area()]
+
+    def _found(self, area: Any, collection: Any, q: dict[str, Any], projection: Any = None,
+               **kwargs: Any) -> list[dict[str, Any]]:
+        docs = list(collection.find(q, projection, **kwargs))
+        for d in docs:
+            d["_db"] = collection.database.name
+            if self.database.managed:
+                area.stamp(d)
+            else:
+                d.setdefault("owner", self.database.user)
+        return docs
 
     def __repr__(self) -> str:
         return f"<mlmd_lab ModelStore of {self.database!r}>"
@@ -220,7 +256,8 @@ class ModelStore:
 
     # -- save --------------------------------------------------------------------------------------------
     def save(self, model: HDNNP | Ensemble, name: str, *, description: str = "", tags: Iterable[str] = (),
-             metadata: dict[str, Any] | None = None) -> ModelRecord:
+             metadata: dict[str, Any] | None = None, visibility: str = "private",
+             group: str | None = None) -> ModelRecord:
         """Store a potential or ensemble as the next version of ``name``.
 
         Args:
@@ -230,14 +267,31 @@ class ModelStore:
             tags: labels to find the model by.
             metadata: provenance merged over ``model.metadata`` (training query, frame ids, settings
                 signatures, errors as {"validation": {"energy_rmse": eV/atom, "force_rmse": eV/Å}}, config).
+            visibility: "private" (default), "group" (the members of ``group`` read it) or "public" (everyone
+                reads it; nobody changes or deletes it).
+            group: the group for ``visibility="group"`` (default: your only group).
+
+        The model records whose data it was trained on (``provenance["credit"]``: owners, data sets,
+        licences, frame counts; frame ids in ``provenance["frame_ids"]``). Saving is refused when a data
+        set's licence forbids derived works (``-ND``) and the data is not the saver's own; a non-commercial
+        licence (``-NC``) is recorded and warned about.
 
         Returns:
             the :class:`ModelRecord` of the new version.
         """
+        from mlmd_lab.db.access import VISIBILITIES
+
         members, kind = _members_of(model)
         name = _check_name(name)
+        if visibility not in VISIBILITIES:
+            raise MLMDError(f"visibility {visibility!r} is not one of {', '.join(VISIBILITIES)}")
         provenance = {**dict(getattr(model, "metadata", None) or {}), **dict(metadata or {})}
+        credit = _check_licences(provenance.get("credit") or [], self.database.user, name)
+        target = self._target(visibility, group)
         doc = _describe(members, kind, name, description, list(tags))
+        doc.update(owner=self.database.user, visibility=visibility, credit=_bson_safe(credit, "credit"))
+        if visibility == "group" and not self.database.managed:
+            doc["group"] = group
         safe = _bson_safe(provenance, "provenance")
         big = _bson_size(safe) > PROVENANCE_INLINE_LIMIT
         doc["provenance"] = _abridged(safe) if big else safe
@@ -247,19 +301,40 @@ class ModelStore:
         doc["calibration"] = None if calibration is None else _bson_safe(calibration, "calibration")
         _check_bson(doc, name)
         uploaded: list[ObjectId] = []
+        store = self if target is None else _TargetStore(self, target)
         try:
-            self.ensure_indexes()
-            doc["files"] = self._upload_model(members, kind, name, uploaded)
+            store.ensure_indexes()
+            doc["files"] = store._upload_model(members, kind, name, uploaded)
             if big:
-                doc["provenance_file"] = self._upload(name, "provenance.json", _provenance_json(safe), uploaded)
-            self._insert_next_version(doc)
+                doc["provenance_file"] = store._upload(name, "provenance.json", _provenance_json(safe), uploaded)
+            store._insert_next_version(doc)
         except BaseException as err:
-            self._delete_files(uploaded)
+            store._delete_files(uploaded)
             if isinstance(err, PyMongoError):
                 raise DatabaseError(f"saving model {name!r} failed ({type(err).__name__}: {err}); nothing was "
                                     "stored") from err
             raise
+        if self.database.managed:
+            doc["_db"] = store.collection.database.name
+            from mlmd_lab.db.access import parse_area
+
+            parse_area(doc["_db"], self.database.user).stamp(doc)
         return ModelRecord.from_document(doc, provenance=_restore(safe))
+
+    def _target(self, visibility: str, group: str | None) -> Any:
+        """The database a new model goes to (None: this database)."""
+        if not self.database.managed or visibility == "private":
+            return None
+        from mlmd_lab.db.access import group_db, public_db
+
+        if visibility == "group":
+            return self.database.client[group_db(self.database._my_group(group), self.database.user)]
+        return self.database.client[public_db(self.database.user)]
+
+    def show(self, name: str, version: int | None = None) -> ModelRecord:
+        """The record of ``name`` for display (``print`` it, or the notebook shows it as a table), with
+        whose data it was trained on."""
+        return self.record(name, version)
 
     def _upload_model(self, members: list[HDNNP], kind: str, name: str, uploaded: list[ObjectId]) -> list[dict]:
         files = []
@@ -313,17 +388,20 @@ class ModelStore:
             q.update(elements_filter(elements, exclusive))
         if tags:
             q.setdefault("$and", []).extend({"tags": t} for t in tags)
-        docs = list(self.collection.find(q).sort([("name", ASCENDING), ("version", ASCENDING)]))
+        docs = [d for area, coll in self._visible() for d in self._found(area, coll, q)]
+        docs.sort(key=lambda d: (d["name"], d["version"]))
         if latest_only:
             newest = {d["name"]: d for d in docs}  # ascending versions: the last one of each name wins
             docs = [newest[n] for n in sorted(newest)]
         return [self._record(d) for d in docs]
 
     def names(self) -> dict[str, list[int]]:
-        """{name: [versions]} of every saved model."""
+        """{name: [versions]} of every model the caller may see."""
         out: dict[str, list[int]] = {}
-        for d in self.collection.find({}, {"name": 1, "version": 1}).sort([("name", 1), ("version", 1)]):
-            out.setdefault(d["name"], []).append(d["version"])
+        docs = [d for area, coll in self._visible() for d in self._found(area, coll, {}, {"name": 1, "version": 1})]
+        for d in sorted(docs, key=lambda d: (d["name"], d["version"])):
+            if d["version"] not in out.setdefault(d["name"], []):
+                out[d["name"]].append(d["version"])
         return out
 
     def record(self, name: str, version: int | None = None) -> ModelRecord:
@@ -372,22 +450,32 @@ class ModelStore:
 
     # -- delete ------------------------------------------------------------------------------------------
     def delete(self, name: str, version: int) -> None:
-        """Remove one saved version (its document, then its files)."""
+        """Remove one saved version (its document, then its files). Published models cannot be deleted."""
         doc = self._document(name, version)
-        self.collection.delete_one({"_id": doc["_id"]})
+        if doc.get("_db", self.database.mongo.name) != self.database.mongo.name and doc.get("visibility") == "public":
+            raise MLMDError(f"model {name!r} v{version} is published: published models are never deleted (an "
+                            "administrator can retract them)")
+        coll = self.database.client[doc.get("_db", self.database.mongo.name)][COLLECTION]
+        coll.delete_one({"_id": doc["_id"]})
         ids = [f["id"] for f in doc.get("files", [])]
         if doc.get("provenance_file"):
             ids.append(doc["provenance_file"]["id"])
-        self._delete_files(ids)
+        bucket = self._bucket_of(doc)
+        for file_id in ids:
+            try:
+                bucket.delete(file_id)
+            except (gridfs.errors.NoFile, PyMongoError):
+                pass
 
     # -- internals ---------------------------------------------------------------------------------------
     def _document(self, name: str, version: int | None) -> dict[str, Any]:
         q: dict[str, Any] = {"name": name}
         if version is not None:
             q["version"] = int(version)
-        doc = self.collection.find_one(q, sort=[("version", DESCENDING)])
-        if doc is not None:
-            return doc
+        for area, coll in self._visible():  # own databases first: your own model of a name wins
+            docs = self._found(area, coll, q, sort=[("version", DESCENDING)], limit=1)
+            if docs:
+                return docs[0]
         known = self.names()
         if name in known:
             raise MLMDError(f"model {name!r} has no version {version}; saved versions: "
@@ -398,21 +486,24 @@ class ModelStore:
     def _record(self, doc: dict[str, Any]) -> ModelRecord:
         provenance = None
         if doc.get("provenance_file"):
-            data = self._download(doc["name"], doc["version"], doc["provenance_file"])
+            data = self._download(doc["name"], doc["version"], doc["provenance_file"], self._bucket_of(doc))
             provenance = _restore(json.loads(data))
-        return ModelRecord.from_document(doc, provenance)
+        record = ModelRecord.from_document(doc, provenance)
+        record._db = doc.get("_db")  # type: ignore[attr-defined]
+        return record
 
     def _write_files(self, record: ModelRecord, folder: Path) -> None:
+        bucket = self._bucket_of({"_db": getattr(record, "_db", None)})
         for entry in record.files:
-            data = self._download(record.name, record.version, entry)
+            data = self._download(record.name, record.version, entry, bucket)
             target = folder / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
 
-    def _download(self, name: str, version: int, entry: dict[str, Any]) -> bytes:
+    def _download(self, name: str, version: int, entry: dict[str, Any], bucket: Any = None) -> bytes:
         where = f"file {entry['path']!r} of model {name!r} v{version}"
         try:
-            data = self.bucket.open_download_stream(entry["id"]).read()
+            data = (bucket or self.bucket).open_download_stream(entry["id"]).read()
         except gridfs.errors.NoFile:
             raise DatabaseError(f"{where} is missing from GridFS bucket {BUCKET!r}; the model is damaged: "
                                 "delete this version and save it again") from None
@@ -430,6 +521,48 @@ class ModelStore:
                 self.bucket.delete(file_id)
             except (gridfs.errors.NoFile, PyMongoError):
                 pass  # best effort: an orphaned file is harmless, a masked original error is not
+
+
+class _TargetStore(ModelStore):
+    """The writing half of a :class:`ModelStore` on another database (group-shared or published)."""
+
+    def __init__(self, parent: ModelStore, mongo: Any) -> None:
+        self.database = parent.database
+        self.collection = mongo[COLLECTION]
+        self.bucket = gridfs.GridFSBucket(mongo, bucket_name=BUCKET)
+        self._buckets = {mongo.name: self.bucket}
+
+
+def credit_text(credit: list[dict[str, Any]]) -> str:
+    """ "trained on alice's data set 'Cu' (40 frames, CC-BY-4.0) and bob's data set 'S' (30 frames, CC0-1.0)"."""
+    if not credit:
+        return "no data-set record"
+    parts = []
+    for c in credit:
+        who = f"{c['owner']}'s" if c.get("owner") else "unrecorded"
+        what = f"data set {c['dataset']!r}" if c.get("dataset") else "data"
+        parts.append(f"{who} {what} ({c.get('frames', '?')} frames, {c.get('licence') or 'licence unknown'})")
+    return "trained on " + (", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0])
+
+
+def _check_licences(credit: list[dict[str, Any]], user: str, name: str) -> list[dict[str, Any]]:
+    """Refuse a model derived from someone else's no-derivatives data; warn about non-commercial data."""
+    import warnings
+
+    from mlmd_lab.db.access import LICENCES
+
+    forbidden = [c for c in credit if c.get("owner") not in (None, user)
+                 and not LICENCES.get(c.get("licence") or "", {}).get("derive", True)]
+    if forbidden:
+        what = ", ".join(f"{c['owner']}'s {c.get('dataset')!r} ({c['licence']})" for c in forbidden)
+        raise MLMDError(f"model {name!r} was trained on {what}: that licence forbids derived works such as a "
+                        "potential; train without that data set, or ask its owner for a licence that allows it")
+    restricted = [c for c in credit if c.get("owner") not in (None, user)
+                  and not LICENCES.get(c.get("licence") or "", {}).get("commercial", True)]
+    if restricted:
+        what = ", ".join(f"{c['owner']}'s {c.get('dataset')!r} ({c['licence']})" for c in restricted)
+        warnings.warn(f"MODEL {name!r} IS FOR NON-COMMERCIAL USE ONLY: it was trained on {what}", stacklevel=3)
+    return credit
 
 
 # -- describing a model -------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ data folder, all guarded by one inter-process lock (``server.lock``):
 ``ensure_running()`` reuses a live server or starts one; ``release()`` drops this process's lease and stops
 the server when no live client remains (leases of dead processes are pruned, so a killed kernel does not
 keep the server alive forever). ``pin()`` keeps a server running with no clients (``mlmd-lab server start``).
+
+A shared database with accounts (:func:`start` with ``auth=True``): the first start creates the
+administrator ``root`` with a random password, kept in ``admin.secret`` (mode 0600) in the data folder,
+while the server listens on 127.0.0.1 only and holds no data; from then on the data folder is only ever
+served with ``--auth``, and ``connect()`` without a URI refuses it.
 """
 
 from __future__ import annotations
@@ -59,18 +64,28 @@ class ServerInfo:
     host: str
     port: int
     started: float
+    auth: bool = False
+    bind: str = "127.0.0.1"
 
     @property
     def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+        host = "127.0.0.1" if self.bind in ("127.0.0.1", "0.0.0.0", "") else self.bind
+        return f"mongodb://{host}:{self.port}/?directConnection=true"
 
 
 class EmbeddedServer:
     """The embedded server of one data folder (see module docstring for the sharing protocol)."""
 
-    def __init__(self, data_dir: str | os.PathLike | None = None, cache_size: str | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike | None = None, cache_size: str | None = None, *,
+                 auth: bool = False, port: int | None = None, host: str = "127.0.0.1",
+                 tls: dict[str, str] | None = None) -> None:
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
         self.cache_size = cache_size or os.environ.get("MLMD_DB_CACHE_SIZE", "256M")
+        self.auth = auth
+        self.port = port
+        self.host = host
+        self.tls = dict(tls or {})
+        self.secret_file = self.data_dir / "admin.secret"
         self.storage = self.data_dir / "mongodb"
         self.state_file = self.data_dir / "server.json"
         self.log_file = self.data_dir / "server.log"
@@ -86,6 +101,8 @@ class EmbeddedServer:
             info = self._live_info()
             if info is None:
                 info = self._start()
+            elif info.auth != self.auth:
+                raise DatabaseError(self._auth_mismatch(info.auth))
             if register:
                 self._register()
             return info
@@ -157,9 +174,29 @@ class EmbeddedServer:
     def _read_state(self) -> ServerInfo | None:
         try:
             data = json.loads(self.state_file.read_text())
-            return ServerInfo(int(data["pid"]), str(data["host"]), int(data["port"]), float(data["started"]))
+            return ServerInfo(int(data["pid"]), str(data["host"]), int(data["port"]), float(data["started"]),
+                              bool(data.get("auth", False)), str(data.get("bind", "127.0.0.1")))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def _auth_mismatch(self, running_auth: bool) -> str:
+        if running_auth or self.secret_file.exists():
+            return (f"the database in {self.data_dir} has accounts (authentication on): connect with your URI, "
+                    "connect('mongodb://USER:PASSWORD@HOST:PORT/?authSource=admin') or MLMD_MONGODB_URI; the "
+                    "administrator starts it with mlmd_lab.db.server.start(data_dir)")
+        return (f"the database in {self.data_dir} runs without authentication; stop it first "
+                "(mlmd-lab server stop) to start it with accounts")
+
+    def admin_uri(self, info: ServerInfo) -> str:
+        """The administrator's URI of a server started with accounts (password from ``admin.secret``)."""
+        from urllib.parse import quote_plus
+
+        password = self.secret_file.read_text().strip()
+        base = info.uri.replace("mongodb://", f"mongodb://root:{quote_plus(password)}@", 1)
+        extra = "&tls=true&tlsAllowInvalidHostnames=true" if self.tls else ""
+        if self.tls.get("ca"):
+            extra += f"&tlsCAFile={quote_plus(self.tls['ca'])}"
+        return base + "&authSource=admin" + extra
 
     def _live_info(self) -> ServerInfo | None:
         info = self._read_state()
@@ -171,35 +208,67 @@ class EmbeddedServer:
                 "use it from there, give this host its own MLMD_DATA_DIR, or connect to a shared MongoDB "
                 "with connect('mongodb://...')"
             )
-        if _is_server_process(info) and _port_open(info.port):
+        if _is_server_process(info) and _port_open(info.port, info.bind):
             return info
         self.state_file.unlink(missing_ok=True)
         return None
 
     def _start(self) -> ServerInfo:
+        if self.secret_file.exists() and not self.auth:
+            raise DatabaseError(self._auth_mismatch(True))
+        if self.auth and not self.secret_file.exists():
+            if any(self.storage.iterdir()):
+                raise DatabaseError(
+                    f"{self.data_dir} already holds a database without accounts; start the shared database in a "
+                    "new, empty folder and ingest or copy the data into it as its users")
+            self._create_administrator()
+        return self._launch(self.auth, self.host, self.port)
+
+    def _create_administrator(self) -> None:
+        """Create ``root`` on a fresh, empty storage (server on 127.0.0.1 without auth, then stopped)."""
+        import secrets
+
+        from pymongo import MongoClient
+
+        info = self._launch(False, "127.0.0.1", None)
+        password = secrets.token_urlsafe(24)
+        try:
+            client: MongoClient = MongoClient(info.uri, serverSelectionTimeoutMS=20000)
+            client.admin.command("createUser", "root", pwd=password, roles=["root"])
+            client.close()
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(password + "\n")
+        finally:
+            self._stop_locked()
+
+    def _launch(self, auth: bool, host: str, fixed_port: int | None) -> ServerInfo:
         config = self.data_dir / "secantusd.toml"
         if not config.exists():  # an explicit (empty) config stops secantus reading ~/.secantus/*.toml
             config.write_text("# mlmd_lab passes every setting on the command line\n")
         last_error = ""
-        for _attempt in range(3):
-            port = _free_port()
+        for _attempt in range(1 if fixed_port else 3):
+            port = fixed_port or _free_port()
             cmd = [
-                sys.executable, "-c", _LAUNCH, "--config", str(config), "--host", "127.0.0.1",
+                sys.executable, "-c", _LAUNCH, "--config", str(config), "--host", host,
                 "--port", str(port), "--storage-path", str(self.storage), "--log-level", "WARNING",
                 "--standalone", "--cache-size", self.cache_size,
-            ]
+            ] + (["--auth"] if auth else [])
+            for flag, key in (("--tls-cert-file", "cert"), ("--tls-key-file", "key"), ("--tls-ca-file", "ca")):
+                if self.tls.get(key):
+                    cmd += [flag, str(self.tls[key])]
             with open(self.log_file, "ab") as log:
                 proc = subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, close_fds=True,
                 )
-            info = ServerInfo(proc.pid, socket.gethostname(), port, psutil.Process(proc.pid).create_time())
+            info = ServerInfo(proc.pid, socket.gethostname(), port, psutil.Process(proc.pid).create_time(), auth, host)
             deadline = time.monotonic() + STARTUP_TIMEOUT_S
             while time.monotonic() < deadline:
                 if proc.poll() is not None:
                     last_error = _tail(self.log_file)
                     break
-                if _port_open(port):
+                if _port_open(port, host):
                     self.state_file.write_text(json.dumps(info.__dict__))
                     return info
                 time.sleep(0.05)
@@ -248,6 +317,61 @@ class EmbeddedServer:
         return True
 
 
+class ServerHandle:
+    """A running embedded server with accounts (from :func:`start`): ``.uri`` (the administrator's, shown
+    redacted) and ``.stop()``."""
+
+    def __init__(self, server: EmbeddedServer, info: ServerInfo) -> None:
+        from mlmd_lab.db.access import SecretURI
+
+        self.server = server
+        self.info = info
+        self.port = info.port
+        self.uri = SecretURI(server.admin_uri(info)) if server.auth else SecretURI(info.uri)
+
+    def __repr__(self) -> str:
+        auth = "accounts on" if self.server.auth else "no accounts"
+        return f"<mlmd_lab embedded server {self.info.bind}:{self.port} ({auth}), data in {self.server.data_dir}>"
+
+    def stop(self) -> bool:
+        """Stop the server (every client loses its connection)."""
+        return self.server.stop()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start(data_dir: str | os.PathLike, port: int | None = None, auth: bool = True, *, host: str = "127.0.0.1",
+          tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None) -> ServerHandle:
+    """Start (or reuse) the embedded server of ``data_dir`` and keep it running until ``.stop()``.
+
+    Args:
+        data_dir: its data folder (the database files, ``server.json``, ``admin.secret``).
+        port: TCP port (None: a free one).
+        auth: accounts on (SCRAM): every client needs a user's URI; ``.uri`` is the administrator's.
+            A folder once started with accounts is never served without them.
+        host: address to listen on; anything but 127.0.0.1 needs TLS (``tls_cert``/``tls_key``), so that
+            passwords never cross a network in the clear.
+        tls_cert, tls_key, tls_ca: PEM files for TLS.
+
+    Returns:
+        a :class:`ServerHandle`.
+    """
+    if host not in ("127.0.0.1", "localhost") and not (tls_cert and tls_key):
+        raise DatabaseError(f"listening on {host!r} sends passwords over the network: give tls_cert= and tls_key= "
+                            "(PEM files), or keep host='127.0.0.1'")
+    tls = {k: v for k, v in (("cert", tls_cert), ("key", tls_key), ("ca", tls_ca)) if v}
+    server = EmbeddedServer(data_dir, auth=auth, port=port, host=host, tls=tls)
+    info = server.pin()
+    if port is not None and info.port != port:
+        raise DatabaseError(f"the server of {server.data_dir} already runs on port {info.port}, not {port}; stop it "
+                            "first to move it")
+    return ServerHandle(server, info)
+
+
 def _is_server_process(info: ServerInfo) -> bool:
     """True if ``info.pid`` is still the process we started (guards against pid reuse)."""
     try:
@@ -257,10 +381,11 @@ def _is_server_process(info: ServerInfo) -> bool:
         return False
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    host = "127.0.0.1" if host in ("0.0.0.0", "localhost", "") else host
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+        return sock.connect_ex((host, port)) == 0
 
 
 def _free_port() -> int:

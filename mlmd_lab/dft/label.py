@@ -215,7 +215,9 @@ def _ingest(db, ledger, key: str, recipe: Recipe, atoms: Atoms, outcome: dict, w
         if not (target.is_file() and target.stat().st_size == len(data)):
             atomic_write_bytes(target, data)
     output = folder / outcome["output"]
-    result = db.ingest(output, settings=ingest_settings(output), tags=tags, progress=False)
+    # one data set per labelling folder (the name it is shared, published and credited by)
+    result = db.ingest(output, settings=ingest_settings(output), tags=tags, progress=False,
+                       dataset=Path(workdir).resolve().name)
     if result.failed:
         raise MLMDError(f"labelled output {output} could not be ingested: {result.failed}")
     frame_ids = [d["_id"] for d in db.frames_collection.find({"source_path": str(output)}, {"_id": 1})]

@@ -809,6 +809,7 @@ class Trainer:
             "query": _jsonable(self.query),
             "frame_ids": {name: getattr(self.split, name).ids for name in ("train", "validation", "test")},
             "signatures": self.frames.signatures(),
+            "credit": self.frames.credit() if hasattr(self.frames, "credit") else [],
             "energy_offsets": None if self.energy_offsets is None else self.energy_offsets.to_dict(),
             "config": self.config.to_dict(),
             "energy_scale": self._state.get("energy_scale"),
