@@ -111,7 +111,7 @@ def test_other_users_cannot_read_private_data_by_api_or_raw_pymongo(hub):
     assert carol.count() == 0 and carol.summary().frames == 0 and carol.datasets() == []
     assert carol.calculations() == [] and carol.models.names() == {}
     client = raw(hub["uris"]["carol"])
-    for db in ("mlmd_u_alice", "mlmd_g_lab_alice", "mlmd_e_alice"):
+    for db in ("mlmd_u_alice", "mlmd_g_lab_alice", "mlmd_e_alice", "mlmd", "admin", "config", "local"):
         for name in COLLECTIONS:
             coll = client[db][name]
             refused(lambda coll=coll: coll.find({}))
@@ -333,8 +333,9 @@ def test_passwords_appear_in_no_repr_message_log_or_file(hub, tmp_path, caplog, 
     caplog.set_level(logging.DEBUG)
     admin, handle = hub["admin"], hub["handle"]
     uri = admin.users.create("erin", "erin-Secret-pw-55", groups=["lab"])
+    erin = mlmd_lab.connect(uri)
     texts = [repr(uri), uri._repr_html_(), repr(handle), repr(handle.uri), repr(admin), str(admin.users.list()),
-             repr(mlmd_lab.connect(uri)), f"{uri!r}"]
+             repr(erin), repr(erin.uri), f"{uri!r}", repr(erin.models), str(erin.datasets())]
     for bad in (lambda: admin.users.create("erin", "erin-Secret-pw-55"),
                 lambda: admin.users.create("frank", "short"),
                 lambda: admin.users.create("Bad Name", "long-enough-password"),

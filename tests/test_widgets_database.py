@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,10 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
 from pymongo import MongoClient
+from test_db_access import PASSWORDS, emt_file
 
+import mlmd_lab
+from mlmd_lab.db import server
 from mlmd_lab.db.store import Database
 from mlmd_lab.demo import bundled_example
 from mlmd_lab.errors import MLMDError
@@ -287,3 +292,117 @@ def test_database_browser_in_jupyterlab(run_notebook, filled):
     page.locator(".mlmd-db-status", has_text="handed 29 frames (788 atoms) to Python").wait_for(timeout=60_000)
     nb.screenshot("selection-handed-over")
     nb.assert_no_console_errors()
+
+
+# -- with accounts: what the server lets each user read -------------------------------------------------------
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory):
+    """An embedded server with accounts: alice and bob in group 'lab', carol alone.
+
+    alice's data sets: 'cu-private' (4 Cu frames, private), 'cu-group' (3 Cu, group 'lab'), 'al-public' (5 Al,
+    public, CC0-1.0), 'ni-released' (2 Ni, published after an embargo: in her embargo and public databases),
+    'ni-later' (2 Ni, embargoed for 30 days). bob's: 'al-bob' (2 Al, private).
+    """
+    handle = server.start(tmp_path_factory.mktemp("widget-accounts"), auth=True)
+    files = tmp_path_factory.mktemp("widget-accounts-files")
+    emt = {"settings": {"code": "emt", "xc": "EMT"}, "progress": False}
+    try:
+        admin = mlmd_lab.connect(handle.uri)
+        uris = {name: admin.users.create(name, PASSWORDS[name], groups=groups)
+                for name, groups in (("alice", ["lab"]), ("bob", ["lab"]), ("carol", []))}
+        alice = mlmd_lab.connect(uris["alice"])
+        alice.ingest(emt_file(files / "a.xyz", "Cu", 4, 1), dataset="cu-private", **emt)
+        alice.ingest(emt_file(files / "b.xyz", "Cu", 3, 2), dataset="cu-group", visibility="group", **emt)
+        alice.ingest(emt_file(files / "c.xyz", "Al", 5, 3), dataset="al-public", visibility="public",
+                     licence="CC0-1.0", **emt)
+        soon = datetime.now(UTC) + timedelta(seconds=2)
+        alice.ingest(emt_file(files / "d.xyz", "Ni", 2, 4), dataset="ni-released", visibility="public",
+                     embargo_until=soon, **emt)
+        alice.ingest(emt_file(files / "e.xyz", "Ni", 2, 5), dataset="ni-later", visibility="public",
+                     embargo_until=datetime.now(UTC) + timedelta(days=30), **emt)
+        mlmd_lab.connect(uris["bob"]).ingest(emt_file(files / "f.xyz", "Al", 2, 6), dataset="al-bob", **emt)
+        time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.3)
+        assert admin.release_all_embargoes() == 2
+        yield {name: mlmd_lab.connect(uri) for name, uri in uris.items()}
+    finally:
+        handle.stop()
+
+
+def _all_rows(browser: DatabaseBrowser) -> list[dict]:
+    rows = []
+    for page in range(browser.n_pages):
+        browser.go_to_page(page)
+        rows += browser.rows
+    return rows
+
+
+def _page_with(browser: DatabaseBrowser, dataset: str) -> int:
+    """Go to the first page with a row of ``dataset``; returns that row's index on the page."""
+    for page in range(browser.n_pages):
+        browser.go_to_page(page)
+        for i, row in enumerate(browser.rows):
+            if row["dataset"] == dataset:
+                return i
+    raise AssertionError(f"no row of {dataset!r}")
+
+
+@pytest.mark.xdist_group("widget_accounts")
+def test_other_users_see_public_rows_only(accounts):
+    browser = DatabaseBrowser(accounts["carol"], page_size=3)
+    assert sorted(browser.element_buttons) == ["Al", "Ni"]  # alice's private and group Cu are not even offered
+    assert "7 labelled frames" in browser.header.value and "as carol" in browser.header.value
+    browser.search()
+    rows = _all_rows(browser)
+    assert browser.count == 7 and len(rows) == 7 and len({r["id"] for r in rows}) == 7
+    assert {r["id"] for r in rows} == set(accounts["carol"].frames().ids)
+    assert {(r["owner"], r["dataset"], r["visibility"]) for r in rows} == {
+        ("alice", "al-public", "public"), ("alice", "ni-released", "public")}
+    assert {r["licence"] for r in rows if r["dataset"] == "al-public"} == {"CC0-1.0"}
+    assert sum(browser._formula_bars.y) == 7 and sum(browser._histogram_bars.y) == 7
+    index = _page_with(browser, "al-public")
+    line = browser.table.options[index][0]
+    assert "alice" in line and "public" in line and "CC0-1.0" in line
+    browser.show_row(index)
+    assert browser.frame.info["owner"] == "alice" and browser.frame.get_chemical_formula() == "Al4"
+    for text in ("<th>owner</th><td>alice", "<td>al-public</td>", "<td>CC0-1.0</td>", "<td>public</td>"):
+        assert text in browser.details.value, text
+    browser.element_buttons["Al"].value = True
+    browser.search()
+    assert browser.count == 5 and {r["dataset"] for r in browser.rows} == {"al-public"}
+
+
+@pytest.mark.xdist_group("widget_accounts")
+def test_group_members_see_group_rows_of_their_owner(accounts):
+    bob = accounts["bob"]
+    browser = DatabaseBrowser(bob, page_size=4)
+    assert sorted(browser.element_buttons) == ["Al", "Cu", "Ni"]
+    browser.search()
+    rows = _all_rows(browser)  # pages cross from bob's own database into alice's group and public ones
+    assert browser.count == 12 and browser.n_pages == 3 and len({r["id"] for r in rows}) == 12
+    assert {r["id"] for r in rows} == set(bob.frames().ids)
+    assert [r["owner"] for r in rows[:2]] == ["bob", "bob"]  # own data first
+    group = [r for r in rows if r["visibility"] == "group"]
+    assert len(group) == 3 and {(r["owner"], r["dataset"], r["group"]) for r in group} == {("alice", "cu-group", "lab")}
+    assert "cu-private" not in {r["dataset"] for r in rows} and "ni-later" not in {r["dataset"] for r in rows}
+    browser.element_buttons["Cu"].value = True
+    browser.search()
+    assert browser.count == 3 and "group:lab" in browser.table.options[0][0]
+    browser.table.value = 0
+    assert browser.frame.info["owner"] == "alice" and "<td>group:lab</td>" in browser.details.value
+
+
+@pytest.mark.xdist_group("widget_accounts")
+def test_owner_sees_everything_once_and_embargoed_rows_marked(accounts):
+    alice = accounts["alice"]
+    browser = DatabaseBrowser(alice, page_size=5)
+    browser.search()
+    rows = _all_rows(browser)
+    assert browser.count == 16 and len({r["id"] for r in rows}) == 16  # the released Ni set only once
+    assert {r["id"] for r in rows} == set(alice.frames().ids) and {r["owner"] for r in rows} == {"alice"}
+    later = [r for r in rows if r["dataset"] == "ni-later"]
+    assert len(later) == 2 and all(r["embargoed"] for r in later)
+    browser.formula.value = "Ni"
+    browser.search()
+    assert browser.count == 4 and sum("embargoed" in text for text, _ in browser.table.options) == 2
+    browser.show_row(_page_with(browser, "ni-later"))
+    assert ", embargoed until " in browser.details.value

@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from pymongo import MongoClient
+from test_db_access import PASSWORDS
 
+import mlmd_lab
+from mlmd_lab.db import server
 from mlmd_lab.db.store import Database
 from mlmd_lab.potentials import HDNNP
 from mlmd_lab.widgets import ModelBrowser
@@ -164,3 +167,48 @@ def test_model_browser_in_jupyterlab(run_notebook, db, saved):
     page.locator(".mlmd-model-status", has_text="loaded cu-emt v2 (HDNNP; elements Cu").wait_for(timeout=60_000)
     nb.screenshot("loaded")
     nb.assert_no_console_errors()
+
+
+# -- with accounts -------------------------------------------------------------------------------------------
+CREDIT = [{"owner": "alice", "dataset": "cu-public", "licence": "CC-BY-4.0", "frames": 5}]
+
+
+@pytest.fixture(scope="module")
+def accounts(tmp_path_factory):
+    """An embedded server with accounts (alice and bob in group 'lab', carol alone) where alice saved
+    'cu-private' (private), 'cu-group' (group 'lab') and 'cu-public' (public, credited to her data set)."""
+    handle = server.start(tmp_path_factory.mktemp("model-accounts"), auth=True)
+    try:
+        admin = mlmd_lab.connect(handle.uri)
+        uris = {name: admin.users.create(name, PASSWORDS[name], groups=groups)
+                for name, groups in (("alice", ["lab"]), ("bob", ["lab"]), ("carol", []))}
+        alice = mlmd_lab.connect(uris["alice"])
+        alice.models.save(_model(seed=1), "cu-private")
+        alice.models.save(_model(seed=2), "cu-group", visibility="group")
+        alice.models.save(_model(seed=3), "cu-public", visibility="public", metadata={"credit": CREDIT})
+        yield {name: mlmd_lab.connect(uri) for name, uri in uris.items()}
+    finally:
+        handle.stop()
+
+
+@pytest.mark.xdist_group("model_accounts")
+def test_details_show_owner_visibility_and_credit(accounts):
+    carol = ModelBrowser(accounts["carol"])
+    assert [r.name for r in carol.records] == ["cu-public"]  # alice's private and group models are not listed
+    carol.table.value = 0
+    details = carol.details.value
+    assert "trained on alice&#x27;s data set &#x27;cu-public&#x27; (5 frames, CC-BY-4.0)" in details
+    assert "<th>owner</th><td>alice</td>" in details and "<th>visibility</th><td>public</td>" in details
+
+    bob = ModelBrowser(accounts["bob"])
+    assert [r.name for r in bob.records] == ["cu-group", "cu-public"]
+    bob.table.value = 0
+    details = bob.details.value
+    assert "<th>owner</th><td>alice</td>" in details and "<th>visibility</th><td>group:lab</td>" in details
+    assert "no data-set record" in details  # saved without credit: said so, not left out
+
+    alice = ModelBrowser(accounts["alice"])
+    assert [r.name for r in alice.records] == ["cu-group", "cu-private", "cu-public"]
+    alice.table.value = 1
+    assert "<th>owner</th><td>alice</td>" in alice.details.value
+    assert "<th>visibility</th><td>private</td>" in alice.details.value

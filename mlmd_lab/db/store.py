@@ -142,9 +142,11 @@ class Database:
 
     def __init__(self, client: MongoClient, name: str, *, uri: str, server: EmbeddedServer | None = None,
                  user: str | None = None, managed: bool = False):
+        from mlmd_lab.db.access import SecretURI
+
         self.client = client
         self.name = name
-        self.uri = uri
+        self.uri = SecretURI(uri)  # shown redacted (a notebook cell's value, logs); str() for a connection
         self.server = server
         #: the login (from the server), or the local user name on a database without accounts
         self.user = user or _local_user()

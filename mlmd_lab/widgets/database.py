@@ -13,6 +13,14 @@ columns (no positions or forces); the full frame is read when a row is selected,
 when "Use selection" is pressed. Charts (frames per formula, histogram of energy per atom or max |F|) are computed
 by server-side aggregation and a projection of one scalar per frame.
 
+With accounts (``admin.users.create``) the browser shows exactly what the server lets the caller read: every
+query runs in each readable database (own private, group-shared, embargoed and published data, the caller's
+groups' data, everyone's published data; see :meth:`Database.areas`), own databases first. A search counts the
+matches per database; a page is the ``skip``/``limit`` window of the databases' results in that order, and a
+selected row is read from the database it came from. Owner, visibility and group come from where a frame lives
+(:meth:`Database._stamp`), never from the document. An embargoed data set already released is shown once, from
+its published copy (as :meth:`Database.frames` does). Without accounts there is one database and one query each.
+
 Units: energies eV (per atom in the table), forces eV/Å, lengths Å.
 """
 
@@ -22,17 +30,25 @@ import functools
 import html
 import re
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 import numpy as np
-from pymongo.errors import PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
+from mlmd_lab.db.access import is_unauthorized
 from mlmd_lab.db.documents import frame_from_document
 from mlmd_lab.db.store import Database, redact
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.frameset import FrameSet
 from mlmd_lab.widgets.structure import show_structure, structure_view
+
+if TYPE_CHECKING:
+    from pymongo.database import Database as MongoDatabase
+
+    from mlmd_lab.db.access import Area
 
 #: Dropdown value meaning "no filter on this setting".
 ANY = "__any__"
@@ -40,9 +56,10 @@ ANY = "__any__"
 UNSET = "__unset__"
 #: Columns of the results table: (header, width in characters).
 COLUMNS = (("formula", 12), ("atoms", 5), ("E/atom eV", 10), ("max|F| eV/Å", 11), ("code", 8), ("xc", 7),
-           ("source", 0))
+           ("owner", 8), ("data set", 12), ("visibility", 10), ("licence", 10), ("source", 0))
 #: Frame-document fields a table page reads (a projection: no per-atom arrays).
-ROW_FIELDS = ("formula", "natoms", "energy_per_atom", "max_force", "signature_id", "source_path", "step", "calc_id")
+ROW_FIELDS = ("formula", "natoms", "energy_per_atom", "max_force", "signature_id", "source_path", "step", "calc_id",
+              "owner", "dataset", "visibility", "group", "licence")
 #: Histogram quantities: label -> frame-document field.
 HISTOGRAMS = {"energy/atom (eV)": "energy_per_atom", "max |F| (eV/Å)": "max_force"}
 #: At most this many frames feed a histogram (one float each); the caption says when it was capped.
@@ -95,13 +112,31 @@ def guarded(action: str) -> Callable:
             except MLMDError as err:
                 self._fail(f"{action} failed: {err}")
             except PyMongoError as err:
-                self._fail(f"{action} failed: cannot reach the database at {redact(self.db.uri)} "
-                           f"({type(err).__name__}): check that the server is running, then try again")
+                self._fail(f"{action} failed: {database_error_text(err, self.db.uri)}")
             return None
 
         return run
 
     return wrap
+
+
+def database_error_text(err: PyMongoError, uri: str) -> str:
+    """What a failed database call means for the user: a refused read (access changed) or no server."""
+    if isinstance(err, OperationFailure) and is_unauthorized(err):
+        return ("the server refused a read: your access changed since the last search (e.g. you left a group): "
+                "press Search again")
+    return (f"cannot reach the database at {redact(uri)} ({type(err).__name__}): check that the server is "
+            "running, then try again")
+
+
+@dataclass
+class _Part:
+    """One database a search reads (an area the caller may read): the search's filter there and its matches."""
+
+    area: Area
+    mdb: MongoDatabase
+    filter: dict[str, Any]
+    count: int = 0
 
 
 class DatabaseBrowser(widgets.VBox):
@@ -111,7 +146,8 @@ class DatabaseBrowser(widgets.VBox):
     (Checkbox), ``formula`` (Text), ``code`` and ``xc`` (Dropdowns of the signatures present), ``tags`` (Text,
     comma-separated). Buttons: ``search_button``, ``prev_button``, ``next_button``, ``use_button``.
     Results: ``table`` (Select of the rows of the current page; its value is the row index), ``rows`` (dicts of
-    those rows), ``count`` (frames matching), ``page`` (0-based), ``n_pages``. A selected row is shown in ``view``
+    those rows, with ``owner``, ``dataset``, ``visibility``, ``group``, ``licence`` and the database ``db`` they
+    come from), ``count`` (frames matching), ``page`` (0-based), ``n_pages``. A selected row is shown in ``view``
     (nglview, force arrows) with its settings and provenance in ``details``; ``frame`` is that ASE ``Atoms``.
 
     After "Use selection": ``selection`` is the :class:`FrameSet` of the last search and ``query`` the
@@ -136,7 +172,7 @@ class DatabaseBrowser(widgets.VBox):
         self.count = 0
         self.page = 0
         self._criteria: dict[str, Any] | None = None
-        self._filter: dict[str, Any] | None = None
+        self._parts: list[_Part] | None = None
         self._signatures: dict[str, dict[str, Any]] = {}
         self._build()
         self.refresh()
@@ -207,21 +243,39 @@ class DatabaseBrowser(widgets.VBox):
     @guarded("reading the database")
     def refresh(self) -> None:
         """Re-read what the form offers (elements, codes, functionals present) and the header counts."""
-        base = self.db.frame_query()
-        elements = sorted(e for e in self.db.frames_collection.distinct("elements", base) if e)
-        frames = self.db.frames_collection.count_documents(base)
-        sig_ids = self.db.frames_collection.distinct("signature_id", base)
-        signatures = list(self.db.signatures_collection.find({"_id": {"$in": sig_ids}}))
-        self._signatures.update({s["_id"]: s for s in signatures})
+        parts = [p for p in self._query_parts({}) if p.count]
+        elements = sorted({e for p in parts for e in p.mdb.frames.distinct("elements", p.filter) if e})
+        frames = sum(p.count for p in parts)
+        signatures = self._present_signatures(parts)
         self._set_elements(elements)
         self._set_choices(self.code, [s.get("code") for s in signatures])
         self._set_choices(self.xc, [s.get("xc") for s in signatures])
-        self.header.value = (f"<b>Database {html.escape(self.db.name)}</b>: {frames} labelled frames, "
+        where = f" as {html.escape(self.db.user)}" if self.db.managed else ""
+        self.header.value = (f"<b>Database {html.escape(self.db.name)}</b>{where}: {frames} labelled frames, "
                              f"{len(elements)} elements, {len(signatures)} settings signatures")
         if not frames:
             self._say("the database holds no frames yet: ingest some with db.ingest(path)")
         elif not self.rows:
             self._say("pick elements, a formula or settings (or none for all frames) and press Search")
+
+    def _query_parts(self, criteria: dict[str, Any]) -> list[_Part]:
+        """Each database the caller may read (own first), with the filter of ``criteria`` there and its count."""
+        parts = []
+        for area, mdb in self.db._each_area():
+            filt = self.db._frame_query_in(mdb, **criteria)
+            if area.embargoed:
+                _skip_released(mdb, filt)
+            parts.append(_Part(area, mdb, filt, mdb.frames.count_documents(filt)))
+        return parts
+
+    def _present_signatures(self, parts: list[_Part]) -> list[dict[str, Any]]:
+        """The settings signatures of the frames matched in ``parts`` (each once), also cached for rows."""
+        found: dict[str, dict[str, Any]] = {}
+        for p in parts:
+            ids = [i for i in p.mdb.frames.distinct("signature_id", p.filter) if i not in found]
+            found.update({s["_id"]: s for s in p.mdb.signatures.find({"_id": {"$in": ids}})})
+        self._signatures.update(found)
+        return list(found.values())
 
     def _set_elements(self, elements: list[str]) -> None:
         old = {e for e, b in self.element_buttons.items() if b.value}
@@ -271,9 +325,9 @@ class DatabaseBrowser(widgets.VBox):
         """Run the form's query: count, first page of the table, charts. Bad input shows in ``status``."""
         criteria = self.criteria()
         self._say("searching …")
-        filt = self.db.frame_query(**criteria)
-        self._criteria, self._filter = criteria, filt
-        self.count = self.db.frames_collection.count_documents(filt)
+        parts = self._query_parts(criteria)
+        self._criteria, self._parts = criteria, parts
+        self.count = sum(p.count for p in parts)
         self.use_button.disabled = self.count == 0
         self._load_page(0)
         self._update_charts()
@@ -292,18 +346,16 @@ class DatabaseBrowser(widgets.VBox):
     @guarded("paging")
     def go_to_page(self, page: int) -> None:
         """Show page ``page`` (0-based) of the last search."""
-        if self._filter is None:
+        if self._parts is None:
             self._say("press Search first", error=True)
             return
         self._load_page(min(max(int(page), 0), self.n_pages - 1))
 
     def _load_page(self, page: int) -> None:
-        projection = dict.fromkeys(ROW_FIELDS, 1)
-        cursor = self.db.frames_collection.find(self._filter, projection).skip(page * self.page_size)
-        docs = list(cursor.limit(self.page_size))
-        self._cache_signatures({d.get("signature_id") for d in docs})
+        found = self._page_docs(page * self.page_size, self.page_size)
+        self._cache_signatures(found)
         self.page = page
-        self.rows = [self._row(d) for d in docs]
+        self.rows = [self._row(part, d) for part, d in found]
         self.table.unobserve(self._on_row, names="value")
         self.table.options = [(self._row_text(r), i) for i, r in enumerate(self.rows)]
         self.table.value = None
@@ -312,18 +364,43 @@ class DatabaseBrowser(widgets.VBox):
         self.prev_button.disabled = page <= 0
         self.next_button.disabled = page >= self.n_pages - 1
 
-    def _cache_signatures(self, ids: set[str | None]) -> None:
-        missing = [i for i in ids if i and i not in self._signatures]
-        if missing:
-            found = self.db.signatures_collection.find({"_id": {"$in": missing}})
-            self._signatures.update({s["_id"]: s for s in found})
+    def _page_docs(self, skip: int, limit: int) -> list[tuple[_Part, dict[str, Any]]]:
+        """Rows ``skip`` to ``skip + limit`` of the search: the databases' matches concatenated in area order
+        (a database's count decides whether it is read at all), each with the part it came from."""
+        projection = dict.fromkeys(ROW_FIELDS, 1)
+        out: list[tuple[_Part, dict[str, Any]]] = []
+        for part in self._parts or []:
+            if len(out) >= limit:
+                break
+            if skip >= part.count:
+                skip -= part.count
+                continue
+            cursor = part.mdb.frames.find(part.filter, projection).skip(skip).limit(limit - len(out))
+            out += [(part, d) for d in cursor]
+            skip = 0
+        return out
 
-    def _row(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def _cache_signatures(self, found: list[tuple[_Part, dict[str, Any]]]) -> None:
+        """Read the signatures of a page's rows not cached yet, each from the database its row came from."""
+        missing: dict[int, tuple[_Part, set[str]]] = {}
+        for part, doc in found:
+            sig_id = doc.get("signature_id")
+            if sig_id and sig_id not in self._signatures:
+                missing.setdefault(id(part), (part, set()))[1].add(sig_id)
+        for part, ids in missing.values():
+            self._signatures.update({s["_id"]: s for s in part.mdb.signatures.find({"_id": {"$in": list(ids)}})})
+
+    def _row(self, part: _Part, doc: dict[str, Any]) -> dict[str, Any]:
+        """One table row: the frame's scalars (eV/atom, eV/Å), its settings, and owner, data set, visibility and
+        licence as :meth:`Database._stamp` gives them for the database it lives in."""
+        doc = self.db._stamp(part.area, doc)
         sig = self._signatures.get(doc.get("signature_id")) or {}
         return {"id": doc["_id"], "formula": doc.get("formula", "?"), "natoms": doc.get("natoms"),
                 "energy_per_atom": doc.get("energy_per_atom"), "max_force": doc.get("max_force"),
                 "code": sig.get("code"), "xc": sig.get("xc"), "source": doc.get("source_path"),
-                "step": doc.get("step", 0), "calc_id": doc.get("calc_id")}
+                "step": doc.get("step", 0), "calc_id": doc.get("calc_id"), "owner": doc.get("owner"),
+                "dataset": doc.get("dataset"), "visibility": doc.get("visibility"), "group": doc.get("group"),
+                "licence": doc.get("licence"), "embargoed": part.area.embargoed, "db": part.area.db}
 
     @staticmethod
     def _row_text(row: dict[str, Any]) -> str:
@@ -332,8 +409,10 @@ class DatabaseBrowser(widgets.VBox):
 
         source = row["source"] or "-"
         source = f"{source.replace(chr(92), '/').rsplit('/', 1)[-1]}:{row['step']}"
+        shared = "embargoed" if row.get("embargoed") else visibility_text(row.get("visibility"), row.get("group"))
         cells = [row["formula"], str(row["natoms"]), num(row["energy_per_atom"], ".4f"), num(row["max_force"], ".3f"),
-                 row["code"] or "-", row["xc"] or "-", source]
+                 row["code"] or "-", row["xc"] or "-", row.get("owner") or "-", row.get("dataset") or "-", shared,
+                 row.get("licence") or "-", source]
         return " ".join(pad(c, w, right=i in (1, 2, 3)) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS,
                                                                                                strict=True)))
 
@@ -347,24 +426,36 @@ class DatabaseBrowser(widgets.VBox):
         """Show row ``index`` of the current page: structure with force arrows in ``view``, settings and
         provenance in ``details``; ``frame`` becomes that ``Atoms``."""
         row = self.rows[index]
-        doc = self.db.frames_collection.find_one({"_id": row["id"]})
+        part = next((p for p in self._parts or [] if p.area.db == row["db"]), None)
+        doc = None if part is None else part.mdb.frames.find_one({"_id": row["id"]})
         if doc is None:
-            self._say(f"frame {row['id'][:12]} is no longer in the database (deleted since the search): "
+            self._say(f"frame {row['id'][:12]} is no longer in the database (deleted or moved since the search): "
                       "press Search again", error=True)
             return
+        doc = self.db._stamp(part.area, doc)
         sig = dict(self._signatures.get(doc.get("signature_id")) or {})
         sig.pop("_id", None)
         atoms = frame_from_document(doc, sig)
         arrows = show_structure(self.view, atoms)
-        calc = self.db.calculations_collection.find_one({"_id": doc.get("calc_id")}, {"settings": 0}) or {}
+        calc = part.mdb.calculations.find_one({"_id": doc.get("calc_id")}, {"settings": 0}) or {}
         self.frame = atoms
         self.details.value = frame_details(doc, sig, calc, arrows.scale, arrows.max_force)
 
     # -- charts ---------------------------------------------------------------------------------------------
+    def _formula_counts(self) -> list[dict[str, Any]]:
+        """Frames per reduced formula of the search, summed over the databases, most frequent first."""
+        counts: dict[Any, int] = {}
+        for part in self._parts or []:
+            if not part.count:
+                continue
+            pipeline = [{"$match": part.filter}, {"$group": {"_id": "$formula_reduced", "n": {"$sum": 1}}}]
+            for g in part.mdb.frames.aggregate(pipeline):
+                counts[g["_id"]] = counts.get(g["_id"], 0) + g["n"]
+        ordered = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+        return [{"_id": k, "n": n} for k, n in ordered]
+
     def _update_charts(self) -> None:
-        pipeline = [{"$match": self._filter}, {"$group": {"_id": "$formula_reduced", "n": {"$sum": 1}}},
-                    {"$sort": {"n": -1}}]
-        groups = list(self.db.frames_collection.aggregate(pipeline))
+        groups = self._formula_counts()
         top = groups[:TOP_FORMULAS]
         names = [str(g["_id"]) for g in top]
         if len(groups) > TOP_FORMULAS:
@@ -376,12 +467,10 @@ class DatabaseBrowser(widgets.VBox):
 
     @guarded("histogram")
     def _update_histogram(self) -> None:
-        if self._filter is None:
+        if self._parts is None:
             return
         label = self.histogram_choice.value
-        key = HISTOGRAMS[label]
-        cursor = self.db.frames_collection.find({**self._filter, key: {"$exists": True}}, {key: 1, "_id": 0})
-        values = np.array([d[key] for d in cursor.limit(HISTOGRAM_LIMIT) if d.get(key) is not None], dtype=float)
+        values = np.array(self._histogram_values(HISTOGRAMS[label]), dtype=float)
         if len(values) == 0:
             _set_bars(self._histogram_bars, [], [])
             self.histogram_chart.title = f"{label}: no values"
@@ -392,6 +481,20 @@ class DatabaseBrowser(widgets.VBox):
         capped = f", first {HISTOGRAM_LIMIT}" if len(values) >= HISTOGRAM_LIMIT else ""
         self.histogram_chart.title = f"{label} ({len(values)} frames{capped})"
         self.histogram_chart.axes[0].label = label
+
+    def _histogram_values(self, key: str) -> list[float]:
+        """Field ``key`` (eV/atom or eV/Å) of the search's frames, database after database, at most
+        :data:`HISTOGRAM_LIMIT` values."""
+        values: list[float] = []
+        for part in self._parts or []:
+            room = HISTOGRAM_LIMIT - len(values)
+            if room <= 0:
+                break
+            if not part.count:
+                continue
+            cursor = part.mdb.frames.find({**part.filter, key: {"$exists": True}}, {key: 1, "_id": 0}).limit(room)
+            values += [d[key] for d in cursor if d.get(key) is not None]
+        return values
 
     # -- hand over --------------------------------------------------------------------------------------------
     @guarded("loading the selection")
@@ -478,6 +581,10 @@ def frame_details(doc: dict[str, Any], signature: dict[str, Any], calc: dict[str
             ("cell", f"{lengths} Å, periodic {pbc}")]
     settings = {k: v for k, v in signature.items() if v not in (None, [], {}, "")}
     rows.append(("settings", ", ".join(f"{k}={v}" for k, v in settings.items()) or "not recorded"))
+    rows += [("owner", doc.get("owner") or "-"), ("data set", doc.get("dataset") or "-"),
+             ("visibility", visibility_text(doc.get("visibility"), doc.get("group"))
+              + _embargo_note(doc.get("embargo_until"))),
+             ("licence", doc.get("licence") or "-")]
     rows += [("source", f"{doc.get('source_path') or '-'} (step {doc.get('step', 0)})"),
              ("calculation", f"{str(doc.get('calc_id'))[:16]}… {calc.get('code', '')} "
                              f"{calc.get('code_version') or ''}".strip()),
@@ -490,6 +597,31 @@ def frame_details(doc: dict[str, Any], signature: dict[str, Any], calc: dict[str
         rows.append(("ingested", str(doc["ingested_at"])[:19]))
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
+
+
+def visibility_text(visibility: str | None, group: str | None) -> str:
+    """A visibility as the table shows it: private, public, group:<name>, or "-" when not recorded."""
+    if visibility == "group" and group:
+        return f"group:{group}"
+    return visibility or "-"
+
+
+def _embargo_note(until: Any) -> str:
+    """The visibility's suffix: ", embargoed until <date>" while an embargo lasts, ", embargo ended <date>"
+    after it (dates UTC), "" without one."""
+    if not isinstance(until, datetime):
+        return ""
+    until = until if until.tzinfo else until.replace(tzinfo=UTC)
+    return f", {'embargoed until' if until > datetime.now(UTC) else 'embargo ended'} {until:%Y-%m-%d}"
+
+
+def _skip_released(mdb: MongoDatabase, filt: dict[str, Any]) -> dict[str, Any]:
+    """Leave out of ``filt`` (in place) the embargoed database's data sets already released: their published
+    copy (same frame ids, read first) is the one shown."""
+    released = mdb.released.distinct("_id")
+    if released:
+        filt.setdefault("$and", []).append({"dataset": {"$nin": released}})
+    return filt
 
 
 # -- small widget helpers ------------------------------------------------------------------------------------

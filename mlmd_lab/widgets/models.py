@@ -22,7 +22,7 @@ import ipywidgets as widgets
 from mlmd_lab.db.models import ModelRecord
 from mlmd_lab.db.store import Database
 from mlmd_lab.errors import MLMDError
-from mlmd_lab.widgets.database import _button, _html, guarded, pad, status_html, style_widget
+from mlmd_lab.widgets.database import _button, _html, guarded, pad, status_html, style_widget, visibility_text
 
 #: Columns of the model table: (header, width in characters; 0 = rest of the line).
 COLUMNS = (("name", 18), ("ver", 4), ("elements", 12), ("test E meV/at", 13), ("test F meV/Å", 12),
@@ -177,10 +177,11 @@ def row_text(rec: ModelRecord) -> str:
 
 
 def record_details(rec: ModelRecord) -> str:
-    """HTML of one saved model: summary, RMSE per split, provenance (query, data counts, config, software)."""
+    """HTML of one saved model: summary with owner, visibility and whose data it was trained on (the credit
+    line), RMSE per split, provenance (query, data counts, config, software)."""
     esc = html.escape
-    out = [f"<b>{esc(rec.name)} v{rec.version}</b>"]
-    out.append(_table([(k, v) for k, v in rec._summary_rows()]))
+    out = [f"<b>{esc(rec.name)} v{rec.version}</b>", credit_line(rec)]
+    out.append(_table(sharing_rows(rec) + [(k, v) for k, v in rec._summary_rows() if k not in ("owner", "credit")]))
     errors = [(split, *rec.rmse(split)) for split in ("train", "validation", "test") if split in rec.errors]
     if errors:
         body = "".join(f"<tr><td>{esc(s)}</td><td>{_num(e)}</td><td>{_num(f)}</td></tr>" for s, e, f in errors)
@@ -198,6 +199,16 @@ def record_details(rec: ModelRecord) -> str:
         out.append(f"<b>other provenance</b>{_json_block(other)}")
     out.append("<b>software</b>" + _table(sorted(rec.software.items())))
     return "".join(f"<div>{part}</div>" for part in out)
+
+
+def credit_line(rec: ModelRecord) -> str:
+    """HTML of ``rec.credit_text()``: whose data sets (frames, licence) the model was trained on."""
+    return f"<span class='mlmd-model-credit'>{html.escape(rec.credit_text())}</span>"
+
+
+def sharing_rows(rec: ModelRecord) -> list[tuple[str, str]]:
+    """Rows "owner" and "visibility" (private, public or group:<name>) of a saved model."""
+    return [("owner", rec.owner or "-"), ("visibility", visibility_text(rec.visibility, rec.group))]
 
 
 def data_counts(prov: dict[str, Any]) -> list[tuple[str, str]]:
