@@ -248,6 +248,8 @@ def test_embargoed_data_stays_hidden_until_its_date(hub, tmp_path):
     assert hub["admin"].release_all_embargoes() == 3  # the administrator's daily job
     assert len(carol.frames(dataset="cu-embargo.xyz")) == 3
     assert len(alice.frames(dataset="cu-embargo.xyz")) == 3  # no duplicate for the owner
+    assert alice.count(dataset="cu-embargo.xyz") == 3
+    assert [d["frames"] for d in alice.datasets() if d["dataset"] == "cu-embargo.xyz"] == [3]
     with pytest.raises(MLMDError, match="36 months"):
         alice.publish("cu-private.xyz", embargo_until=datetime.now(UTC) + timedelta(days=4 * 365))
 
@@ -266,6 +268,8 @@ def test_published_data_is_append_only_and_retraction_is_recorded(hub, tmp_path)
     with pytest.raises(MLMDError, match="reason"):
         admin.retract("alice", "cu-pub.xyz", "")
     assert admin.retract("alice", "cu-pub.xyz", "wrong cell") == 2
+    again = alice.ingest(tmp_path / "cu-pub.xyz", settings=EMT_SETTINGS, progress=False)
+    assert again.added == 0 and again.calculations_skipped == 1  # published content is known, not re-added
     record = raw(hub["uris"]["carol"])["mlmd_directory"].retractions.find_one({"dataset": "cu-pub.xyz"})
     assert record["owner"] == "alice" and record["reason"] == "wrong cell" and record["frames"] == 2
     assert len(mlmd_lab.connect(hub["uris"]["carol"]).frames(dataset="cu-pub.xyz")) == 0

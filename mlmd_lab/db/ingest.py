@@ -311,10 +311,13 @@ class Ingestor:
             hashed.append((path, fmt, digest, size))
         ids = [h for *_, h, _ in hashed]
         complete: dict[str, int] = {}
-        for i in range(0, len(ids), 5000):
-            for d in self.db.calculations_collection.find(
-                    {"_id": {"$in": ids[i:i + 5000]}, "status": "complete"}, {"n_frames": 1}):
-                complete[d["_id"]] = int(d.get("n_frames", 0))
+        # with accounts, a calculation the caller already shared or published is known too (not re-added)
+        own = [mdb.calculations for area, mdb in self.db._each_area() if area.mine] if self.db.managed \
+            else [self.db.calculations_collection]
+        for calcs in own:
+            for i in range(0, len(ids), 5000):
+                for d in calcs.find({"_id": {"$in": ids[i:i + 5000]}, "status": "complete"}, {"n_frames": 1}):
+                    complete.setdefault(d["_id"], int(d.get("n_frames", 0)))
         todo, copies, first = [], [], {}
         for path, fmt, digest, size in hashed:
             if digest in complete:

@@ -353,6 +353,10 @@ class Database:
         unfinished = mdb.calculations.distinct("_id", {"status": {"$ne": "complete"}})
         if unfinished:
             q["calc_id"] = {"$nin": unfinished}
+        if mdb.name.startswith("mlmd_e_"):  # released data sets are read from the public copy (no duplicates)
+            released = mdb.released.distinct("_id")
+            if released:
+                q.setdefault("$and", []).append({"dataset": {"$nin": released}})
         if query:
             q.update(query)
         return q
@@ -462,9 +466,9 @@ class Database:
         """The data sets the caller may see: name, owner, visibility, group, licence, frames, embargo."""
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for area, mdb in self._each_area():
-            pipeline = [{"$group": {"_id": "$dataset", "frames": {"$sum": 1}, "licence": {"$first": "$licence"},
-                                    "embargo_until": {"$first": "$embargo_until"},
-                                    "visibility": {"$first": "$visibility"}, "group": {"$first": "$group"}}}]
+            first = {key: {"$first": f"${key}"} for key in ("licence", "embargo_until", "visibility", "group")}
+            pipeline = [{"$match": self._frame_query_in(mdb)},
+                        {"$group": {"_id": "$dataset", "frames": {"$sum": 1}, **first}}]
             for g in mdb.frames.aggregate(pipeline):
                 row = self._stamp(area, {"dataset": g["_id"], "frames": g["frames"], "licence": g.get("licence"),
                                          "embargo_until": g.get("embargo_until"),
