@@ -402,3 +402,23 @@ def test_cli_users_add_list_group_delete_never_print_a_password(hub, tmp_path, m
     assert mlmd_lab.connect().user == "grace"
     assert main(["users", "list"]) == 2  # grace is no administrator
     assert "administrator" in capsys.readouterr().err
+
+
+def test_a_set_up_with_an_intruder_is_detected(tmp_path):
+    """Between creating the administrator and restarting with --auth, the server runs for a moment without
+    authentication; a local process that made itself a user then would be noticed (and the folder wiped)."""
+    from mlmd_lab.db.server import EmbeddedServer, untrusted_setup
+
+    embedded = EmbeddedServer(tmp_path)
+    info = embedded.ensure_running(register=False)
+    try:
+        client = pymongo.MongoClient(info.uri, serverSelectionTimeoutMS=5000)
+        client.admin.command("createUser", "root", pwd="root-Secret-pw-1", roles=["root"])
+        assert untrusted_setup(client) is None
+        client.admin.command("createUser", "intruder", pwd="intruder-pw-1234", roles=["root"])
+        assert "intruder" in untrusted_setup(client)
+        client.admin.command("dropUser", "intruder")
+        client["loot"].x.insert_one({})
+        assert "loot" in untrusted_setup(client)
+    finally:
+        embedded.stop()

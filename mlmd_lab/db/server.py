@@ -235,7 +235,19 @@ class EmbeddedServer:
         try:
             client: MongoClient = MongoClient(info.uri, serverSelectionTimeoutMS=20000)
             client.admin.command("createUser", "root", pwd=password, roles=["root"])
+            # another local process could have connected in the second without authentication: then it may
+            # have made itself a user too, and this storage cannot be trusted
+            intrusion = untrusted_setup(client)
             client.close()
+            if intrusion:
+                import shutil
+
+                self._stop_locked()
+                shutil.rmtree(self.storage, ignore_errors=True)
+                self.storage.mkdir(parents=True, exist_ok=True)
+                raise DatabaseError("another process connected to the new database while its administrator was "
+                                    f"being created ({intrusion}); the folder was wiped: start again, and find out "
+                                    "who else runs on this machine")
             fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(password + "\n")
@@ -370,6 +382,15 @@ def start(data_dir: str | os.PathLike, port: int | None = None, auth: bool = Tru
         raise DatabaseError(f"the server of {server.data_dir} already runs on port {info.port}, not {port}; stop it "
                             "first to move it")
     return ServerHandle(server, info)
+
+
+def untrusted_setup(client) -> str | None:
+    """What, besides the administrator ``root``, exists on a server just set up (None: nothing)."""
+    users = sorted(u["user"] for u in client.admin.command("usersInfo")["users"])
+    extra = sorted(set(client.list_database_names()) - {"admin", "config", "local"})
+    if users == ["root"] and not extra:
+        return None
+    return f"users {users}, databases {extra}"
 
 
 def _is_server_process(info: ServerInfo) -> bool:
