@@ -196,9 +196,12 @@ def test_owner_cannot_be_forged(hub, tmp_path):
 
 
 # -- groups ----------------------------------------------------------------------------------------------
-def test_group_members_see_group_data_and_lose_it_on_the_next_query_after_leaving(hub):
+def test_group_members_see_group_data_and_lose_it_on_the_next_query_after_leaving(hub, tmp_path):
     admin = hub["admin"]
     dave = mlmd_lab.connect(hub["uris"]["dave"])
+    dave.ingest(emt_file(tmp_path / "dave-ni.xyz", "Ni", 2, 31), settings=EMT_SETTINGS, progress=False,
+                visibility="group")
+    bob = mlmd_lab.connect(hub["uris"]["bob"])
     carol = mlmd_lab.connect(hub["uris"]["carol"])
     before = dave.frames(dataset="cu-group.xyz")
     assert len(before) == 5 and {a.info["owner"] for a in before} == {"alice"}
@@ -210,6 +213,10 @@ def test_group_members_see_group_data_and_lose_it_on_the_next_query_after_leavin
     # the same open connections, the very next query
     assert len(dave.frames(dataset="cu-group.xyz")) == 0 and dave.count(elements=["Cu"]) == 0
     refused(lambda: dave_raw["mlmd_g_lab_alice"].frames.find_one())
+    # what dave shared stays shared with the group (API and server agree), and stays his
+    assert {a.info["owner"] for a in bob.frames(dataset="dave-ni.xyz")} == {"dave"}
+    assert raw(hub["uris"]["bob"])["mlmd_g_lab_dave"].frames.count_documents({}) == 2
+    assert len(dave.frames(dataset="dave-ni.xyz")) == 2
     admin.users.add_to_group("dave", "lab")
     assert len(dave.frames(dataset="cu-group.xyz")) == 5
 
@@ -227,6 +234,8 @@ def test_deleted_user_loses_everything_in_open_sessions(hub, tmp_path):
     refused(lambda: mallory_raw["mlmd_p_alice"].frames.find_one())
     with pytest.raises(DatabaseError):
         mlmd_lab.connect(uri)
+    with pytest.raises(MLMDError, match="deleted account"):  # a new account must not inherit mallory's data
+        admin.users.create("mallory", "mallory-Secret-pw-2")
 
 
 # -- publishing ------------------------------------------------------------------------------------------

@@ -172,11 +172,13 @@ def visible_areas(client: MongoClient, me: str) -> list[Area]:
     directory = client[DIRECTORY_DB]
     users = [d["_id"] for d in directory.users.find({}, {"_id": 1})]
     me_doc = directory.users.find_one({"_id": me}) or {}
-    groups = list(directory.groups.find({"members": me}, {"members": 1}))
+    groups = list(directory.groups.find({"members": me}, {"members": 1, "former": 1}))
     own = [parse_area(private_db(me), me)]
     own += [parse_area(db, me) for db in me_doc.get("areas", []) if db.startswith("mlmd_g_")]
     own += [parse_area(public_db(me), me), parse_area(embargo_db(me), me)]
-    others = [parse_area(group_db(g["_id"], m), me) for g in groups for m in g.get("members", []) if m != me]
+    # members past and present: what a member shared stays readable by the group after they leave
+    others = [parse_area(group_db(g["_id"], m), me) for g in groups
+              for m in g.get("members", []) + g.get("former", []) if m != me]
     others += [parse_area(public_db(u), me) for u in users if u != me]
     seen: set[str] = set()
     out = []
@@ -304,6 +306,9 @@ class Users(_AdminBase):
         self._ensure_public_role()
         if self._command("usersInfo", name)["users"]:
             raise MLMDError(f"user {name!r} exists already; delete it first or choose another name")
+        if self.directory.users.find_one({"_id": name, "deleted": True}):
+            raise MLMDError(f"the name {name!r} belonged to a deleted account whose data is still stored under it; "
+                            "choose another name (a new account must not inherit someone else's data)")
         role = user_role(name)
         if self._command("rolesInfo", role)["roles"]:
             self._command("dropRole", role)
@@ -330,13 +335,16 @@ class Users(_AdminBase):
         check_name(group, "group")
         doc = self._user_doc(name)
         Groups(self.client, self.uri).create(group)
-        members = [m for m in self.directory.groups.find_one({"_id": group})["members"] if m != name]
+        found = self.directory.groups.find_one({"_id": group})
+        members = [m for m in found["members"] + found.get("former", []) if m != name]
         mine = group_db(group, name)
         self._grant(user_role(name), [_privilege(mine, OWNER_ACTIONS)]
                     + [_privilege(group_db(group, m), READ_ACTIONS) for m in members])
+        alive = set(self.list_names())
         for m in members:
-            self._grant(user_role(m), [_privilege(mine, READ_ACTIONS)])
-        self.directory.groups.update_one({"_id": group}, {"$addToSet": {"members": name}})
+            if m in alive:  # a deleted account has no role left to grant to
+                self._grant(user_role(m), [_privilege(mine, READ_ACTIONS)])
+        self.directory.groups.update_one({"_id": group}, {"$addToSet": {"members": name}, "$pull": {"former": name}})
         if mine not in doc.get("areas", []):
             self.directory.users.update_one({"_id": name}, {"$addToSet": {"areas": mine}})
 
@@ -350,14 +358,15 @@ class Users(_AdminBase):
         if found is None or name not in found.get("members", []):
             raise MLMDError(f"{name!r} is not a member of group {group!r}")
         others = [m for m in found["members"] if m != name]
-        self._revoke(user_role(name), [_privilege(group_db(group, m), READ_ACTIONS) for m in others])
-        self.directory.groups.update_one({"_id": group}, {"$pull": {"members": name}})
+        former = [m for m in found.get("former", []) if m != name]
+        self._revoke(user_role(name), [_privilege(group_db(group, m), READ_ACTIONS) for m in others + former])
+        self.directory.groups.update_one({"_id": group}, {"$pull": {"members": name}, "$addToSet": {"former": name}})
 
     def delete(self, name: str) -> None:
         """Delete the account: open sessions lose every privilege at their next command.
 
-        The user's data stays (published data remains public; private data is readable by the administrator
-        only); a new user of the same name does not inherit it unless the administrator moves it.
+        The user's data stays (published data remains public, group-shared data stays readable by the group,
+        private data is readable by the administrator only); the name cannot be given to a new account.
         """
         self._user_doc(name)
         role = user_role(name)
@@ -365,7 +374,8 @@ class Users(_AdminBase):
             self._command("dropRole", role)
         if self._command("usersInfo", name)["users"]:
             self._command("dropUser", name)
-        self.directory.groups.update_many({"members": name}, {"$pull": {"members": name}})
+        self.directory.groups.update_many({"members": name}, {"$pull": {"members": name},
+                                                             "$addToSet": {"former": name}})
         self.directory.users.update_one({"_id": name}, {"$set": {"deleted": True}})
 
 
