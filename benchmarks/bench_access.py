@@ -9,9 +9,10 @@ One run does everything in a temporary folder (removed at the end, with the two 
     ``mlmd_u_reader`` (own private), ``mlmd_g_lab_mate`` (a group-mate's group data) and ``mlmd_p_publisher``
     (published), the other frames over those three and ``mlmd_u_stranger`` (private: ``reader`` may not read
     it). ``reader`` asks ``db.frames(formula="Ge")`` and must get exactly the Ge8 frames, each owner's share.
-    Indexes are those mlmd_lab leaves: the full set in the caller's own database (``connect`` makes them),
-    only ``calc_id`` and ``dataset`` in group and published databases (``share``/``publish`` make them);
-(b') as (b) after ``ensure_indexes()`` in the group and published databases too (what an index there buys).
+    Indexes are those mlmd_lab leaves: the full set in every database (``connect`` makes them in the
+    caller's own, ``share``/``publish``/``release_embargoes`` in group and published ones: ``ensure_indexes``);
+(b') as (b) with only ``calc_id`` and ``dataset`` indexed in the group and published databases (what
+    ``share``/``publish`` left before they made the full set: what the indexes there buy).
 
 Documents come from ``bench_ingest``'s generator (``DocFactory``/``fill_database``: 100,000 frames, the first
 10,000 Ge8), inserted by the administrator with pymongo, a whole calculation (100 frames) per database, with
@@ -47,7 +48,7 @@ from bench_ingest import FRAMES_PER_CALC, fill_database
 
 import mlmd_lab
 from mlmd_lab.db import server
-from mlmd_lab.db.store import Database
+from mlmd_lab.db.store import Database, ensure_indexes
 
 RATIO_TARGET = 1.5
 GROUP = "lab"
@@ -259,10 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(b) embedded server with accounts up in {t:.2f} s, {4 + args.idle_users} users; inserting "
                   f"{args.frames} frames over {len(areas)} databases as the administrator ...", flush=True)
             targets = [admin.client[a.db] for a in areas]
-            for a, mdb in zip(areas, targets, strict=True):
-                if a.owner != READER:  # what share()/publish() (Database._move) leave in these databases
-                    for key in ("calc_id", "dataset"):
-                        mdb.frames.create_index(key)
+            for mdb in targets:  # what connect() and share()/publish() (Database._move) leave in these databases
+                ensure_indexes(mdb)
             Database(admin.client, f"mlmd_u_{STRANGER}", uri=str(handle.uri)).ensure_indexes()  # stranger's connect
             result["insert_b"] = fill_database(Spread(targets, areas, area_of), args.frames, args.target_frames)
 
@@ -305,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
                             [(k, v, v / prof["seconds"]) for k, v in prof["breakdown_s"].items()])
                 print(f"calls: {prof['calls']}", flush=True)
 
-            # (b') the same with the full indexes in the group and published databases
+            # (b') the same with only calc_id and dataset indexed in the group and published databases
             for a in areas:
                 if a.readable and a.owner != READER:
-                    Database(admin.client, a.db, uri=str(handle.uri)).ensure_indexes()
+                    frames = admin.client[a.db].frames
+                    frames.drop_indexes()
+                    for key in ("calc_id", "dataset"):
+                        frames.create_index(key)
             reader.frames(**query)  # warm-up
             times.update(alternate({"(b') frames": lambda: reader.frames(**query)}, args.repeats))
             result["seconds"] = times
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = result["median_s"]
     result["ratio_b_over_a"] = m["(b) frames"] / m["(a) frames"]
-    result["ratio_b_indexed_over_a"] = m["(b') frames"] / m["(a) frames"]
+    result["ratio_b_unindexed_over_a"] = m["(b') frames"] / m["(a) frames"]
     rows = table_rows(result)
     result["table"] = [dict(zip(HEADERS, r, strict=True)) for r in rows]
     print()
@@ -344,7 +346,7 @@ HEADERS = ("measurement", "value", "unit", "reference", "ratio/target", "pass?")
 def table_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
     m, c, n = r["median_s"], r["checks"], r["args"]["target_frames"]
     ok_b = c["b_frames_ok"] and c["b_owners_ok"] and c["stranger_refused"]
-    ratio, ratio_i = r["ratio_b_over_a"], r["ratio_b_indexed_over_a"]
+    ratio, ratio_i = r["ratio_b_over_a"], r["ratio_b_unindexed_over_a"]
     n_areas = c["b_areas_listed"]
     return [
         (f"insert {r['insert_a']['frames']:,} frames, one database (a)", r["insert_a"]["insert_frames_per_s"],
@@ -358,8 +360,7 @@ def table_rows(r: dict[str, Any]) -> list[tuple[Any, ...]]:
          ratio <= RATIO_TARGET and ok_b),
         ("    raw find, 3 readable databases", m["(b) raw find"], "s", m["(b) frames"],
          m["(b) raw find"] / m["(b) frames"], None),
-        ("(b') with accounts, all areas indexed", m["(b') frames"], "s", m["(a) frames"], ratio_i,
-         ratio_i <= RATIO_TARGET),
+        ("(b') group/public areas without query indexes", m["(b') frames"], "s", m["(a) frames"], ratio_i, None),
         ("empty query formula='Xe', no accounts", m["(a) empty"], "s", None, None, None),
         ("empty query formula='Xe', with accounts", m["(b) empty"], "s", m["(a) empty"],
          m["(b) empty"] / m["(a) empty"], None),
