@@ -32,6 +32,7 @@ EXECUTED = [p for p in NOTEBOOKS if p.name not in ELSEWHERE]
 #: Shorter runs for the suite, injected after a notebook's cell tagged "parameters" (as papermill does): what the
 #: notebooks prove (each cell runs, its checks hold) needs less than a user's tutorial run.
 TEST_PARAMETERS = {
+    "01_teacher_data.ipynb": {"recycle_epochs": 10},
     "03_training.ipynb": {"time_limit_s": 20, "monitor_time_limit_s": 5, "frame_stride": 32,
                           "monitor_frame_stride": 32},
     "04_md_analysis.ipynb": {"nvt_steps": 60, "nve_steps": 200},
@@ -92,6 +93,18 @@ def test_notebook_executes(path: Path, mongo_uri: str, tmp_path: Path) -> None:
         pytest.fail(_describe_failure(path.name, notebook, int(started.get("index", -1)), failure), pytrace=False)
     printed = _printed_tracebacks(notebook)
     assert not printed, f"{path.name}: a traceback was printed on stderr (a background thread failed?):\n" + printed
+    leaked = _credentials_in_outputs(notebook)
+    assert not leaked, f"{path.name}: a password is in the saved outputs: cells {leaked}"
+
+
+#: a URI with a password that is not the redacted "***" (nor the placeholder in messages, "PASSWORD")
+_CREDENTIAL = re.compile(r"mongodb(?:\+srv)?://[^:/@\s'\"]+:(?!\*\*\*@|password@|PASSWORD@)[^@\s'\"]+@")
+
+
+def _credentials_in_outputs(notebook) -> list[int]:
+    """Cells whose outputs (text, HTML, widget state) hold a URI with a password in clear."""
+    return [k for k, cell in enumerate(notebook.cells)
+            if _CREDENTIAL.search(json.dumps(cell.get("outputs", [])).replace("\\/", "/"))]
 
 
 def _inject_parameters(notebook, values: dict, nbformat) -> None:
