@@ -76,6 +76,11 @@ APPEND_ACTIONS = ["find", "insert", "createIndex", "listIndexes", "listCollectio
 READ_ACTIONS = ["find", "listIndexes", "listCollections"]
 
 
+def redact(uri: str) -> str:
+    """The URI with its password replaced by ``***`` (for messages and logs)."""
+    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+:)[^@]*@", r"\1***@", str(uri))
+
+
 class SecretURI(str):
     """A connection URI that holds a password: usable as a string, shown redacted.
 
@@ -85,8 +90,6 @@ class SecretURI(str):
     """
 
     def __repr__(self) -> str:
-        from mlmd_lab.db.store import redact
-
         return f"SecretURI({redact(str(self))!r})"
 
     def _repr_html_(self) -> str:

@@ -20,6 +20,7 @@ import pymongo
 from pymongo import MongoClient, UpdateMany, UpdateOne
 from pymongo.errors import ConfigurationError, InvalidURI, OperationFailure, PyMongoError
 
+from mlmd_lab.db.access import redact
 from mlmd_lab.db.documents import elements_filter, frame_from_document
 from mlmd_lab.db.ingest import Ingestor, IngestReport, _Options
 from mlmd_lab.db.server import EmbeddedServer
@@ -94,11 +95,6 @@ def connect(
     except OperationFailure:  # a read-only user: frames() still tells the sources apart when reading
         pass
     return db
-
-
-def redact(uri: str) -> str:
-    """The URI with its password replaced by ``***`` (for messages and logs)."""
-    return re.sub(r"(mongodb(?:\+srv)?://[^:/@]+:)[^@]*@", r"\1***@", uri)
 
 
 def _check_uri(uri: str) -> None:
