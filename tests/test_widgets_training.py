@@ -247,7 +247,9 @@ def test_training_monitor_in_jupyterlab(run_notebook):
     first_points = page.evaluate("() => (document.querySelector('.mlmd-training-forces path.line')"
                                  ".getAttribute('d').match(/L/g) || []).length + 1")
     page.wait_for_function(count_js, arg=first_points + 3, timeout=120_000)  # still gaining points ...
-    assert page.evaluate(epoch_of) > first_epoch  # ... and epochs
+    # ... and epochs: the epoch label is throttled apart from the plot, so wait for it too (under load it lagged:
+    # "assert 23 > 23" in a full-suite run of issue 17)
+    page.wait_for_function(f"() => ({epoch_of})() > {first_epoch}", timeout=120_000)
     assert page.locator(".mlmd-training-forces .mlmd-liveplot-figure path.line").count() >= 2  # train, validation
     nb.screenshot("training", page.locator(".mlmd-training"))
     page.locator(".mlmd-training-stop").click()
