@@ -460,12 +460,7 @@ class ModelStore:
         ids = [f["id"] for f in doc.get("files", [])]
         if doc.get("provenance_file"):
             ids.append(doc["provenance_file"]["id"])
-        bucket = self._bucket_of(doc)
-        for file_id in ids:
-            try:
-                bucket.delete(file_id)
-            except (gridfs.errors.NoFile, PyMongoError):
-                pass
+        self._delete_files(ids, self._bucket_of(doc))
 
     # -- internals ---------------------------------------------------------------------------------------
     def _document(self, name: str, version: int | None) -> dict[str, Any]:
@@ -515,10 +510,10 @@ class ModelStore:
                                 "this version and save it again")
         return data
 
-    def _delete_files(self, ids: Sequence[ObjectId]) -> None:
+    def _delete_files(self, ids: Sequence[ObjectId], bucket: Any = None) -> None:
         for file_id in ids:
             try:
-                self.bucket.delete(file_id)
+                (bucket or self.bucket).delete(file_id)
             except (gridfs.errors.NoFile, PyMongoError):
                 pass  # best effort: an orphaned file is harmless, a masked original error is not
 

@@ -317,7 +317,6 @@ class Database:
         query: dict[str, Any] | None = None,
         *,
         dataset: str | None = None,
-        owner: str | None = None,
     ) -> dict[str, Any]:
         """The MongoDB filter :meth:`frames` uses in this (the caller's own) database (arguments as there)."""
         return self._frame_query_in(self.mongo, elements, exclusive, formula, settings, tags, natoms, max_force,
@@ -611,27 +610,12 @@ class Database:
         Copies are idempotent (existing ids are kept), and nothing is deleted before everything is copied, so
         an interruption leaves the data in both places (readers keep one copy) and a rerun completes it.
         """
-        from mlmd_lab.db.ingest import _insert_new
-
         moved = 0
         for src in sources:
-            calcs = list(src.calculations.find({"dataset": dataset, "status": "complete"}))
-            if not calcs:
+            calc_ids, copied = copy_dataset(src, target, dataset, fields)
+            if not calc_ids:
                 continue
-            sig_ids = set(src.frames.distinct("signature_id", {"dataset": dataset}))
-            sig_ids |= {c.get("signature_id") for c in calcs}
-            _insert_new(target.signatures, list(src.signatures.find({"_id": {"$in": list(sig_ids)}})))
-            _insert_new(target.calculations, [{**c, **fields} for c in calcs])
-            calc_ids = [c["_id"] for c in calcs]
-            ensure_indexes(target)
-            batch: list[dict[str, Any]] = []
-            for doc in src.frames.find({"dataset": dataset, "calc_id": {"$in": calc_ids}}, batch_size=2000):
-                batch.append({**doc, **fields})
-                moved += 1
-                if len(batch) >= 2000:
-                    _insert_new(target.frames, batch)
-                    batch = []
-            _insert_new(target.frames, batch)
+            moved += copied
             src.frames.delete_many({"dataset": dataset, "calc_id": {"$in": calc_ids}})
             src.calculations.delete_many({"_id": {"$in": calc_ids}})
         if moved == 0:
@@ -679,9 +663,8 @@ class Database:
         self.users._require_admin()
         sources = [self.client[public_db(owner)], self.client[embargo_db(owner)]]
         n = self._move(dataset, sources, self.client[private_db(owner)], {"visibility": "private"})
-        for db in (private_db(owner),):
-            self.client[db].frames.update_many({"dataset": dataset},
-                                               {"$unset": {"published": "", "embargo_until": ""}})
+        self.client[private_db(owner)].frames.update_many({"dataset": dataset},
+                                                          {"$unset": {"published": "", "embargo_until": ""}})
         self.client[embargo_db(owner)].released.delete_one({"_id": dataset})
         self.client[DIRECTORY_DB].retractions.insert_one(
             {"owner": owner, "dataset": dataset, "frames": n, "reason": reason, "by": self.user,
@@ -761,19 +744,36 @@ def release_due(embargoed, public) -> int:
     except OperationFailure:
         return 0
     released = 0
-    if due:
-        ensure_indexes(public)
     for dataset in due:
-        calcs = list(embargoed.calculations.find({"dataset": dataset}))
-        sig_ids = list({c.get("signature_id") for c in calcs} | set(embargoed.frames.distinct("signature_id",
-                                                                                              {"dataset": dataset})))
-        _insert_new(public.signatures, list(embargoed.signatures.find({"_id": {"$in": sig_ids}})))
-        _insert_new(public.calculations, calcs)
-        docs = list(embargoed.frames.find({"dataset": dataset}))
-        _insert_new(public.frames, docs)
-        released += len(docs)
-        _insert_new(embargoed.released, [{"_id": dataset, "at": now, "frames": len(docs)}])
+        _, copied = copy_dataset(embargoed, public, dataset, {})
+        released += copied
+        _insert_new(embargoed.released, [{"_id": dataset, "at": now, "frames": copied}])
     return released
+
+
+def copy_dataset(src, target, dataset: str, fields: dict[str, Any]) -> tuple[list[str], int]:
+    """Copy one data set's signatures, complete calculations and their frames from database ``src`` to
+    ``target`` (indexed first), with ``fields`` set on calculations and frames; existing ids are kept, so a
+    rerun completes an interrupted copy. Returns the calculation ids and the number of frames copied."""
+    from mlmd_lab.db.ingest import _insert_new
+
+    calcs = list(src.calculations.find({"dataset": dataset, "status": "complete"}))
+    if not calcs:
+        return [], 0
+    calc_ids = [c["_id"] for c in calcs]
+    sig_ids = set(src.frames.distinct("signature_id", {"dataset": dataset})) | {c.get("signature_id") for c in calcs}
+    ensure_indexes(target)
+    _insert_new(target.signatures, list(src.signatures.find({"_id": {"$in": list(sig_ids)}})))
+    _insert_new(target.calculations, [{**c, **fields} for c in calcs])
+    copied, batch = 0, []
+    for doc in src.frames.find({"dataset": dataset, "calc_id": {"$in": calc_ids}}, batch_size=2000):
+        batch.append({**doc, **fields})
+        copied += 1
+        if len(batch) >= 2000:
+            _insert_new(target.frames, batch)
+            batch = []
+    _insert_new(target.frames, batch)
+    return calc_ids, copied
 
 
 def _default_dataset(paths: list) -> str:

@@ -262,9 +262,7 @@ class DatabaseBrowser(widgets.VBox):
         """Each database the caller may read (own first), with the filter of ``criteria`` there and its count."""
         parts = []
         for area, mdb in self.db._each_area():
-            filt = self.db._frame_query_in(mdb, **criteria)
-            if area.embargoed:
-                _skip_released(mdb, filt)
+            filt = self.db._frame_query_in(mdb, **criteria)  # leaves out released embargoes (read once)
             parts.append(_Part(area, mdb, filt, mdb.frames.count_documents(filt)))
         return parts
 
@@ -613,15 +611,6 @@ def _embargo_note(until: Any) -> str:
         return ""
     until = until if until.tzinfo else until.replace(tzinfo=UTC)
     return f", {'embargoed until' if until > datetime.now(UTC) else 'embargo ended'} {until:%Y-%m-%d}"
-
-
-def _skip_released(mdb: MongoDatabase, filt: dict[str, Any]) -> dict[str, Any]:
-    """Leave out of ``filt`` (in place) the embargoed database's data sets already released: their published
-    copy (same frame ids, read first) is the one shown."""
-    released = mdb.released.distinct("_id")
-    if released:
-        filt.setdefault("$and", []).append({"dataset": {"$nin": released}})
-    return filt
 
 
 # -- small widget helpers ------------------------------------------------------------------------------------
