@@ -465,9 +465,7 @@ def _query_args(q: argparse.ArgumentParser) -> None:
 
 
 def _connect(args: argparse.Namespace):
-    from mlmd_lab.db import connect
-
-    return connect(args.uri, args.database, data_dir=args.data_dir)
+    return cli_access.connect_from_args(args)
 
 
 def parse_value(text: str) -> Any:

@@ -149,26 +149,27 @@ def cmd_users(args: argparse.Namespace) -> int:
     return 0
 
 
-def _db(args: argparse.Namespace):
+def connect_from_args(args: argparse.Namespace):
+    """The database of ``--uri``/``--database``/``--data-dir`` (every mlmd-lab command connects this way)."""
     from mlmd_lab.db import connect
 
     return connect(args.uri, args.database, data_dir=args.data_dir)
 
 
 def cmd_share(args: argparse.Namespace) -> int:
-    print(f"{_db(args).share(args.dataset, args.group)} frames of {args.dataset!r} shared")
+    print(f"{connect_from_args(args).share(args.dataset, args.group)} frames of {args.dataset!r} shared")
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    n = _db(args).publish(args.dataset, embargo_until=args.embargo_until)
+    n = connect_from_args(args).publish(args.dataset, embargo_until=args.embargo_until)
     when = f" (embargoed until {args.embargo_until})" if args.embargo_until else ""
     print(f"{n} frames of {args.dataset!r} published{when}")
     return 0
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
-    rows = _db(args).datasets()
+    rows = connect_from_args(args).datasets()
     print(f"{'owner':<12} {'data set':<28} {'visibility':<12} {'licence':<16} {'frames':>7}  embargo")
     for r in rows:
         vis = r["visibility"] + (f"({r['group']})" if r.get("group") else "")
