@@ -10,8 +10,15 @@
   puts the host CPU's model and instruction-set flags into its name, so a home folder shared between a login
   node and compute nodes of another CPU generation never loads code compiled for the wrong CPU. At most
   :data:`MAX_CACHE_BYTES` are kept (least recently used programs go first).
+- One JAX CPU device per usable core (``--xla_force_host_platform_device_count``), set before JAX starts its
+  backend: the descriptor loops (:mod:`mlmd_lab.potentials.descriptors`) split their chunks over these devices,
+  which run concurrently; XLA runs such loops on one thread otherwise. Computations still run on the first
+  device unless they split themselves. Too late when JAX computed something before mlmd_lab was imported (one
+  device then, and the loops run serially).
 
 Environment:
+    MLMD_CPU_DEVICES: how many JAX CPU devices to make (default: the cores this process may use, at most
+        :data:`MAX_CPU_DEVICES`); ``1`` keeps JAX's single CPU device. A device count already in ``XLA_FLAGS`` wins.
     MLMD_JAX_CACHE: the cache folder; ``off`` (or ``0``, ``none``, empty) disables the cache. Default
         ``$XDG_CACHE_HOME/mlmd_lab/jax`` (``~/.cache/mlmd_lab/jax``). A ``JAX_COMPILATION_CACHE_DIR`` the user set
         takes precedence (mlmd_lab then leaves the cache settings alone).
@@ -32,6 +39,34 @@ MIN_COMPILE_SECONDS = 1.0
 #: The cache's size limit (bytes); JAX evicts the least recently used programs beyond it.
 MAX_CACHE_BYTES = 2 * 1024**3
 _OFF = {"", "0", "off", "none", "false", "no"}
+#: At most this many CPU devices by default (more shards than this gain little per step and cost compile time).
+MAX_CPU_DEVICES = 16
+
+
+def cpu_device_count() -> int:
+    """The JAX CPU device count mlmd_lab asks for (see the module docstring)."""
+    value = os.environ.get("MLMD_CPU_DEVICES", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"MLMD_CPU_DEVICES must be a whole number of devices, got {value!r}") from None
+    return max(1, min(MAX_CPU_DEVICES, len(os.sched_getaffinity(0))))
+
+
+def _ask_for_cpu_devices() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    count = cpu_device_count()
+    if count <= 1 or "xla_force_host_platform_device_count" in flags:
+        return
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # a JAX without this (private) query: leave its devices alone
+        return
+    if not started:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
 def host_tag() -> str:
@@ -64,6 +99,7 @@ def cache_folder() -> Path | None:
 
 def configure() -> Path | None:
     """Apply mlmd_lab's JAX settings (idempotent). Returns the compilation cache folder in use, or None."""
+    _ask_for_cpu_devices()
     jax.config.update("jax_enable_x64", True)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])

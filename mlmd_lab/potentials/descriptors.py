@@ -21,6 +21,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import shard_map
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mlmd_lab.potentials.cutoff import cutoff as cutoff_fn
 from mlmd_lab.potentials.neighbours import Layout
@@ -139,14 +142,54 @@ def _blocks(plan: DescriptorPlan, layout: Layout):
     return out
 
 
-def _chunks(total: int, body, carry):
-    """carry = body(start, size, carry) over [0, total) in chunks of :data:`CHUNK` (a loop) and one static tail."""
+def _chunks(total: int, body, carry, shard=None):
+    """carry = body(start, size, carry) over [0, total) in chunks of :data:`CHUNK` (a loop) and one static tail.
+
+    ``shard`` = (s, n): only this shard's share of the chunks (s may be traced: the device's index)."""
     full = total // CHUNK
+    s, n = shard if shard is not None else (0, 1)
     if full:
-        carry = jax.lax.fori_loop(0, full, lambda k, c: body(k * CHUNK, CHUNK, c), carry)
+        carry = jax.lax.fori_loop(s * full // n, (s + 1) * full // n, lambda k, c: body(k * CHUNK, CHUNK, c), carry)
     if total > full * CHUNK:
-        carry = body(full * CHUNK, total - full * CHUNK, carry)
+        def tail(c):
+            return body(full * CHUNK, total - full * CHUNK, c)
+
+        carry = tail(carry) if shard is None else jax.lax.cond(s == n - 1, tail, lambda c: c, carry)
     return carry
+
+
+#: Blocks smaller than this many chunks per CPU device are not split across devices.
+MIN_CHUNKS_PER_DEVICE = 16
+
+
+def cpu_shards(layout: Layout | None = None) -> int:
+    """How many CPU devices the descriptor loops are split over: JAX's CPU devices when JAX computes on the CPU
+    (:func:`mlmd_lab.jaxconfig.configure` makes one per core, ``MLMD_CPU_DEVICES``), else 1 (one GPU runs the
+    loops alone). Why devices and not threads: XLA on the CPU runs a loop over cache-sized chunks on one thread
+    (two threads were slower than one, measured), while separate devices run their shares concurrently."""
+    if jax.default_backend() != "cpu":
+        return 1
+    n = jax.local_device_count("cpu")
+    if layout is not None:
+        largest = max([cap for _, cap in layout.pair_blocks] + [cap for _, _, cap in layout.triplet_groups], default=0)
+        n = min(n, max(1, largest // (CHUNK * MIN_CHUNKS_PER_DEVICE)))
+    return n
+
+
+def _on_devices(layout: Layout, function, *args):
+    """function(*args, shard=(s, n)) summed over the CPU devices (shard_map + psum); plain function(*args,
+    shard=None) on one device."""
+    n = cpu_shards(layout)
+    if n == 1:
+        return function(*args, shard=None)
+    mesh = Mesh(np.array(jax.local_devices(backend="cpu")[:n]), ("cores",))
+
+    def part(*local):
+        out = function(*local, shard=(jax.lax.axis_index("cores"), n))
+        return jax.tree_util.tree_map(lambda x: jax.lax.psum(x, "cores"), out)
+
+    replicated = jax.tree_util.tree_map(lambda _: P(), args)
+    return shard_map(part, mesh=mesh, in_specs=replicated, out_specs=P(), check_vma=False)(*args)
 
 
 def _slice(x, start, size):
@@ -173,16 +216,31 @@ def _chunk(plan, kind, functions, index, dT, offset, start, size):
 
 def _features_forward(plan, layout, index, dT):
     """Per element (n_features[c], N) raw functions, accumulated in float64; dT is (3, P)."""
+    rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT)
+    return _assemble(plan, layout, rows, _accumulator_dtype(dT.dtype))
+
+
+def _block_sums(plan, layout, index, dT, shard=None):
+    """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only)."""
     acc = _accumulator_dtype(dT.dtype)
     N = layout.n_atoms
-    rows = [[] for _ in plan.elements]
-    for c, cols, kind, offset, cap, functions in _blocks(plan, layout):
+    rows = []
+    for _, cols, kind, offset, cap, functions in _blocks(plan, layout):
 
         def body(start, size, total, kind=kind, functions=functions, offset=offset):
             atoms, local, args, _ = _chunk(plan, kind, functions, index, dT, offset, start, size)
             return total.at[:, atoms].add(local(*args).astype(acc))
 
-        rows[c].append((cols, _chunks(cap, body, jnp.zeros((len(cols), N), acc))))
+        rows.append(_chunks(cap, body, jnp.zeros((len(cols), N), acc), shard))
+    return rows
+
+
+def _assemble(plan, layout, sums, acc):
+    """Per element (n_features[c], N) in n2p2's order from the per-block sums."""
+    N = layout.n_atoms
+    rows = [[] for _ in plan.elements]
+    for (c, cols, *_), total in zip(_blocks(plan, layout), sums, strict=True):
+        rows[c].append((cols, total))
     features = []
     for c, fs in enumerate(plan.functions):
         n = len(fs)
@@ -210,6 +268,12 @@ def _features_fwd(plan, layout, index, dT):
 
 def _features_bwd(plan, layout, residuals, cotangents):
     index, dT = residuals
+    d_bar = _on_devices(layout, partial(_pair_gradient, plan, layout), index, dT, cotangents)
+    return None, d_bar.astype(dT.dtype)
+
+
+def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
+    """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar."""
     acc = _accumulator_dtype(dT.dtype)
     d_bar = jnp.zeros(dT.shape, acc)
     for c, cols, kind, offset, cap, functions in _blocks(plan, layout):
@@ -225,8 +289,8 @@ def _features_bwd(plan, layout, residuals, cotangents):
             ij, ik = where
             return total.at[:, ij].add(grads[0].astype(acc)).at[:, ik].add(grads[1].astype(acc))
 
-        d_bar = _chunks(cap, body, d_bar)
-    return None, d_bar.astype(dT.dtype)
+        d_bar = _chunks(cap, body, d_bar, shard)
+    return d_bar
 
 
 _features.defvjp(_features_fwd, _features_bwd)
