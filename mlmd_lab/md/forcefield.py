@@ -30,6 +30,10 @@ from mlmd_lab.errors import MLMDError
 from mlmd_lab.potentials.model import HDNNP, evaluate
 from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
 
+#: Graph arrays the MD engine does not keep: the descriptors derive them from the pair indices (5 bytes per triplet,
+#: about 13 KB per atom of water with a 0.5 Å skin).
+_DERIVED = ("trip_i", "trip_mask")
+
 
 @dataclass(frozen=True)
 class LennardJones:
@@ -101,7 +105,7 @@ class ForceField:
         lf = self.length_factor
         graph = self.builder.build([(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species)],
                                    like)
-        arrays = graph.arrays()
+        arrays = {k: v for k, v in graph.arrays().items() if k not in _DERIVED}
         dt = np.float64 if self.dtype == "float64" else np.float32
         arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}
         return arrays, graph.layout

@@ -102,7 +102,7 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
         plan: the model's functions.
         layout: static shapes of the graph.
         arrays: graph arrays (see :class:`~mlmd_lab.potentials.neighbours.Graph`); only the integer index
-            arrays are read (pair_i, trip_ij, trip_ik, trip_i, trip_mask).
+            arrays are read (pair_i, trip_ij, trip_ik, and trip_i, trip_mask where given).
         d: pair vectors (P, 3) from :func:`pair_vectors` (or strained versions of them).
 
     Returns:
@@ -113,14 +113,14 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
     same chunks, recomputing each chunk's values and differentiating them locally, and adds the result onto the
     pairs, instead of autodiff's scatter of whole (triplets x functions) arrays (see :data:`CHUNK`).
     """
-    index = {k: arrays[k] for k in _INDEX_NAMES}
+    index = {k: arrays[k] for k in _INDEX_NAMES if k in arrays}
     return [G.T.astype(d.dtype) for G in _features(plan, layout, index, d.T)]
 
 
 _INDEX_NAMES = ("pair_i", "trip_ij", "trip_ik", "trip_i", "trip_mask")
 
 
-def _accumulator_dtype(dtype):
+def accumulator_dtype(dtype):
     """float64 where JAX allows it (the mixed mode accumulates float32 terms in float64)."""
     return jnp.promote_types(dtype, jnp.float64) if jax.config.jax_enable_x64 else dtype
 
@@ -206,23 +206,26 @@ def _chunk(plan, kind, functions, index, dT, offset, start, size):
 
         return _slice(index["pair_i"], at, size), radial, (_slice(dT, at, size),), at
     ij, ik = _slice(index["trip_ij"], at, size), _slice(index["trip_ik"], at, size)
-    mask = _slice(index["trip_mask"], at, size)
+    # Without trip_mask / trip_i (the MD engine drops them to save 5 bytes per triplet) they follow from the pairs:
+    # padded triplets repeat one pair, and a triplet's central atom is its first pair's.
+    mask = _slice(index["trip_mask"], at, size) if "trip_mask" in index else ij != ik
+    atoms = _slice(index["trip_i"], at, size) if "trip_i" in index else index["pair_i"][ij]
 
     def angular(a, b):
         return _triplet_rows(plan, functions, a, b, mask)
 
-    return _slice(index["trip_i"], at, size), angular, (dT[:, ij], dT[:, ik]), (ij, ik)
+    return atoms, angular, (dT[:, ij], dT[:, ik]), (ij, ik)
 
 
 def _features_forward(plan, layout, index, dT):
     """Per element (n_features[c], N) raw functions, accumulated in float64; dT is (3, P)."""
     rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT)
-    return _assemble(plan, layout, rows, _accumulator_dtype(dT.dtype))
+    return _assemble(plan, layout, rows, accumulator_dtype(dT.dtype))
 
 
 def _block_sums(plan, layout, index, dT, shard=None):
     """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only)."""
-    acc = _accumulator_dtype(dT.dtype)
+    acc = accumulator_dtype(dT.dtype)
     N = layout.n_atoms
     rows = []
     for _, cols, kind, offset, cap, functions in _blocks(plan, layout):
@@ -274,7 +277,7 @@ def _features_bwd(plan, layout, residuals, cotangents):
 
 def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
     """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar."""
-    acc = _accumulator_dtype(dT.dtype)
+    acc = accumulator_dtype(dT.dtype)
     d_bar = jnp.zeros(dT.shape, acc)
     for c, cols, kind, offset, cap, functions in _blocks(plan, layout):
         g_bar = cotangents[c][np.asarray(cols)].astype(dT.dtype)  # (K, N): this block's rows

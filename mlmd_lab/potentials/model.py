@@ -25,7 +25,7 @@ from ase import Atoms
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.potentials import n2p2_files
 from mlmd_lab.potentials.cutoff import cutoff_code
-from mlmd_lab.potentials.descriptors import DescriptorPlan, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.descriptors import DescriptorPlan, accumulator_dtype, pair_vectors, symmetry_functions
 from mlmd_lab.potentials.n2p2_files import N2P2Settings
 from mlmd_lab.potentials.neighbours import Graph, Layout, NeighbourBuilder
 from mlmd_lab.potentials.network import apply, flatten, init_layers, layer_sizes, unflatten
@@ -391,7 +391,9 @@ def _energy_function(plan, smin, acts, normalize):
             atomic = atomic + jnp.where(mine, out * inv_conv + mean + offsets[c], 0.0)
             outside = (G < params["min"][element]) | (G > params["max"][element])
             extrapolated = extrapolated + jnp.where(mine, jnp.sum(outside, axis=1), 0)
-        per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
+        # float32 models (the mixed mode) still add atomic energies in float64.
+        per_structure = jax.ops.segment_sum(atomic.astype(accumulator_dtype(atomic.dtype)), arrays["atom_struct"],
+                                            num_segments=layout.n_structures + 1)
         return per_structure[:-1], atomic, extrapolated
 
     return energies
@@ -426,7 +428,8 @@ def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces
         return jnp.sum(energy), (energy, atomic, extrapolated)
 
     grad, (energy, atomic, extrapolated) = jax.grad(total, has_aux=True)(d)
-    grad = jnp.where(arrays["pair_mask"][:, None], grad, 0.0)
+    grad = jnp.where(arrays["pair_mask"][:, None], grad, 0.0).astype(accumulator_dtype(grad.dtype))
+    d = d.astype(grad.dtype)  # forces and virials are summed in float64 (also for float32 models)
     N = layout.n_atoms
     # d_p = r_j - r_i (+ shift): dE/dr_j += g_p, dE/dr_i -= g_p; F = -dE/dr.
     force = jax.ops.segment_sum(grad, arrays["pair_i"], N) - jax.ops.segment_sum(grad, arrays["pair_j"], N)

@@ -61,7 +61,9 @@ class Graph:
     Shapes: positions (N, 3), cells (B, 3, 3), species (N,) element index or -1 for padding,
     atom_struct (N,), pair_i/pair_j (P,) atom indices, pair_shift (P, 3) image counts (float),
     pair_struct (P,), pair_mask (P,), trip_ij/trip_ik (T,) pair indices, trip_i (T,) central atom,
-    trip_mask (T,). ``n_real`` holds the real atom count per structure.
+    trip_mask (T,). ``n_real`` holds the real atom count per structure. Atom, pair and triplet indices are int32
+    (a 69,120-atom water box has 1.8e8 triplets: 4-byte indices halve their memory). Padded triplets point at pair
+    0 twice (trip_ij == trip_ik, which no real triplet has) and are masked.
     """
 
     positions: np.ndarray
@@ -171,9 +173,9 @@ def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wi
     # Start from a quarter of the candidates (narrow functions keep ~30 % in dense liquids) and grow by
     # doubling, so that memory follows the kept triplets, not all candidates.
     capacity = max(16, upper // 4)
-    first = np.empty(capacity, np.int64)
-    second = np.empty(capacity, np.int64)
-    group = np.empty(capacity, np.int64)
+    first = np.empty(capacity, np.int32)  # int32: 4-byte pair indices halve the memory of a rebuild
+    second = np.empty(capacity, np.int32)
+    group = np.empty(capacity, np.int32)
     local = np.empty(n_pairs, np.int64)
     count = 0
     for atom in range(n_atoms):
@@ -216,9 +218,9 @@ def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wi
         counts[group[t] + 1] += 1
     for g in range(n_groups):
         counts[g + 1] += counts[g]
-    a = np.empty(count, np.int64)
-    b = np.empty(count, np.int64)
-    out_group = np.empty(count, np.int64)
+    a = np.empty(count, np.int32)
+    b = np.empty(count, np.int32)
+    out_group = np.empty(count, np.int32)
     for t in range(count):
         k = counts[group[t]]
         counts[group[t]] += 1
@@ -298,16 +300,19 @@ class NeighbourBuilder:
         pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]].astype(np.int64)
         trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]].astype(np.int64) if trip_caps else np.zeros(0, np.int64)
         n_pairs, n_trip = int(sum(pair_caps)), int(sum(trip_caps))
+        if max(n_pairs, n_atoms) >= 2**31:
+            raise MLMDError(f"{n_pairs} pair slots exceed the int32 indices of the neighbour data; split the structure "
+                            "or run it with LAMMPS (mlmd_lab.md.write_lammps)")
         pad_atom = atom_cap - 1  # always a padding slot (bucket gives count + 1)
         g = dict(
-            pair_i=np.full(n_pairs, pad_atom, np.int64),
-            pair_j=np.full(n_pairs, pad_atom, np.int64),
+            pair_i=np.full(n_pairs, pad_atom, np.int32),
+            pair_j=np.full(n_pairs, pad_atom, np.int32),
             pair_shift=np.zeros((n_pairs, 3)),
             pair_struct=np.zeros(n_pairs, np.int64),
             pair_mask=np.zeros(n_pairs, bool),
-            trip_ij=np.zeros(n_trip, np.int64),
-            trip_ik=np.zeros(n_trip, np.int64),
-            trip_i=np.full(n_trip, pad_atom, np.int64),
+            trip_ij=np.zeros(n_trip, np.int32),
+            trip_ik=np.zeros(n_trip, np.int32),
+            trip_i=np.full(n_trip, pad_atom, np.int32),
             trip_mask=np.zeros(n_trip, bool),
         )
         fill_pairs = pair_offsets.copy()
