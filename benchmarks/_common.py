@@ -132,3 +132,40 @@ def run_json_worker(cmd: Sequence[str], label: str) -> dict[str, Any] | None:
         print(f"[{label}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+#: n2p2's own predictor (../shared/tools/README.md); the n2p2 reference of the HDNNP and MD benchmarks.
+NNP_PREDICT = Path(os.environ.get("MLMD_NNP_PREDICT")
+                   or Path(__file__).resolve().parents[1] / ".." / "shared" / "tools" / "n2p2" / "nnp-predict")
+
+
+def n2p2_predict_cost(potential: Path, repeats: int = 5) -> dict[str, Any] | None:
+    """n2p2's whole ``nnp-predict`` process (reading, set-up, neighbour list, energy and forces) on the structure in
+    ``potential``/input.data, pinned to one core: median wall time and CPU time (user + system) per atom, in µs.
+    None (reported) where the program is absent."""
+    import resource
+    import shutil
+    import tempfile
+
+    if not NNP_PREDICT.exists():
+        print(f"n2p2: not measured (no nnp-predict at {NNP_PREDICT}; see ../shared/tools/README.md)")
+        return None
+    core = {sorted(os.sched_getaffinity(0))[0]}
+    walls, cpus = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in potential.iterdir():
+            if path.name in ("input.nn", "scaling.data", "input.data") or path.name.startswith("weights."):
+                shutil.copy(path, tmp)
+        n_atoms = sum(1 for line in (Path(tmp) / "input.data").read_text().splitlines()
+                      if line.startswith("atom") and not line.startswith("atoms"))
+        for _ in range(repeats):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            subprocess.run([str(NNP_PREDICT), "0"], cwd=tmp, check=True, capture_output=True,
+                           preexec_fn=lambda: os.sched_setaffinity(0, core))
+            walls.append(time.perf_counter() - t0)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return {"program": str(NNP_PREDICT.name), "atoms": n_atoms, "repeats": repeats,
+            "wall_us_per_atom": statistics.median(walls) / n_atoms * 1e6,
+            "cpu_us_per_atom": statistics.median(cpus) / n_atoms * 1e6}

@@ -1,25 +1,29 @@
-"""MD throughput with n2p2's H2O potential (1080-atom water and its 8x supercell), and NVE energy drift.
+"""MD throughput and memory with n2p2's H2O potential (1,080-atom water and its 8x and 64x supercells), the
+reference codes measured in the same run, and NVE energy drift.
 
 Throughput: NVE at 300 K, 0.5 fs, with ``mlmd_lab.md.run`` exactly as users call it (neighbour lists with a
 skin, rebuilt on the host when atoms move too far; every step checked). Each configuration runs in its own
-process (thread settings must be set before JAX starts): CPU with 2 threads (and 1 thread for the per-core
-figure), float64 and float32, and the GPU when JAX sees one. Reported per configuration: atom-steps/s after
-compilation, µs per atom-step, µs per atom-step per core (wall time x cores), the n2p2 ratio, neighbour
-rebuilds, compile time and peak memory (RSS).
+process (thread settings must be set before JAX starts): CPU with 1 thread and 2 threads, float64 and float32
+(the mixed mode: float32 descriptors and networks, float64 sums of energies and forces), and the GPU when JAX
+sees one. Reported per configuration: atom-steps/s after compilation, µs per atom-step, µs per atom-step per
+core (wall time x cores), the ratio to n2p2, neighbour rebuilds, compile time, peak memory (RSS of the whole
+process) and peak memory per atom.
 
-Reference: n2p2 2.3.0 energy+forces on this kind of machine, 281 µs/atom of CPU time on one core
-(../shared/external/README.md; a single point, no MD overhead). Target: no slower per core; GPU >= 1e6
-atom-steps/s on one H100/H200.
+References, measured in the same run on the same core:
 
-LAMMPS row: the same water system, NVE 300 K, 0.5 fs, in LAMMPS's ``pair_style hdnnp`` (n2p2's library) on one
-core, from a folder written by ``mlmd_lab.md.write_lammps``: the LAMMPS of ``$MLMD_TEST_LAMMPS`` or
-../shared/tools/lammps/lmp; a run of 0 steps is subtracted (reading, set-up), median of 3.
+- n2p2: ``../shared/tools/n2p2/nnp-predict`` (n2p2 2.3.0's own predictor) on the 1,080-atom structure, its whole
+  process (reading, set-up, neighbour list, energy and forces), CPU time per atom, median of 5. The ratio column
+  is ours (per core, one MD step with its neighbour updates) over n2p2's. Targets: float64 on one thread <= 0.9,
+  float32 <= 0.45.
+- LAMMPS: the same water system, NVE 300 K, 0.5 fs, in LAMMPS's ``pair_style hdnnp`` (n2p2's library) on one
+  core, from a folder written by ``mlmd_lab.md.write_lammps``: the LAMMPS of ``$MLMD_TEST_LAMMPS`` or
+  ../shared/tools/lammps/lmp; a run of 0 steps is subtracted (reading, set-up), median of 3.
 
 Drift (``--drift``): NVE of a 192-atom water box (DeePMD water frame, n2p2 H2O potential), 0.5 fs, 2 ps,
-float64: linear-fit total-energy drift in meV/atom/ps (target <= 0.1).
+float64 and float32: linear-fit total-energy drift in meV/atom/ps (target <= 0.1).
 
-    python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--skin 1.0] [--skin-scan 0.25 0.5 1.0]
-                                  [--drift] [--only-drift]
+    python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--huge-steps 2] [--skin 0.5]
+                                  [--skin-scan 0.25 0.5 1.0] [--drift] [--only-drift] [--no-huge]
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -34,12 +38,11 @@ import sys
 import time
 from pathlib import Path
 
-from _common import gpu_available, machine_info, print_table, run_json_worker, write_json
+from _common import gpu_available, machine_info, n2p2_predict_cost, print_table, run_json_worker, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 WATER = ROOT / ".." / "shared" / "external" / "n2p2" / "H2O_RPBE-D3"
 DEEPMD = ROOT / ".." / "shared" / "external" / "deepmd-water" / "data_0"
-N2P2_US_PER_ATOM = 281.0
 LAMMPS = Path(os.environ.get("MLMD_TEST_LAMMPS") or ROOT / ".." / "shared" / "tools" / "lammps" / "lmp")
 
 
@@ -77,6 +80,8 @@ def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, step
         "rebuilds": result.rebuilds, "atom_steps_per_s": steps * n / timed,
         "us_per_atom_step": timed / (steps * n) * 1e6,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "peak_kb_per_atom": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1.024 / n,
+        "cpu_devices": jax.local_device_count("cpu") if platform == "cpu" else None, "compute": result.compute,
     }
 
 
@@ -119,14 +124,14 @@ def lammps_row(steps: int, repeats: int = 3) -> dict | None:
             "peak_rss_gib": None}
 
 
-def drift_worker(steps: int) -> dict:
+def drift_worker(steps: int, dtype: str = "float64") -> dict:
     _setup("cpu", 2)
     from mlmd_lab.analysis import energy_drift
     from mlmd_lab.io.deepmd import read_deepmd
     from mlmd_lab.md import run
     from mlmd_lab.potentials import HDNNP
 
-    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype="float64")
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype=dtype)
     atoms = read_deepmd(DEEPMD)[0]
     t0 = time.perf_counter()
     result = run(model, atoms, "nve", temperature=300, timestep=0.5, steps=steps, log_interval=10,
@@ -134,7 +139,7 @@ def drift_worker(steps: int) -> dict:
     th = result.thermo
     drift = energy_drift(th["time_fs"], th["etot_eV"], len(atoms))
     return {
-        "atoms": len(atoms), "steps": steps, "timestep_fs": 0.5, "time_ps": steps * 0.5e-3,
+        "dtype": dtype, "atoms": len(atoms), "steps": steps, "timestep_fs": 0.5, "time_ps": steps * 0.5e-3,
         "drift_meV_atom_ps": drift.slope_mev_atom_ps, "drift_err_meV_atom_ps": drift.slope_err_mev_atom_ps,
         "rms_meV_atom": drift.rms_mev_atom, "max_deviation_meV_atom": drift.max_deviation_mev_atom,
         "mean_temperature_K": float(th["temperature_K"].mean()), "wall_s": time.perf_counter() - t0,
@@ -146,32 +151,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps for 1080 atoms")
     parser.add_argument("--big-steps", type=int, default=6, help="timed steps for 8640 atoms")
+    parser.add_argument("--huge-steps", type=int, default=2, help="timed steps for 69120 atoms")
+    parser.add_argument("--no-huge", action="store_true", help="skip the 69120-atom rows")
     parser.add_argument("--skin", type=float, default=0.5, help="Å (mlmd_lab.md.run's default)")
     parser.add_argument("--skin-scan", type=float, nargs="*", metavar="SKIN",
                         help="also time 1080 atoms, 2 threads, float64 and float32, at these skins (Å)")
-    parser.add_argument("--drift", action="store_true", help="also the 2 ps NVE drift run")
+    parser.add_argument("--drift", action="store_true", help="also the 2 ps NVE drift runs")
     parser.add_argument("--only-drift", action="store_true")
     parser.add_argument("--drift-steps", type=int, default=4000)
     parser.add_argument("--worker", nargs=6, metavar=("PLATFORM", "THREADS", "DTYPE", "REPEAT", "STEPS", "SKIN"))
-    parser.add_argument("--drift-worker", type=int)
+    parser.add_argument("--drift-worker", nargs=2, metavar=("STEPS", "DTYPE"))
     args = parser.parse_args()
     if args.worker:
         p, t, d, r, s, k = args.worker
         print(json.dumps(throughput_worker(p, int(t), d, int(r), int(s), float(k))))
         return
     if args.drift_worker:
-        print(json.dumps(drift_worker(args.drift_worker)))
+        print(json.dumps(drift_worker(int(args.drift_worker[0]), args.drift_worker[1])))
         return
     if not WATER.exists():
         sys.exit(f"n2p2 water potential not found at {WATER} (../shared/external is needed)")
     gpu = gpu_available()
-    results, drift = [], None
+    results, drift, n2p2 = [], [], None
     if not args.only_drift:
-        configs = [("cpu", 2, "float64", 1, args.steps), ("cpu", 2, "float32", 1, args.steps),
-                   ("cpu", 1, "float64", 1, max(10, args.steps // 2)),
+        n2p2 = n2p2_predict_cost(WATER)
+        reference = n2p2["cpu_us_per_atom"] if n2p2 else None
+        short = max(10, args.steps // 2)
+        configs = [("cpu", 1, "float64", 1, short), ("cpu", 1, "float32", 1, short),
+                   ("cpu", 2, "float64", 1, args.steps), ("cpu", 2, "float32", 1, args.steps),
                    ("cpu", 2, "float64", 2, args.big_steps), ("cpu", 2, "float32", 2, args.big_steps)]
+        if not args.no_huge:
+            configs += [("cpu", 2, "float64", 4, args.huge_steps)]
         if gpu:
-            configs += [("gpu", 0, d, r, s) for d in ("float64", "float32") for r, s in ((1, 500), (2, 200))]
+            configs += [("gpu", 0, d, r, s) for d in ("float64", "float32") for r, s in ((1, 500), (2, 200), (4, 50))]
         for platform, threads, dtype, repeat, steps in configs:
             cmd = [sys.executable, __file__, "--worker", platform, str(threads), dtype, str(repeat), str(steps),
                    str(args.skin)]
@@ -182,17 +194,27 @@ def main() -> None:
         if lammps is not None:
             results.append(lammps)
         rows = []
+        if n2p2:
+            rows.append(["n2p2 nnp-predict (whole process)", n2p2["atoms"], 0, 1e6 / n2p2["cpu_us_per_atom"],
+                         n2p2["cpu_us_per_atom"], n2p2["cpu_us_per_atom"], 1.0, None, None, None, None])
         for r in results:
             cores = r["threads"] or 1
             per_core = r["us_per_atom_step"] * cores if r["platform"] in ("cpu", "lammps") else None
+            r["ratio_to_n2p2_per_core"] = None if per_core is None or reference is None else per_core / reference
             rows.append([f"{r['platform']} {r['threads'] or ''}{'t ' if r['threads'] else ''}{r['dtype']}",
                          r["atoms"], r["steps"], r["atom_steps_per_s"], r["us_per_atom_step"], per_core,
-                         None if per_core is None else N2P2_US_PER_ATOM / per_core, r["rebuilds"], r["compile_s"],
-                         r["peak_rss_gib"]])
+                         r["ratio_to_n2p2_per_core"], r["rebuilds"], r["compile_s"], r["peak_rss_gib"],
+                         r.get("peak_kb_per_atom")])
         print_table(["config", "atoms", "steps", "atom-steps/s", "µs/atom-step", "µs/atom-step·core",
-                     "n2p2/ours per core", "rebuilds", "compile s", "peak GiB"], rows,
-                    title=f"MD throughput, n2p2 H2O_RPBE-D3 water, NVE 300 K, 0.5 fs, skin {args.skin} Å "
-                          f"(n2p2: {N2P2_US_PER_ATOM:.0f} µs/atom per core, single point)")
+                     "ours/n2p2 per core", "rebuilds", "compile s", "peak GiB", "peak KB/atom"], rows,
+                    title=f"MD, n2p2 H2O_RPBE-D3 water, NVE 300 K, 0.5 fs, skin {args.skin} Å; n2p2 measured in this "
+                          "run (targets: 1t float64 <= 0.9, 1t float32 <= 0.45; 69120 atoms <= 50 KB/atom)")
+        one = {r["dtype"]: r["us_per_atom_step"] for r in results if r["platform"] == "cpu" and r["threads"] == 1}
+        two = {r["dtype"]: r["us_per_atom_step"] for r in results
+               if r["platform"] == "cpu" and r["threads"] == 2 and r["atoms"] == 1080}
+        scaling = {d: one[d] / two[d] for d in one if d in two}
+        for d, x in scaling.items():
+            print(f"2 threads over 1 thread, 1080 atoms, {d}: {x:.2f}x (target >= 1.7)")
         scan = []
         for skin in args.skin_scan or []:
             for dtype in ("float64", "float32"):
@@ -201,24 +223,29 @@ def main() -> None:
                 if r is not None:
                     scan.append(r)
         if scan:
-            print_table(["skin Å", "dtype", "atom-steps/s", "µs/atom-step", "µs/atom-step·core", "n2p2/ours per core",
-                         "rebuilds"],
+            print_table(["skin Å", "dtype", "atom-steps/s", "µs/atom-step", "µs/atom-step·core", "rebuilds"],
                         [[r["skin_A"], r["dtype"], r["atom_steps_per_s"], r["us_per_atom_step"],
-                          2 * r["us_per_atom_step"], N2P2_US_PER_ATOM / (2 * r["us_per_atom_step"]), r["rebuilds"]]
-                         for r in scan], title="Skin scan: 1080 atoms, CPU 2 threads")
+                          2 * r["us_per_atom_step"], r["rebuilds"]] for r in scan],
+                        title="Skin scan: 1080 atoms, CPU 2 threads")
             results += scan
         if not gpu:
-            print("GPU: not measured (JAX sees no GPU on this machine; target 1e6 atom-steps/s on H100/H200)")
+            print("GPU: not measured (JAX sees no GPU on this machine)")
+    else:
+        scaling = {}
     if args.drift or args.only_drift:
-        drift = run_json_worker([sys.executable, __file__, "--drift-worker", str(args.drift_steps)], "drift")
+        for dtype in ("float64", "float32"):
+            r = run_json_worker([sys.executable, __file__, "--drift-worker", str(args.drift_steps), dtype],
+                                f"drift {dtype}")
+            if r:
+                drift.append(r)
         if drift:
             print_table(["run", "atoms", "time ps", "drift meV/atom/ps", "± (1σ)", "RMS meV/atom", "mean T K",
                          "wall s"],
-                        [["NVE float64 0.5 fs", drift["atoms"], drift["time_ps"], drift["drift_meV_atom_ps"],
-                          drift["drift_err_meV_atom_ps"], drift["rms_meV_atom"], drift["mean_temperature_K"],
-                          drift["wall_s"]]], title="NVE energy drift (target <= 0.1 meV/atom/ps)")
-    path = write_json("bench_md", {"machine": machine_info(), "n2p2_us_per_atom_per_core": N2P2_US_PER_ATOM,
-                                   "gpu_available": gpu, "throughput": results, "drift": drift})
+                        [[f"NVE {r['dtype']} 0.5 fs", r["atoms"], r["time_ps"], r["drift_meV_atom_ps"],
+                          r["drift_err_meV_atom_ps"], r["rms_meV_atom"], r["mean_temperature_K"], r["wall_s"]]
+                         for r in drift], title="NVE energy drift (target <= 0.1 meV/atom/ps)")
+    path = write_json("bench_md", {"machine": machine_info(), "n2p2": n2p2, "gpu_available": gpu,
+                                   "throughput": results, "thread_scaling": scaling, "drift": drift})
     print(f"wrote {path}")
 
 

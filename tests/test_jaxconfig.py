@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mlmd_lab import jaxconfig
 
 
@@ -56,3 +58,25 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
     assert entries() == written  # loaded, not compiled and written again
     off = {**env, "MLMD_JAX_CACHE": "off"}
     assert _run(off)[1] == "None"
+
+
+def test_cpu_device_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv("MLMD_CPU_DEVICES", "3")
+    assert jaxconfig.cpu_device_count() == 3
+    monkeypatch.setenv("MLMD_CPU_DEVICES", "0")
+    assert jaxconfig.cpu_device_count() == 1
+    monkeypatch.delenv("MLMD_CPU_DEVICES")
+    assert 1 <= jaxconfig.cpu_device_count() <= min(len(os.sched_getaffinity(0)), jaxconfig.MAX_CPU_DEVICES)
+    monkeypatch.setenv("MLMD_CPU_DEVICES", "two")
+    with pytest.raises(ValueError, match="MLMD_CPU_DEVICES.*whole number"):
+        jaxconfig.cpu_device_count()
+
+
+def test_one_cpu_device_per_core_in_a_fresh_process():
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "MLMD_CPU_DEVICES")}
+    env["JAX_PLATFORMS"] = "cpu"
+    program = "import mlmd_lab.potentials, jax, os; print(jax.local_device_count('cpu'), len(os.sched_getaffinity(0)))"
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    devices, cores = map(int, out.stdout.split())
+    assert devices == min(cores, 16)

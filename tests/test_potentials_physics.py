@@ -418,3 +418,102 @@ def test_public_evaluate_is_what_evaluate_graph_runs(model):
     np.testing.assert_allclose(np.asarray(out["energy"]), expected["energy"], rtol=1e-12)
     np.testing.assert_allclose(np.asarray(out["forces"])[:n], expected["forces"][:n], atol=1e-12)
     np.testing.assert_allclose(np.asarray(out["virial"]), expected["virial"], atol=1e-12)
+
+
+# --------------------------------------------------------------------------- the chunked descriptor kernel
+def _evaluate_afresh(model, atoms_list):
+    """Energies, forces and virials through a newly traced evaluate (so monkeypatched kernel settings apply)."""
+    import jax
+
+    from mlmd_lab.potentials.model import evaluate
+
+    graph = model.graph(atoms_list)
+    function = jax.jit(lambda params, arrays: evaluate(model.energy_function(), model.padding_distance, params,
+                                                       arrays, graph.layout, True))
+    out = function(model.parameters(), graph.arrays())
+    return {k: np.asarray(out[k]) for k in ("energy", "forces", "virial")}
+
+
+def test_chunk_loops_and_tails_give_the_one_piece_result(model, monkeypatch):
+    """Blocks split into many chunks and a tail (chunk of 5) give what one chunk per block gives, to rounding."""
+    from mlmd_lab.potentials import descriptors
+
+    structures = [_zno(seed=21), _zno(rattle=0.3, seed=22)]
+    monkeypatch.setattr(descriptors, "CHUNK", 1 << 20)
+    whole = _evaluate_afresh(model, structures)
+    monkeypatch.setattr(descriptors, "CHUNK", 5)
+    chunked = _evaluate_afresh(model, structures)
+    for key in whole:
+        np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12 * np.abs(whole[key]).max())
+    assert np.abs(whole["forces"]).max() > 0.1  # a real test: non-trivial forces
+
+
+_SHARDS_PROGRAM = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+import jax
+from mlmd_lab.potentials import descriptors
+from test_potentials_physics import _model, _zno, _evaluate_afresh
+assert jax.local_device_count("cpu") == 3, jax.devices()
+model = _model()
+model.fit_scaling([_zno(seed=1), _zno(seed=2)])
+descriptors.CHUNK, descriptors.MIN_CHUNKS_PER_DEVICE = 8, 1
+structures = [_zno(seed=31), _zno(rattle=0.3, seed=32)]
+assert descriptors.cpu_shards(model.graph(structures).layout) == 3
+split = _evaluate_afresh(model, structures)
+descriptors.cpu_shards = lambda layout=None: 1
+serial = _evaluate_afresh(model, structures)
+for key in split:
+    scale = np.abs(serial[key]).max()
+    print(key, float(np.abs(split[key] - serial[key]).max() / scale), scale)
+"""
+
+
+def test_loops_split_over_cpu_devices_give_the_serial_result():
+    """With three JAX CPU devices (MLMD_CPU_DEVICES=3, an uneven split) the loops run on all three and sum to the
+    one-device result."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "MLMD_CPU_DEVICES": "3", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    program = _SHARDS_PROGRAM.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.strip().splitlines()[-3:]]
+    assert [r[0] for r in rows] == ["energy", "forces", "virial"]
+    for name, relative, scale in rows:
+        assert float(relative) < 1e-12, f"{name} differs by {relative} (relative)"
+        assert float(scale) > 0
+
+
+def test_float32_mode_adds_in_float64(model):
+    """The mixed mode (float32 model): float32 descriptors and networks, float64 sums. The total energy of many
+    atoms then keeps float64's large atom energies exactly (all-float32 sums lost ~1e-6 relative: 0.8 eV on the
+    1,080-atom water)."""
+    atoms = _zno(seed=41).repeat((3, 3, 3))  # 432 atoms, energy ~ -650 eV from the atom energies alone
+    r64 = model.predict(atoms)
+    r32 = model.with_dtype("float32").predict(atoms)
+    per_atom = abs(r32["energy"] - r64["energy"]) / len(atoms)
+    assert per_atom < 2e-6, f"float32 mode energy off by {per_atom} eV/atom"
+    assert abs(r64["energy"]) > 100
+    np.testing.assert_allclose(r32["forces"], r64["forces"], atol=1e-4 * np.abs(r64["forces"]).max())
+
+
+def test_lean_md_graph_equals_the_general_one(model):
+    """NeighbourBuilder.build_one (MD: triplets counted, then written into their padded slots) gives the same pairs,
+    triplets and slots as build(), without trip_i/trip_mask, and the same energy, forces and virial."""
+    atoms = _zno(rattle=0.3, seed=51).repeat((2, 1, 1))
+    builder = model.neighbour_builder(skin=0.4)
+    structure = model.structure(atoms)
+    general, lean = builder.build([structure]), builder.build_one(*structure)
+    assert lean.layout == general.layout and lean.trip_i is None and lean.trip_mask is None
+    assert lean.trip_ij.size > 100 and lean.trip_ij.dtype == np.int32
+    full = general.arrays()
+    for key, value in lean.arrays().items():
+        np.testing.assert_array_equal(value, full[key], err_msg=key)
+    a, b = model.evaluate_graph(general), model.evaluate_graph(lean)
+    for key in ("energy", "forces", "virial"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-13, atol=1e-12)

@@ -27,12 +27,9 @@ import numpy as np
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
+from mlmd_lab.potentials.descriptors import cpu_shards
 from mlmd_lab.potentials.model import HDNNP, evaluate
 from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
-
-#: Graph arrays the MD engine does not keep: the descriptors derive them from the pair indices (5 bytes per triplet,
-#: about 13 KB per atom of water with a 0.5 Å skin).
-_DERIVED = ("trip_i", "trip_mask")
 
 
 @dataclass(frozen=True)
@@ -103,9 +100,9 @@ class ForceField:
             like: a previous layout to reuse when the new lists fit (no recompilation).
         """
         lf = self.length_factor
-        graph = self.builder.build([(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species)],
-                                   like)
-        arrays = {k: v for k, v in graph.arrays().items() if k not in _DERIVED}
+        graph = self.builder.build_one(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species,
+                                       like)
+        arrays = graph.arrays()  # lean: no trip_i / trip_mask (the descriptors derive them)
         dt = np.float64 if self.dtype == "float64" else np.float32
         arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}
         return arrays, graph.layout
@@ -138,6 +135,16 @@ class ForceField:
         if layout not in self._compiled:
             self._compiled[layout] = jax.jit(lambda arrays, R, h: self.compute(arrays, layout, R, h))
         return self._compiled[layout]
+
+    def describe(self, layout: Layout | None) -> str:
+        """Where :meth:`compute` runs for ``layout``: the JAX platform and how many CPU devices share the descriptor
+        loops (:func:`~mlmd_lab.potentials.descriptors.cpu_shards`); neighbour lists are always built on the host."""
+        platform = jax.default_backend()
+        if platform == "cpu" and layout is not None and not self.single_kind:
+            n = cpu_shards(layout)
+            split = f"descriptor loops split over {n} JAX CPU devices" if n > 1 else "descriptor loops on one device"
+            return f"cpu: {split}; neighbour lists on the host"
+        return f"{platform}: neighbour lists on the host"
 
     def single_point(self, atoms: Atoms) -> dict:
         """:meth:`compute` for one structure (numpy results; for checks and the first step)."""

@@ -86,6 +86,8 @@ class MDResult:
         steps: steps taken in this call; wall_s: seconds; rebuilds: neighbour-list rebuilds.
         atom_steps_per_s: throughput (atoms x steps / wall time, compilation included in wall_s only).
         workdir: output folder or None.
+        compute: where the forces were computed, e.g. "cpu: descriptor loops split over 2 JAX CPU devices;
+            neighbour lists on the host".
     """
 
     atoms: Atoms
@@ -99,6 +101,7 @@ class MDResult:
     workdir: Path | None = None
     stopped: str | None = None
     settings: dict = field(default_factory=dict)
+    compute: str = ""
 
     def __repr__(self) -> str:
         return (f"MDResult({self.steps} steps of {len(self.atoms)} atoms, {self.wall_s:.1f} s, "
@@ -396,9 +399,12 @@ class _Engine:
     # -- neighbour data ---------------------------------------------------------------------------------
     def _rebuild(self, positions, cell, like: Layout | None = None) -> None:
         like = like if like is not None else self.layout
-        self.arrays, self.layout = self.ff.build(np.asarray(positions), np.asarray(cell), self.atoms.pbc,
-                                                 self.species, like)
-        self.arrays = {k: jnp.asarray(v) for k, v in self.arrays.items()}
+        self.arrays = None  # the old lists go before the new ones are built: the peak holds one set, not two
+        arrays, self.layout = self.ff.build(np.asarray(positions), np.asarray(cell), self.atoms.pbc, self.species,
+                                            like)
+        self.arrays = {}
+        for key in list(arrays):  # one array at a time onto the device, its host copy dropped as it goes
+            self.arrays[key] = jnp.asarray(arrays.pop(key))
         self.reference = (np.array(positions), np.array(cell))
         self.rebuilds += 1
 
@@ -517,7 +523,7 @@ class _Engine:
             rebuilds=self.rebuilds, compile_s=compile_s,
             atom_steps_per_s=taken * len(self.atoms) / max(wall - compile_s, 1e-9), workdir=out.workdir,
             stopped=_REASONS.get(stopped) if stopped else (_BY_CALLBACK if out.stop_requested else None),
-            settings=dict(self.settings))
+            settings=dict(self.settings), compute=self.ff.describe(self.layout))
         if stopped is not None:
             where = f"; restart written in {out.workdir}" if out.workdir else ""
             forces = np.linalg.norm(np.asarray(self.state.forces), axis=1)

@@ -246,8 +246,11 @@ class HDNNP:
                 params["min"][e] = jnp.asarray(stats[:, 0] - tol, dt)
                 params["max"][e] = jnp.asarray(stats[:, 1] + tol, dt)
         inv_conv, mean, offsets = self._energy_constants()
-        params["energy"] = {"inv_conv": jnp.asarray(inv_conv, dt), "mean": jnp.asarray(mean, dt),
-                            "offsets": jnp.asarray(offsets, dt)}
+        # Energy constants stay float64 in the float32 (mixed) mode: the atom energies (~ -470 eV for O in Ha-based
+        # water potentials) would otherwise carry float32 rounding of 3e-5 eV into every atomic energy.
+        acc = accumulator_dtype(dt)
+        params["energy"] = {"inv_conv": jnp.asarray(inv_conv, acc), "mean": jnp.asarray(mean, acc),
+                            "offsets": jnp.asarray(offsets, acc)}
         return params
 
     def _energy_constants(self) -> tuple[float, float, list[float]]:
@@ -380,7 +383,8 @@ def _energy_function(plan, smin, acts, normalize):
     def energies(params, arrays, d, layout):
         features = symmetry_functions(plan, layout, arrays, d)
         species = arrays["species"]
-        atomic = jnp.zeros(layout.n_atoms, dtype=d.dtype)
+        acc = accumulator_dtype(d.dtype)  # float32 models (the mixed mode) add energies in float64
+        atomic = jnp.zeros(layout.n_atoms, dtype=acc)
         extrapolated = jnp.zeros(layout.n_atoms, dtype=jnp.int32)
         inv_conv, mean, offsets = (params["energy"][k] for k in ("inv_conv", "mean", "offsets"))
         for c, element in enumerate(elements):
@@ -388,12 +392,10 @@ def _energy_function(plan, smin, acts, normalize):
             mine = species == c
             x = smin + params["factor"][element] * (G - params["shift"][element])
             out = apply(params["networks"][element], x, acts, normalize)
-            atomic = atomic + jnp.where(mine, out * inv_conv + mean + offsets[c], 0.0)
+            atomic = atomic + jnp.where(mine, out.astype(acc) * inv_conv + mean + offsets[c], 0.0)
             outside = (G < params["min"][element]) | (G > params["max"][element])
             extrapolated = extrapolated + jnp.where(mine, jnp.sum(outside, axis=1), 0)
-        # float32 models (the mixed mode) still add atomic energies in float64.
-        per_structure = jax.ops.segment_sum(atomic.astype(accumulator_dtype(atomic.dtype)), arrays["atom_struct"],
-                                            num_segments=layout.n_structures + 1)
+        per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
         return per_structure[:-1], atomic, extrapolated
 
     return energies

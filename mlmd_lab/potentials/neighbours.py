@@ -77,8 +77,8 @@ class Graph:
     pair_mask: np.ndarray
     trip_ij: np.ndarray
     trip_ik: np.ndarray
-    trip_i: np.ndarray
-    trip_mask: np.ndarray
+    trip_i: np.ndarray | None  # None in a lean graph (NeighbourBuilder.build_one)
+    trip_mask: np.ndarray | None
     layout: Layout
     n_real: np.ndarray
 
@@ -86,7 +86,7 @@ class Graph:
         """The array fields (what the jit-compiled functions take)."""
         names = ("positions", "cells", "species", "atom_struct", "pair_i", "pair_j", "pair_shift", "pair_struct",
                  "pair_mask", "trip_ij", "trip_ik", "trip_i", "trip_mask")
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 @dataclass
@@ -148,36 +148,19 @@ def skin_holds(positions, cell, reference_positions, reference_cell, cutoff: flo
 
 
 @numba.njit(cache=True, nogil=True)
-def _grow(array, size):
-    out = np.empty(size, array.dtype)
-    out[: array.size] = array
-    return out
+def _enumerate_triplets(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang,
+                        fill, where, offsets, out_a, out_b):
+    """Unordered neighbour pairs {j, k} of every central atom, by element-triple group, in order of the central atom.
 
-
-@numba.njit(cache=True, nogil=True)
-def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang):
-    """Unordered neighbour pairs {j, k} of every central atom, grouped by element triple, sorted by i.
-
-    Compiled with numba: the enumeration visits every candidate pair once (millions for dense liquids),
-    which vectorised numpy did 10x slower through its many temporaries.
+    Two passes over the same candidates (compiled with numba: a dense liquid has millions, which vectorised numpy
+    visited 10x slower through its temporaries): with ``fill`` False it only counts each group's triplets; with
+    ``fill`` True it writes them as pair slots ``where[p]`` into ``out_a``/``out_b`` from ``offsets[g]`` on (j carries
+    the lower element e1). Counting first means no growing buffers and no sort: memory is the output alone.
+    Returns the per-group counts.
     """
-    n_pairs = i.size
     starts = np.searchsorted(i, np.arange(n_atoms + 1))
-    upper = 0
-    for atom in range(n_atoms):
-        m = 0
-        for p in range(starts[atom], starts[atom + 1]):
-            if dist[p] < cutoff_ang:
-                m += 1
-        upper += m * (m - 1) // 2
-    # Start from a quarter of the candidates (narrow functions keep ~30 % in dense liquids) and grow by
-    # doubling, so that memory follows the kept triplets, not all candidates.
-    capacity = max(16, upper // 4)
-    first = np.empty(capacity, np.int32)  # int32: 4-byte pair indices halve the memory of a rebuild
-    second = np.empty(capacity, np.int32)
-    group = np.empty(capacity, np.int32)
-    local = np.empty(n_pairs, np.int64)
-    count = 0
+    local = np.empty(i.size, np.int64)
+    counts = np.zeros(n_groups, np.int64)
     for atom in range(n_atoms):
         m = 0
         for p in range(starts[atom], starts[atom + 1]):
@@ -185,11 +168,6 @@ def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wi
                 local[m] = p
                 m += 1
         c = species[atom]
-        if count + m * (m - 1) // 2 > capacity:  # room for every candidate of this atom
-            capacity = max(2 * capacity, count + m * (m - 1) // 2)
-            first = _grow(first, capacity)
-            second = _grow(second, capacity)
-            group = _grow(group, capacity)
         for x in range(m):
             p = local[x]
             for y in range(x + 1, m):
@@ -206,26 +184,27 @@ def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wi
                     dz = vec[q, 2] - vec[p, 2]
                     if dx * dx + dy * dy + dz * dz >= rc * rc:
                         continue
-                if e[p] > e[q]:  # j carries the lower element e1
-                    first[count], second[count] = q, p
-                else:
-                    first[count], second[count] = p, q
-                group[count] = g
-                count += 1
-    # Stable counting sort by group keeps each group's triplets in order of the central atom.
-    counts = np.zeros(n_groups + 1, np.int64)
-    for t in range(count):
-        counts[group[t] + 1] += 1
-    for g in range(n_groups):
-        counts[g + 1] += counts[g]
-    a = np.empty(count, np.int32)
-    b = np.empty(count, np.int32)
-    out_group = np.empty(count, np.int32)
-    for t in range(count):
-        k = counts[group[t]]
-        counts[group[t]] += 1
-        a[k], b[k], out_group[k] = first[t], second[t], group[t]
-    return a, b, out_group
+                if fill:
+                    k = offsets[g] + counts[g]
+                    if e[p] > e[q]:
+                        out_a[k], out_b[k] = where[q], where[p]
+                    else:
+                        out_a[k], out_b[k] = where[p], where[q]
+                counts[g] += 1
+    return counts
+
+
+def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang):
+    """(a, b, group) of one structure's triplets, unpadded: pair indices of (i, j) and (i, k), grouped by element
+    triple and within a group in order of the central atom (int32)."""
+    none = np.zeros(0, np.int32)
+    args = (i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang)
+    counts = _enumerate_triplets(*args, False, none, np.zeros(n_groups, np.int64), none, none)
+    offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
+    a = np.empty(int(counts.sum()), np.int32)
+    b = np.empty_like(a)
+    _enumerate_triplets(*args, True, np.arange(i.size, dtype=np.int32), offsets, a, b)
+    return a, b, np.repeat(np.arange(n_groups, dtype=np.int32), counts)
 
 
 class NeighbourBuilder:
@@ -270,6 +249,29 @@ class NeighbourBuilder:
             t_a = t_b = t_group = np.zeros(0, np.int64)
         return _Raw(i, j, S.astype(np.float64), block, t_a, t_b, t_group)
 
+    def build_one(self, positions, cell, pbc, species, capacities: Layout | None = None) -> Graph:
+        """One structure's graph built lean, for MD: triplets are counted, then written straight into their padded
+        slots (no unpadded copy, no sort), and the graph has no ``trip_i``/``trip_mask`` (None: the descriptors
+        derive them). Peak memory is the output: 8 bytes per triplet slot. Same pairs and triplets, in the same
+        slots, as :meth:`build` of one structure."""
+        species = np.asarray(species, np.int64)
+        i, j, S, D = pair_list(positions, cell, pbc, self.cutoff)
+        dist = np.sqrt(np.einsum("ij,ij->i", D, D))
+        e = species[j]
+        block = species[i] * self.n_elements + e
+        none = np.zeros(0, np.int32)
+        raw = _Raw(i, j, S.astype(np.float64), block, none, none, none)
+        args = (i, dist, D, e, species, len(species), self._table, self._group_rc, self._group_wide,
+                len(self.group_keys), self.cutoff_angular)
+        counts = (_enumerate_triplets(*args, False, none, np.zeros(len(self.group_keys), np.int64), none, none)
+                  if self.group_keys else np.zeros(0, np.int64))
+        graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True)
+        if self.group_keys:
+            where = _slots(block, np.array([o for o, _ in graph.layout.pair_blocks], np.int64), self.n_elements)
+            offsets = np.array([o for _, o, _ in graph.layout.triplet_groups], np.int64)
+            _enumerate_triplets(*args, True, where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
+        return graph
+
     def build(self, structures, capacities: Layout | None = None) -> Graph:
         """Pack structures [(positions, cell, pbc, species), ...] into one padded graph.
 
@@ -278,7 +280,10 @@ class NeighbourBuilder:
         raws = [self.raw(*s) for s in structures]
         return self.pack(structures, raws, capacities)
 
-    def pack(self, structures, raws: list[_Raw], capacities: Layout | None = None) -> Graph:
+    def pack(self, structures, raws: list[_Raw], capacities: Layout | None = None, trip_counts=None,
+             lean: bool = False) -> Graph:
+        """Pad and concatenate structures' raw neighbour data. ``trip_counts`` (per group) stands in for the raws'
+        triplets when they are filled later (:meth:`build_one`); ``lean`` leaves trip_i and trip_mask out (None)."""
         E = self.n_elements
         n_real = np.array([len(s[3]) for s in structures], np.int64)
         atom_offsets = np.r_[0, np.cumsum(n_real)[:-1]]
@@ -287,9 +292,10 @@ class NeighbourBuilder:
         pair_counts = np.zeros(E * E, np.int64)
         for raw in raws:
             pair_counts += np.bincount(raw.block, minlength=E * E)
-        trip_counts = np.zeros(len(self.group_keys), np.int64)
-        for raw in raws:
-            trip_counts += np.bincount(raw.t_group, minlength=len(self.group_keys))
+        if trip_counts is None:
+            trip_counts = np.zeros(len(self.group_keys), np.int64)
+            for raw in raws:
+                trip_counts += np.bincount(raw.t_group, minlength=len(self.group_keys))
         atom_cap = bucket(n_atoms)
         pair_caps = [bucket(n) for n in pair_counts]
         trip_caps = [bucket(n) for n in trip_counts]
@@ -308,21 +314,17 @@ class NeighbourBuilder:
             pair_i=np.full(n_pairs, pad_atom, np.int32),
             pair_j=np.full(n_pairs, pad_atom, np.int32),
             pair_shift=np.zeros((n_pairs, 3)),
-            pair_struct=np.zeros(n_pairs, np.int64),
+            pair_struct=np.zeros(n_pairs, np.int32),
             pair_mask=np.zeros(n_pairs, bool),
             trip_ij=np.zeros(n_trip, np.int32),
             trip_ik=np.zeros(n_trip, np.int32),
-            trip_i=np.full(n_trip, pad_atom, np.int32),
-            trip_mask=np.zeros(n_trip, bool),
+            trip_i=None if lean else np.full(n_trip, pad_atom, np.int32),
+            trip_mask=None if lean else np.zeros(n_trip, bool),
         )
         fill_pairs = pair_offsets.copy()
         fill_trip = trip_offsets.copy()
         for s, raw in enumerate(raws):
-            order = np.argsort(raw.block, kind="stable")
-            block_sorted = raw.block[order]
-            starts = np.searchsorted(block_sorted, np.arange(E * E))
-            where = np.empty(raw.i.size, np.int64)
-            where[order] = fill_pairs[block_sorted] + (np.arange(raw.i.size) - starts[block_sorted])
+            where = _slots(raw.block, fill_pairs, E)
             fill_pairs += np.bincount(raw.block, minlength=E * E)
             g["pair_i"][where] = raw.i + atom_offsets[s]
             g["pair_j"][where] = raw.j + atom_offsets[s]
@@ -360,6 +362,17 @@ class NeighbourBuilder:
         )
         return Graph(positions=positions, cells=cells, species=species, atom_struct=atom_struct, layout=layout,
                      n_real=n_real, **g)
+
+
+def _slots(block: np.ndarray, first: np.ndarray, n_elements: int) -> np.ndarray:
+    """The padded slot of each pair: pairs of block b go, in their order, to first[b], first[b] + 1, ..."""
+    E2 = n_elements * n_elements
+    order = np.argsort(block, kind="stable")
+    block_sorted = block[order]
+    starts = np.searchsorted(block_sorted, np.arange(E2))
+    where = np.empty(block.size, np.int64)
+    where[order] = first[block_sorted] + (np.arange(block.size) - starts[block_sorted])
+    return where
 
 
 def _fits(layout: Layout, atom_cap, pair_caps, trip_caps, n_structures) -> bool:
