@@ -24,6 +24,7 @@ float64 and float32: linear-fit total-energy drift in meV/atom/ps (target <= 0.1
 
     python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--huge-steps 2] [--skin 0.5]
                                   [--skin-scan 0.25 0.5 1.0] [--drift] [--only-drift] [--no-huge]
+    python benchmarks/bench_md.py --large float64 100   # 103,680 atoms, 100 steps (bench_md_large.json)
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -83,6 +84,30 @@ def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, step
         "peak_kb_per_atom": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1.024 / n,
         "cpu_devices": jax.local_device_count("cpu") if platform == "cpu" else None, "compute": result.compute,
     }
+
+
+def large_worker(dtype: str, steps: int) -> dict:
+    """``steps`` NVE steps of a 103,680-atom water box (the 1,080-atom structure repeated 4 x 4 x 6) in one run,
+    2 threads, compilation included: does it fit and run here, and at what memory per atom."""
+    _setup("cpu", 2)
+    from mlmd_lab.io.n2p2 import read_input_data
+    from mlmd_lab.md import run
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype=dtype)
+    atoms = read_input_data(WATER / "input.data", "Ha", "Bohr")[0].repeat((4, 4, 6))
+    t0 = time.perf_counter()
+    result = run(model, atoms, "nve", temperature=300, timestep=0.5, steps=steps, block=min(steps, 25),
+                 log_interval=min(steps, 25), trajectory_interval=0, restart_interval=0)
+    th = result.thermo
+    n = len(atoms)
+    return {"dtype": dtype, "atoms": n, "steps": result.steps, "wall_s": time.perf_counter() - t0,
+            "compile_s": result.compile_s, "rebuilds": result.rebuilds,
+            "us_per_atom_step": (result.wall_s - result.compile_s) / (result.steps * n) * 1e6,
+            "etot_change_meV_atom": float(th["etot_eV"][-1] - th["etot_eV"][0]) / n * 1e3,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_kb_per_atom": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1.024 / n,
+            "compute": result.compute}
 
 
 def lammps_row(steps: int, repeats: int = 3) -> dict | None:
@@ -161,7 +186,23 @@ def main() -> None:
     parser.add_argument("--drift-steps", type=int, default=4000)
     parser.add_argument("--worker", nargs=6, metavar=("PLATFORM", "THREADS", "DTYPE", "REPEAT", "STEPS", "SKIN"))
     parser.add_argument("--drift-worker", nargs=2, metavar=("STEPS", "DTYPE"))
+    parser.add_argument("--large", nargs=2, metavar=("DTYPE", "STEPS"),
+                        help="only the 103,680-atom run (e.g. float64 100); writes bench_md_large.json")
+    parser.add_argument("--large-worker", nargs=2, metavar=("DTYPE", "STEPS"))
     args = parser.parse_args()
+    if args.large_worker:
+        print(json.dumps(large_worker(args.large_worker[0], int(args.large_worker[1]))))
+        return
+    if args.large:
+        r = run_json_worker([sys.executable, __file__, "--large-worker", *args.large], "large")
+        if r:
+            print_table(["dtype", "atoms", "steps", "wall s", "compile s", "µs/atom-step", "rebuilds",
+                         "ΔE_tot meV/atom", "peak GiB", "peak KB/atom"],
+                        [[r["dtype"], r["atoms"], r["steps"], r["wall_s"], r["compile_s"], r["us_per_atom_step"],
+                          r["rebuilds"], r["etot_change_meV_atom"], r["peak_rss_gib"], r["peak_kb_per_atom"]]],
+                        title=f"Large water box, NVE 300 K, 0.5 fs, 2 threads ({r['compute']})")
+            print(f"wrote {write_json('bench_md_large', {'machine': machine_info(), 'large': r})}")
+        return
     if args.worker:
         p, t, d, r, s, k = args.worker
         print(json.dumps(throughput_worker(p, int(t), d, int(r), int(s), float(k))))

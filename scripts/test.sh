@@ -17,4 +17,7 @@ if [[ -z "${MLMD_TEST_LAMMPS:-}" && -x "$lmp" ]]; then
 fi
 # One worker per core: a third worker on 2 cores was measured no faster (2076 s, 177 % CPU, issue 17's note).
 workers="${MLMD_TEST_WORKERS:-$(python -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')}"
+# Each worker keeps JAX's single CPU device: the workers already use every core, and per-core devices in each of
+# them would only contend (the split over devices has its own test, with MLMD_CPU_DEVICES=3 in a subprocess).
+export MLMD_CPU_DEVICES="${MLMD_CPU_DEVICES:-1}"
 exec python -m pytest -n "$workers" --dist loadgroup "$@"

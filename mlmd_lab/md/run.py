@@ -142,7 +142,8 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         skin: neighbour-list skin in Å (default 0.5: in water at 300 K and 0.5 fs, 0.25-1.0 Å cost the same
             within 10 %, benchmarks/bench_md.py --skin-scan; a larger skin holds more triplets, a smaller one
             rebuilds more often on the host).
-        dtype: "float64" or "float32" potential evaluation (default: the potential's).
+        dtype: "float64" or "float32" (the mixed mode: float32 descriptors and networks, float64 sums; see
+            :meth:`HDNNP.with_dtype`) potential evaluation (default: the potential's).
         trajectory_interval, log_interval, restart_interval: in steps (0 disables).
         block: steps per compiled block (between host round trips).
         on_extrapolation: "warn", "stop" or "ignore" when symmetry functions leave the training range.
