@@ -404,8 +404,8 @@ class _Engine:
         arrays, self.layout = self.ff.build(np.asarray(positions), np.asarray(cell), self.atoms.pbc, self.species,
                                             like)
         self.arrays = {}
-        for key in list(arrays):  # one array at a time onto the device, its host copy dropped as it goes
-            self.arrays[key] = jnp.asarray(arrays.pop(key))
+        for key in list(arrays):  # onto the device; on the CPU the aligned triplet indices are used in place
+            self.arrays[key] = jax.device_put(arrays.pop(key), may_alias=True)
         self.reference = (np.array(positions), np.array(cell))
         self.rebuilds += 1
 

@@ -441,7 +441,10 @@ def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces
     # d_p = r_j - r_i (+ shift): dE/dr_j += g_p, dE/dr_i -= g_p; F = -dE/dr.
     force = jax.ops.segment_sum(grad, arrays["pair_i"], N) - jax.ops.segment_sum(grad, arrays["pair_j"], N)
     # dE/d(strain) = sum_p d_p (x) g_p per structure (ASE's stress convention: sigma = (1/V) dE/d(strain)).
-    virial = jax.ops.segment_sum(d[:, :, None] * grad[:, None, :], arrays["pair_struct"], layout.n_structures)
+    if layout.n_structures == 1:  # MD: one (3, P) x (P, 3) product instead of a (P, 3, 3) array of outer products
+        virial = (d.T @ grad)[None]
+    else:
+        virial = jax.ops.segment_sum(d[:, :, None] * grad[:, None, :], arrays["pair_struct"], layout.n_structures)
     return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": force, "virial": virial}
 
 
