@@ -40,6 +40,7 @@ import sys
 import time
 from pathlib import Path
 
+from _common import RESULTS_DIR as RESULTS
 from _common import gpu_available, machine_info, n2p2_predict_cost, print_table, run_json_worker, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,8 +288,14 @@ def main() -> None:
                         [[f"NVE {r['dtype']} 0.5 fs", r["atoms"], r["time_ps"], r["drift_meV_atom_ps"],
                           r["drift_err_meV_atom_ps"], r["rms_meV_atom"], r["mean_temperature_K"], r["wall_s"]]
                          for r in drift], title="NVE energy drift (target <= 0.1 meV/atom/ps)")
-    path = write_json("bench_md", {"machine": machine_info(), "n2p2": n2p2, "gpu_available": gpu,
-                                   "throughput": results, "thread_scaling": scaling, "drift": drift})
+    data = {"machine": machine_info(), "n2p2": n2p2, "gpu_available": gpu, "throughput": results,
+            "thread_scaling": scaling, "drift": drift}
+    previous = RESULTS / "bench_md.json"
+    if args.only_drift and previous.exists():  # keep the throughput rows of the last full run beside the new drift
+        old = json.loads(previous.read_text())
+        data.update({k: old.get(k) for k in ("n2p2", "throughput", "thread_scaling")})
+        data["throughput_machine"] = old.get("throughput_machine", old.get("machine"))
+    path = write_json("bench_md", data)
     print(f"wrote {path}")
 
 
