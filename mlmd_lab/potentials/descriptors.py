@@ -94,6 +94,14 @@ def pair_vectors(arrays, far: float):
 #: the memory of a force evaluation at the index arrays: no (triplets x functions) array is ever stored, in the
 #: forward or the backward pass.
 CHUNK = 1024
+#: The chunk on a GPU: each loop step there is a kernel launch (~10 µs), so chunks are as large as memory allows
+#: comfortably (not measured here: no GPU on this machine).
+GPU_CHUNK = 1 << 17
+
+
+def chunk_size() -> int:
+    """Pairs or triplets per loop step on the platform JAX computes on (:data:`CHUNK` on the CPU)."""
+    return CHUNK if jax.default_backend() == "cpu" else GPU_CHUNK
 
 
 def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
@@ -144,16 +152,17 @@ def _blocks(plan: DescriptorPlan, layout: Layout):
 
 
 def _chunks(total: int, body, carry, shard=None):
-    """carry = body(start, size, carry) over [0, total) in chunks of :data:`CHUNK` (a loop) and one static tail.
+    """carry = body(start, size, carry) over [0, total) in chunks (:func:`chunk_size`, a loop) and one static tail.
 
     ``shard`` = (s, n): only this shard's share of the chunks (s may be traced: the device's index)."""
-    full = total // CHUNK
+    size = chunk_size()
+    full = total // size
     s, n = shard if shard is not None else (0, 1)
     if full:
-        carry = jax.lax.fori_loop(s * full // n, (s + 1) * full // n, lambda k, c: body(k * CHUNK, CHUNK, c), carry)
-    if total > full * CHUNK:
+        carry = jax.lax.fori_loop(s * full // n, (s + 1) * full // n, lambda k, c: body(k * size, size, c), carry)
+    if total > full * size:
         def tail(c):
-            return body(full * CHUNK, total - full * CHUNK, c)
+            return body(full * size, total - full * size, c)
 
         carry = tail(carry) if shard is None else jax.lax.cond(s == n - 1, tail, lambda c: c, carry)
     return carry
