@@ -461,6 +461,15 @@ descriptors.CHUNK, descriptors.MIN_CHUNKS_PER_DEVICE = 8, 1
 structures = [_zno(seed=31), _zno(rattle=0.3, seed=32)]
 assert descriptors.cpu_shards(model.graph(structures).layout) == 3
 split = _evaluate_afresh(model, structures)
+from mlmd_lab.md.forcefield import forcefield
+ff = forcefield(model, skin=0.3)
+atoms = _zno(seed=33)
+arrays, layout = ff.build(atoms.positions, atoms.cell.array, atoms.pbc, ff.species(atoms))
+host = {{k: v.ctypes.data for k, v in arrays.items()}}
+placed = ff.to_device(arrays, layout)
+big = [k for k in ("pair_i", "trip_ij", "trip_ik")]
+pointers = {{k: {{s.data.unsafe_buffer_pointer() for s in placed[k].addressable_shards}} for k in big}}
+print("shared", all(len(placed[k].addressable_shards) == 3 and pointers[k] == {{host[k]}} for k in big))
 descriptors.cpu_shards = lambda layout=None: 1
 serial = _evaluate_afresh(model, structures)
 for key in split:
@@ -471,7 +480,7 @@ for key in split:
 
 def test_loops_split_over_cpu_devices_give_the_serial_result():
     """With three JAX CPU devices (MLMD_CPU_DEVICES=3, an uneven split) the loops run on all three and sum to the
-    one-device result."""
+    one-device result; the MD engine's neighbour arrays are one host buffer read by all three devices."""
     import os
     import subprocess
     import sys
@@ -482,6 +491,7 @@ def test_loops_split_over_cpu_devices_give_the_serial_result():
     program = _SHARDS_PROGRAM.format(tests=str(Path(__file__).parent))
     out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "shared True" in out.stdout, "MD arrays were copied to each CPU device instead of shared"
     rows = [line.split() for line in out.stdout.strip().splitlines()[-3:]]
     assert [r[0] for r in rows] == ["energy", "forces", "virial"]
     for name, relative, scale in rows:
@@ -517,3 +527,45 @@ def test_lean_md_graph_equals_the_general_one(model):
     a, b = model.evaluate_graph(general), model.evaluate_graph(lean)
     for key in ("energy", "forces", "virial"):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-13, atol=1e-12)
+
+
+def test_positions_path_equals_the_pair_vector_path(model):
+    """evaluate's position form (pair vectors built in the loops, gradients straight to positions and cells, virial
+    as sum r (x) dE/dr + cell^T dE/dcell) gives the pair-vector form's energies, forces and virials: two structures
+    with different cells and images in one batch, and one structure alone (the MD path)."""
+    from mlmd_lab.potentials import evaluate
+
+    function = model.energy_function()
+    assert hasattr(function, "at_positions")
+
+    def pair_vector_form(*args):  # the same energy function without its position form
+        return function(*args)
+
+    small = _zno(rattle=0.3, seed=71)
+    small.set_cell(small.cell.array * 0.97, scale_atoms=True)
+    for structures in ([_zno(seed=72), small], [small]):
+        graph = model.graph(structures)
+        args = (model.padding_distance, model.parameters(), graph.arrays(), graph.layout, True)
+        a, b = evaluate(function, *args), evaluate(pair_vector_form, *args)
+        for key in ("energy", "forces", "virial"):
+            scale = np.abs(np.asarray(b[key])).max()
+            np.testing.assert_allclose(np.asarray(a[key]), np.asarray(b[key]), rtol=0, atol=1e-12 * scale, err_msg=key)
+        assert np.abs(np.asarray(b["virial"])).max() > 0.1
+
+
+def test_unwrapped_positions_far_from_the_cell_keep_the_energy(model):
+    """MD keeps positions unwrapped: an atom 200 cells away needs image shifts beyond int8, which the lean graph
+    then stores as int16, with the same energy and forces as the wrapped structure."""
+    from mlmd_lab.md.forcefield import forcefield
+
+    ff = forcefield(model, skin=0.3)
+    atoms = _zno(rattle=0.2, seed=73)
+    moved = atoms.copy()
+    moved.positions[0] += 200 * atoms.cell.array[0] - 130 * atoms.cell.array[2]
+    arrays, _ = ff.build(moved.positions, moved.cell.array, moved.pbc, ff.species(moved))
+    assert arrays["pair_shift"].dtype == np.int16
+    assert ff.build(atoms.positions, atoms.cell.array, atoms.pbc, ff.species(atoms))[0]["pair_shift"].dtype == np.int8
+    a, b = ff.single_point(atoms), ff.single_point(moved)
+    assert abs(a["energy"] - b["energy"]) < 1e-9 * max(1.0, abs(a["energy"]))
+    np.testing.assert_allclose(b["forces"], a["forces"], atol=1e-9)
+    np.testing.assert_allclose(b["virial"], a["virial"], atol=1e-8)

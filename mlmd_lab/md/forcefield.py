@@ -27,7 +27,7 @@ import numpy as np
 from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
-from mlmd_lab.potentials.descriptors import cpu_shards
+from mlmd_lab.potentials.descriptors import accumulator_dtype, cpu_shards, device_arrays
 from mlmd_lab.potentials.model import HDNNP, evaluate
 from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
 
@@ -107,6 +107,23 @@ class ForceField:
         arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}
         return arrays, graph.layout
 
+    def _with_positions(self, energy_fn, arrays: dict, layout: Layout, positions, cell) -> dict:
+        """``arrays`` with positions (padded to the layout) and the cell in model units: float64 for potentials that
+        build pair vectors from positions (exact differences also in the mixed mode), else the model's dtype."""
+        dt = jnp.float64 if self.dtype == "float64" else jnp.float32
+        if hasattr(energy_fn, "at_positions"):
+            dt = accumulator_dtype(dt)
+        lf = self.length_factor
+        R = jnp.zeros((layout.n_atoms, 3), dt).at[: positions.shape[0]].set((positions / lf).astype(dt))
+        return dict(arrays, positions=R, cells=(cell / lf).astype(dt)[None])
+
+    def to_device(self, arrays: dict, layout: Layout) -> dict:
+        """:meth:`build`'s arrays as JAX arrays for :meth:`compiled`, without copies on the CPU
+        (:func:`~mlmd_lab.potentials.descriptors.device_arrays`); ``arrays`` is emptied."""
+        if self.single_kind:
+            return {key: jax.device_put(arrays.pop(key)) for key in list(arrays)}
+        return device_arrays(arrays, layout)
+
     def compute(self, arrays: dict, layout: Layout, positions, cell) -> dict:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
         extrapolation (N,) counts, force_std (N,) eV/Å, the calibrated committee force uncertainty (raw spread
@@ -114,10 +131,8 @@ class ForceField:
         sqrt(mean_m |F_m - F_mean|^2) (both zero for a single potential). Pure JAX."""
         n = positions.shape[0]
         lf, ef = self.length_factor, self.energy_factor
-        dt = jnp.float64 if self.dtype == "float64" else jnp.float32
-        R = jnp.zeros((layout.n_atoms, 3), dt).at[:n].set((positions / lf).astype(dt))
-        local = dict(arrays, positions=R, cells=(cell / lf).astype(dt)[None])
-        outs = [evaluate(fn, self.far, params, local, layout, True) for fn, params in self.members]
+        outs = [evaluate(fn, self.far, params, self._with_positions(fn, arrays, layout, positions, cell), layout, True)
+                for fn, params in self.members]
         energies = jnp.stack([o["energy"][0] for o in outs]).astype(jnp.float64) * ef
         forces = jnp.stack([o["forces"][:n] for o in outs]).astype(jnp.float64) * (ef / lf)
         virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
@@ -149,6 +164,7 @@ class ForceField:
     def single_point(self, atoms: Atoms) -> dict:
         """:meth:`compute` for one structure (numpy results; for checks and the first step)."""
         arrays, layout = self.build(atoms.positions, atoms.cell.array, atoms.pbc, self.species(atoms))
+        arrays = self.to_device(arrays, layout)
         out = self.compiled(layout)(arrays, jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array))
         return {k: np.asarray(v) for k, v in out.items()}
 

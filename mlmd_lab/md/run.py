@@ -403,9 +403,7 @@ class _Engine:
         self.arrays = None  # the old lists go before the new ones are built: the peak holds one set, not two
         arrays, self.layout = self.ff.build(np.asarray(positions), np.asarray(cell), self.atoms.pbc, self.species,
                                             like)
-        self.arrays = {}
-        for key in list(arrays):  # onto the device; on the CPU the aligned triplet indices are used in place
-            self.arrays[key] = jax.device_put(arrays.pop(key), may_alias=True)
+        self.arrays = self.ff.to_device(arrays, self.layout)  # on the CPU: used in place, once for all devices
         self.reference = (np.array(positions), np.array(cell))
         self.rebuilds += 1
 

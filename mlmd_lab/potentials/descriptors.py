@@ -16,17 +16,17 @@ from one gradient with respect to d (see :mod:`mlmd_lab.potentials.model`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import shard_map
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mlmd_lab.potentials.cutoff import cutoff as cutoff_fn
-from mlmd_lab.potentials.neighbours import Layout
+from mlmd_lab.potentials.neighbours import Layout, aligned_zeros
 from mlmd_lab.potentials.symfunc import SymmetryFunction
 
 
@@ -76,10 +76,18 @@ class DescriptorPlan:
 
 
 def pair_vectors(arrays, far: float):
-    """d_ij (P, 3) for every pair slot; padded slots get a constant vector of length ``far``."""
+    """d_ij (P, 3) for every pair slot; padded slots get a constant vector of length ``far``.
+
+    The image offset shift . cell is one (P, 3) x (3, 3) product for one structure, and three gathered rows for
+    several: never a (P, 3, 3) array of per-pair cells (XLA kept one, 72 bytes a pair, in the MD step's memory)."""
     R, cells = arrays["positions"], arrays["cells"]
+    shift = arrays["pair_shift"].astype(R.dtype)  # integer image counts in lean MD graphs
     d = R[arrays["pair_j"]] - R[arrays["pair_i"]]
-    d = d + jnp.einsum("pa,pab->pb", arrays["pair_shift"], cells[arrays["pair_struct"]])
+    if cells.shape[0] == 1:
+        d = d + shift @ cells[0]
+    else:
+        struct = arrays["pair_struct"]
+        d = d + sum(shift[:, a, None] * cells[:, a, :][struct] for a in range(3))
     mask = arrays["pair_mask"][:, None]
     return jnp.where(mask, d, jnp.array([far, 0.0, 0.0], dtype=d.dtype))
 
@@ -186,13 +194,44 @@ def cpu_shards(layout: Layout | None = None) -> int:
     return n
 
 
+@lru_cache
+def _mesh(n: int) -> Mesh:
+    return Mesh(np.array(jax.local_devices(backend="cpu")[:n]), ("cores",))
+
+
+def device_arrays(arrays: dict, layout: Layout) -> dict:
+    """Neighbour arrays (numpy) placed where the descriptor loops read them, without copies on the CPU.
+
+    With several CPU devices (:func:`cpu_shards`) every device reads every array; left to itself JAX would copy
+    each array to each device (measured: +1.6 GiB at 69,120 atoms of water). Here each device's buffer aliases the
+    one host array instead (64-byte aligned arrays are used in place, see
+    :func:`~mlmd_lab.potentials.neighbours.aligned_zeros`), so the arrays exist once. Elsewhere a plain
+    ``device_put``. The numpy arrays must not be changed afterwards; the dict is emptied as it goes, so the host
+    copy of an array the device does copy (a GPU) is freed early."""
+    n = cpu_shards(layout)
+    out = {}
+    for key in list(arrays):
+        host = np.ascontiguousarray(arrays.pop(key))
+        if n == 1 or host.ndim == 0:
+            out[key] = jax.device_put(host, may_alias=True)
+            continue
+        if host.ctypes.data % 64:
+            aligned = aligned_zeros(host.size, host.dtype).reshape(host.shape)
+            aligned[...] = host
+            host = aligned
+        mesh = _mesh(n)
+        buffers = [jax.device_put(host, device, may_alias=True) for device in mesh.devices.flat]
+        out[key] = jax.make_array_from_single_device_arrays(host.shape, NamedSharding(mesh, P()), buffers)
+    return out
+
+
 def _on_devices(layout: Layout, function, *args):
     """function(*args, shard=(s, n)) summed over the CPU devices (shard_map + psum); plain function(*args,
     shard=None) on one device."""
     n = cpu_shards(layout)
     if n == 1:
         return function(*args, shard=None)
-    mesh = Mesh(np.array(jax.local_devices(backend="cpu")[:n]), ("cores",))
+    mesh = _mesh(n)
 
     def part(*local):
         out = function(*local, shard=(jax.lax.axis_index("cores"), n))
@@ -227,14 +266,8 @@ def _chunk(plan, kind, functions, index, dT, offset, start, size):
     return atoms, angular, (dT[:, ij], dT[:, ik]), (ij, ik)
 
 
-def _features_forward(plan, layout, index, dT):
-    """Per element (n_features[c], N) raw functions, accumulated in float64; dT is (3, P)."""
-    rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT)
-    return _assemble(plan, layout, rows, accumulator_dtype(dT.dtype))
-
-
 def _block_sums(plan, layout, index, dT, shard=None):
-    """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only)."""
+    """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only); dT is (3, P)."""
     acc = accumulator_dtype(dT.dtype)
     N = layout.n_atoms
     rows = []
@@ -270,21 +303,6 @@ def _assemble(plan, layout, sums, acc):
     return features
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _features(plan, layout, index, dT):
-    return _features_forward(plan, layout, index, dT)
-
-
-def _features_fwd(plan, layout, index, dT):
-    return _features_forward(plan, layout, index, dT), (index, dT)
-
-
-def _features_bwd(plan, layout, residuals, cotangents):
-    index, dT = residuals
-    d_bar = _on_devices(layout, partial(_pair_gradient, plan, layout), index, dT, cotangents)
-    return None, d_bar.astype(dT.dtype)
-
-
 def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
     """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar."""
     acc = accumulator_dtype(dT.dtype)
@@ -306,7 +324,138 @@ def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
     return d_bar
 
 
+def _features_forward(plan, layout, index, dT):
+    """Per element (n_features[c], N) raw functions, accumulated in float64; dT is (3, P)."""
+    rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT)
+    return _assemble(plan, layout, rows, accumulator_dtype(dT.dtype))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _features(plan, layout, index, dT):
+    return _features_forward(plan, layout, index, dT)
+
+
+def _features_fwd(plan, layout, index, dT):
+    return _features_forward(plan, layout, index, dT), (index, dT)
+
+
+def _features_bwd(plan, layout, residuals, cotangents):
+    index, dT = residuals
+    d_bar = _on_devices(layout, partial(_pair_gradient, plan, layout), index, dT, cotangents)
+    return None, d_bar.astype(dT.dtype)
+
+
 _features.defvjp(_features_fwd, _features_bwd)
+
+
+def symmetry_functions_at(plan: DescriptorPlan, layout: Layout, arrays, positions, cells, dtype, far: float):
+    """Raw (unscaled) symmetry functions straight from positions, the same values as :func:`symmetry_functions`
+    of :func:`pair_vectors`, with a derivative that goes straight to positions and cells.
+
+    Args:
+        plan, layout: as :func:`symmetry_functions`.
+        arrays: graph arrays; the index arrays are read (pair_i, pair_j, pair_shift, pair_struct, pair_mask,
+            trip_ij, trip_ik, and trip_i, trip_mask where given).
+        positions: (N, 3) in the model's length unit, any float dtype (float64 keeps the pair vectors exact in
+            the mixed mode: they are differences of positions of a large box).
+        cells: (B, 3, 3), rows are cell vectors.
+        dtype: the dtype the functions are computed in (float32 for the mixed mode).
+        far: length of the vector given to padded pair slots (beyond every cutoff).
+
+    Returns:
+        list over elements of (n_atoms, n_features[c]) arrays in ``dtype``, as :func:`symmetry_functions`.
+
+    Why a second entry point: each chunk builds its own pair vectors from the positions, and the backward pass
+    adds each chunk's gradient onto the atoms (3, N) and cells (B, 3, 3) directly. No array over all pairs is made
+    in either pass: an MD step's memory beyond the index arrays is O(atoms), and every per-pair operation is
+    inside the loops that :func:`cpu_shards` splits over the cores (measured at 69,120 atoms of water: see
+    benchmarks/bench_md.py).
+    """
+    index = {k: arrays[k] for k in _POSITION_INDEX if k in arrays}
+    features = _features_at(plan, layout, float(far), jnp.dtype(dtype).name, index, positions.T, cells)
+    return [G.T.astype(dtype) for G in features]
+
+
+_POSITION_INDEX = ("pair_i", "pair_j", "pair_shift", "pair_struct", "pair_mask", "trip_ij", "trip_ik", "trip_i",
+                   "trip_mask")
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _features_at(plan, layout, far, dtype, index, RT, cells):
+    return _features_at_fwd(plan, layout, far, dtype, index, RT, cells)[0]
+
+
+def _features_at_fwd(plan, layout, far, dtype, index, RT, cells):
+    rows = _on_devices(layout, partial(_block_sums_at, plan, layout, far, dtype), index, RT, cells)
+    return _assemble(plan, layout, rows, accumulator_dtype(jnp.dtype(dtype))), (index, RT, cells)
+
+
+def _features_at_bwd(plan, layout, far, dtype, residuals, cotangents):
+    index, RT, cells = residuals
+    gradient = partial(_position_gradient, plan, layout, far, dtype)
+    RT_bar, cells_bar = _on_devices(layout, gradient, index, RT, cells, cotangents)
+    return None, RT_bar.astype(RT.dtype), cells_bar.astype(cells.dtype)
+
+
+def _vectors_t(index, RT, cells, dtype, far):
+    """Pair vectors (3, P) in ``dtype`` from positions RT (3, N) and cells (B, 3, 3); padded slots get (far, 0, 0).
+    Computed from float64 positions where given (exact differences in a large box also in the mixed mode).
+
+    Built in a loop over chunks of pairs: XLA on the CPU does not fuse gathers into their consumers, so one
+    expression over all pairs kept every gathered row and converted shift as a (P,) buffer (measured: 9 of them
+    beside the result)."""
+    size_p = index["pair_i"].shape[0]
+
+    def body(start, size, dT):
+        i, j = (_slice(index[k], start, size) for k in ("pair_i", "pair_j"))
+        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], start, size, axis=0).T.astype(RT.dtype)
+        d = RT[:, j] - RT[:, i] + _image_offsets(index, cells, shift, start, size)
+        far_vector = jnp.zeros((3, 1), d.dtype).at[0, 0].set(far)
+        d = jnp.where(_slice(index["pair_mask"], start, size)[None, :], d, far_vector)
+        return jax.lax.dynamic_update_slice_in_dim(dT, d.astype(dtype), start, axis=1)
+
+    return _chunks(size_p, body, jnp.zeros((3, size_p), dtype))
+
+
+def _image_offsets(index, cells, shift, start, size):
+    """shift . cell (3, C) of the chunk's pairs, for image counts ``shift`` (3, C)."""
+    if cells.shape[0] == 1:
+        return cells[0].T @ shift
+    h = cells[_slice(index["pair_struct"], start, size)]  # (C, 3, 3), chunk-sized
+    return jnp.einsum("cp,pca->ap", shift, h)
+
+
+def _block_sums_at(plan, layout, far, dtype, index, RT, cells, shard=None):
+    """:func:`_block_sums` of the pair vectors of positions RT (3, N) (each device builds them for itself)."""
+    return _block_sums(plan, layout, index, _vectors_t(index, RT, cells, dtype, far), shard)
+
+
+def _position_gradient(plan, layout, far, dtype, index, RT, cells, cotangents, shard=None):
+    """(RT_bar (3, N), cells_bar (B, 3, 3)) of this shard's chunks: the pair gradient d_bar (3, P) of
+    :func:`_pair_gradient`, then d = r_j - r_i + shift . cell gives r_j += d_bar, r_i -= d_bar and
+    dE/dh_ca = sum_p shift_pc d_bar_pa. Each device reduces its own d_bar to atoms before the sum over devices, so
+    only (3, N) arrays cross between them."""
+    d_bar = _pair_gradient(plan, layout, index, _vectors_t(index, RT, cells, dtype, far), cotangents, shard)
+    # Reduced to atoms and cells chunk by chunk (see _vectors_t). Padded pair slots join a padding atom to itself
+    # with no shift: what they add there cancels, so no mask is needed.
+    acc = d_bar.dtype
+
+    def body(start, size, carry):
+        RT_bar, cells_bar = carry
+        g = _slice(d_bar, start, size)
+        i, j = (_slice(index[k], start, size) for k in ("pair_i", "pair_j"))
+        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], start, size, axis=0).astype(acc)  # (C, 3)
+        RT_bar = RT_bar.at[:, j].add(g).at[:, i].add(-g)
+        if cells.shape[0] == 1:
+            return RT_bar, cells_bar + (shift.T @ g.T)[None]
+        outer = shift[:, :, None] * g.T[:, None, :]
+        return RT_bar, cells_bar.at[_slice(index["pair_struct"], start, size)].add(outer)
+
+    start = (jnp.zeros(RT.shape, acc), jnp.zeros(cells.shape, acc))
+    return _chunks(d_bar.shape[1], body, start)
+
+
+_features_at.defvjp(_features_at_fwd, _features_at_bwd)
 
 
 def _radial_values(plan: DescriptorPlan, functions, r):

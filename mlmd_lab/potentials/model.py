@@ -25,7 +25,13 @@ from ase import Atoms
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.potentials import n2p2_files
 from mlmd_lab.potentials.cutoff import cutoff_code
-from mlmd_lab.potentials.descriptors import DescriptorPlan, accumulator_dtype, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.descriptors import (
+    DescriptorPlan,
+    accumulator_dtype,
+    pair_vectors,
+    symmetry_functions,
+    symmetry_functions_at,
+)
 from mlmd_lab.potentials.n2p2_files import N2P2Settings
 from mlmd_lab.potentials.neighbours import Graph, Layout, NeighbourBuilder
 from mlmd_lab.potentials.network import apply, flatten, init_layers, layer_sizes, unflatten
@@ -271,7 +277,7 @@ class HDNNP:
         Energies in model units; d are pair vectors (P, 3) in model length units. :func:`evaluate` turns it
         into energies, forces and virials of a neighbour graph.
         """
-        return _energy_function(*self._static_key()[:4])
+        return _energy_function(*self._static_key())
 
     def _compiled(self):
         key = self._static_key()
@@ -382,13 +388,16 @@ class HDNNP:
 _COMPILED: dict = {}
 
 
-def _energy_function(plan, smin, acts, normalize):
+def _energy_function(plan, smin, acts, normalize, far):
+    """f(params, arrays, d, layout) as :meth:`HDNNP.energy_function` describes, with ``f.at_positions(params,
+    arrays, positions, cells, layout)``: the same energies from positions (N, 3) and cells (B, 3, 3), whose
+    symmetry functions differentiate straight to positions and cells
+    (:func:`~mlmd_lab.potentials.descriptors.symmetry_functions_at`; :func:`evaluate` uses it)."""
     elements = plan.elements
 
-    def energies(params, arrays, d, layout):
-        features = symmetry_functions(plan, layout, arrays, d)
+    def from_features(params, arrays, features, layout):
         species = arrays["species"]
-        acc = accumulator_dtype(d.dtype)  # float32 models (the mixed mode) add energies in float64
+        acc = accumulator_dtype(features[0].dtype)  # float32 models (the mixed mode) add energies in float64
         atomic = jnp.zeros(layout.n_atoms, dtype=acc)
         extrapolated = jnp.zeros(layout.n_atoms, dtype=jnp.int32)
         inv_conv, mean, offsets = (params["energy"][k] for k in ("inv_conv", "mean", "offsets"))
@@ -403,6 +412,15 @@ def _energy_function(plan, smin, acts, normalize):
         per_structure = jax.ops.segment_sum(atomic, arrays["atom_struct"], num_segments=layout.n_structures + 1)
         return per_structure[:-1], atomic, extrapolated
 
+    def energies(params, arrays, d, layout):
+        return from_features(params, arrays, symmetry_functions(plan, layout, arrays, d), layout)
+
+    def at_positions(params, arrays, positions, cells, layout):
+        dtype = params["shift"][elements[0]].dtype  # the model's precision (float32 in the mixed mode)
+        features = symmetry_functions_at(plan, layout, arrays, positions, cells, dtype, far)
+        return from_features(params, arrays, features, layout)
+
+    energies.at_positions = at_positions
     return energies
 
 
@@ -425,6 +443,9 @@ def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces
         ``energy`` (B,), ``atomic`` (N,), ``extrapolation`` (N,) int; with ``forces`` also ``forces`` (N, 3) =
         -dE/dr and ``virial`` (B, 3, 3) = sum over pairs of d (x) dE/dd (ASE's stress is virial / volume).
     """
+    at_positions = getattr(energy_fn, "at_positions", None)
+    if at_positions is not None:
+        return _evaluate_at(at_positions, params, arrays, layout, forces)
     d = pair_vectors(arrays, far)
     if not forces:
         energy, atomic, extrapolated = energy_fn(params, arrays, d, layout)
@@ -446,6 +467,31 @@ def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces
     else:
         virial = jax.ops.segment_sum(d[:, :, None] * grad[:, None, :], arrays["pair_struct"], layout.n_structures)
     return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": force, "virial": virial}
+
+
+def _evaluate_at(at_positions, params, arrays: dict, layout: Layout, forces: bool) -> dict:
+    """:func:`evaluate` for energy functions with an ``at_positions`` form: forces are -dE/dr and the virial
+    sum_p d_p (x) dE/dd_p = sum_i r_i (x) dE/dr_i + cell^T dE/dcell per structure (the same sum, regrouped: the pair
+    vectors are r_j - r_i + shift . cell), summed in float64."""
+    R, cells = arrays["positions"], arrays["cells"]
+    if not forces:
+        energy, atomic, extrapolated = at_positions(params, arrays, R, cells, layout)
+        return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated}
+
+    def total(R, cells):
+        energy, atomic, extrapolated = at_positions(params, arrays, R, cells, layout)
+        return jnp.sum(energy), (energy, atomic, extrapolated)
+
+    (g_R, g_cells), (energy, atomic, extrapolated) = jax.grad(total, argnums=(0, 1), has_aux=True)(R, cells)
+    acc = accumulator_dtype(g_R.dtype)
+    g_R, g_cells, R, cells = g_R.astype(acc), g_cells.astype(acc), R.astype(acc), cells.astype(acc)
+    if layout.n_structures == 1:
+        virial = (R.T @ g_R)[None]
+    else:
+        per_atom = R[:, :, None] * g_R[:, None, :]
+        virial = jax.ops.segment_sum(per_atom, arrays["atom_struct"], layout.n_structures + 1)[:-1]
+    virial = virial + jnp.einsum("sca,scb->sab", cells, g_cells)
+    return {"energy": energy, "atomic": atomic, "extrapolation": extrapolated, "forces": -g_R, "virial": virial}
 
 
 #: Relative spread below which a symmetry function counts as constant in the data: its spread (sigma, or

@@ -58,9 +58,9 @@ class Layout:
 class Graph:
     """Neighbour data of one or more structures (numpy arrays; lengths in the model's length unit).
 
-    Shapes: positions (N, 3), cells (B, 3, 3), species (N,) element index or -1 for padding,
-    atom_struct (N,), pair_i/pair_j (P,) atom indices, pair_shift (P, 3) image counts (float),
-    pair_struct (P,), pair_mask (P,), trip_ij/trip_ik (T,) pair indices, trip_i (T,) central atom,
+    Shapes: positions (N, 3), cells (B, 3, 3), species (N,) element index or -1 for padding, atom_struct (N,),
+    pair_i/pair_j (P,) atom indices, pair_shift (P, 3) image counts (float; the smallest integer type in lean MD
+    graphs), pair_struct (P,), pair_mask (P,), trip_ij/trip_ik (T,) pair indices, trip_i (T,) central atom,
     trip_mask (T,). ``n_real`` holds the real atom count per structure. Atom, pair and triplet indices are int32
     (a 69,120-atom water box has 1.8e8 triplets: 4-byte indices halve their memory). Padded triplets point at pair
     0 twice (trip_ij == trip_ik, which no real triplet has) and are masked.
@@ -310,12 +310,16 @@ class NeighbourBuilder:
             raise MLMDError(f"{n_pairs} pair slots exceed the int32 indices of the neighbour data; split the structure "
                             "or run it with LAMMPS (mlmd_lab.md.write_lammps)")
         pad_atom = atom_cap - 1  # always a padding slot (bucket gives count + 1)
+        # Lean (MD) graphs keep image shifts in the smallest integer type that holds them (int8 nearly always: 3
+        # bytes a pair instead of 24); the pair vectors cast them in JAX. Every array is 64-byte aligned, so JAX on
+        # the CPU uses it in place (see aligned_zeros).
+        shift_type = _shift_dtype(raws) if lean else np.float64
         g = dict(
-            pair_i=np.full(n_pairs, pad_atom, np.int32),
-            pair_j=np.full(n_pairs, pad_atom, np.int32),
-            pair_shift=np.zeros((n_pairs, 3)),
-            pair_struct=np.zeros(n_pairs, np.int32),
-            pair_mask=np.zeros(n_pairs, bool),
+            pair_i=_aligned_full(n_pairs, pad_atom, np.int32),
+            pair_j=_aligned_full(n_pairs, pad_atom, np.int32),
+            pair_shift=aligned_zeros(n_pairs * 3, shift_type).reshape(n_pairs, 3),
+            pair_struct=aligned_zeros(n_pairs, np.int32),
+            pair_mask=aligned_zeros(n_pairs, bool),
             trip_ij=aligned_zeros(n_trip, np.int32),
             trip_ik=aligned_zeros(n_trip, np.int32),
             trip_i=None if lean else np.full(n_trip, pad_atom, np.int32),
@@ -372,6 +376,19 @@ def aligned_zeros(n: int, dtype) -> np.ndarray:
     raw = np.zeros(n * itemsize + 64, np.uint8)
     start = (-raw.ctypes.data) % 64
     return raw[start : start + n * itemsize].view(dtype)
+
+
+def _aligned_full(n: int, value, dtype) -> np.ndarray:
+    out = aligned_zeros(n, dtype)
+    out[:] = value
+    return out
+
+
+def _shift_dtype(raws) -> np.dtype:
+    """The smallest signed integer type holding every image shift of ``raws`` (unwrapped positions of a long run
+    can reach large shifts; the common case is int8)."""
+    largest = max((int(np.abs(raw.shift).max()) for raw in raws if raw.shift.size), default=0)
+    return np.min_scalar_type(-largest - 1) if largest < 2**31 else np.float64
 
 
 def _slots(block: np.ndarray, first: np.ndarray, n_elements: int) -> np.ndarray:
