@@ -19,6 +19,7 @@ reused for structures of similar size and across neighbour-list rebuilds in MD.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numba
@@ -147,63 +148,106 @@ def skin_holds(positions, cell, reference_positions, reference_cell, cutoff: flo
     return (cutoff + skin) * smallest_stretch - 2.0 * largest > cutoff
 
 
-@numba.njit(cache=True, nogil=True)
-def _enumerate_triplets(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang,
-                        fill, where, offsets, out_a, out_b):
-    """Unordered neighbour pairs {j, k} of every central atom, by element-triple group, in order of the central atom.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, fill, where, first,
+                out_a, out_b, counts):
+    """Unordered neighbour pairs {j, k} of one central atom by element-triple group: counted into ``counts`` (G,)
+    and, with ``fill``, written as pair slots ``where[p]`` into ``out_a``/``out_b`` from ``first[g]`` on (j carries
+    the lower element e1)."""
+    local = np.empty(starts[atom + 1] - starts[atom], np.int64)
+    m = 0
+    for p in range(starts[atom], starts[atom + 1]):
+        if dist[p] < cutoff_ang:
+            local[m] = p
+            m += 1
+    c = species[atom]
+    for x in range(m):
+        p = local[x]
+        for y in range(x + 1, m):
+            q = local[y]
+            g = table[c, e[p], e[q]]
+            if g < 0:
+                continue
+            rc = group_rc[g]
+            if dist[p] >= rc or dist[q] >= rc:
+                continue
+            if not group_wide[g]:
+                dx = vec[q, 0] - vec[p, 0]
+                dy = vec[q, 1] - vec[p, 1]
+                dz = vec[q, 2] - vec[p, 2]
+                if dx * dx + dy * dy + dz * dz >= rc * rc:
+                    continue
+            if fill:
+                k = first[g] + counts[g]
+                if e[p] > e[q]:
+                    out_a[k], out_b[k] = where[q], where[p]
+                else:
+                    out_a[k], out_b[k] = where[p], where[q]
+            counts[g] += 1
 
-    Two passes over the same candidates (compiled with numba: a dense liquid has millions, which vectorised numpy
-    visited 10x slower through its temporaries): with ``fill`` False it only counts each group's triplets; with
-    ``fill`` True it writes them as pair slots ``where[p]`` into ``out_a``/``out_b`` from ``offsets[g]`` on (j carries
-    the lower element e1). Counting first means no growing buffers and no sort: memory is the output alone.
-    Returns the per-group counts.
-    """
-    starts = np.searchsorted(i, np.arange(n_atoms + 1))
-    local = np.empty(i.size, np.int64)
-    counts = np.zeros(n_groups, np.int64)
-    for atom in range(n_atoms):
-        m = 0
-        for p in range(starts[atom], starts[atom + 1]):
-            if dist[p] < cutoff_ang:
-                local[m] = p
-                m += 1
-        c = species[atom]
-        for x in range(m):
-            p = local[x]
-            for y in range(x + 1, m):
-                q = local[y]
-                g = table[c, e[p], e[q]]
-                if g < 0:
-                    continue
-                rc = group_rc[g]
-                if dist[p] >= rc or dist[q] >= rc:
-                    continue
-                if not group_wide[g]:
-                    dx = vec[q, 0] - vec[p, 0]
-                    dy = vec[q, 1] - vec[p, 1]
-                    dz = vec[q, 2] - vec[p, 2]
-                    if dx * dx + dy * dy + dz * dz >= rc * rc:
-                        continue
-                if fill:
-                    k = offsets[g] + counts[g]
-                    if e[p] > e[q]:
-                        out_a[k], out_b[k] = where[q], where[p]
-                    else:
-                        out_a[k], out_b[k] = where[p], where[q]
-                counts[g] += 1
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _count_triplets(starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang):
+    """Triplets per central atom and group (n_atoms, G), atoms in parallel (numba threads)."""
+    n_atoms = starts.size - 1
+    counts = np.zeros((n_atoms, n_groups), np.int64)
+    none = np.zeros(0, np.int32)
+    for atom in numba.prange(n_atoms):
+        _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, False, none,
+                    counts[atom], none, none, counts[atom])
     return counts
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _fill_triplets(starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang, where, first,
+                   out_a, out_b):
+    """Writes every atom's triplets from its slots ``first`` (n_atoms, G) on, atoms in parallel."""
+    for atom in numba.prange(starts.size - 1):
+        counts = np.zeros(n_groups, np.int64)
+        _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, True, where,
+                    first[atom], out_a, out_b, counts)
+
+
+class _Triplets:
+    """The triplets of one structure's pair list, enumerated in two passes: count per central atom and group, then
+    write each atom's triplets into its own slots. Why two passes compiled with numba: a dense liquid has millions
+    of candidates, which vectorised numpy visited 10x slower through its temporaries; counting first means no
+    growing buffers and no sort (memory is the output alone), and per-atom slots let both passes run over atoms in
+    parallel. Order: by group, within a group by central atom, within an atom by pair order.
+
+    Args are the pair list (``i`` sorted), distances, vectors (P, 3), neighbour elements e (P,), species (N,) and
+    the builder's group tables."""
+
+    def __init__(self, i, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang):
+        _use_available_cores()
+        starts = np.searchsorted(i, np.arange(len(species) + 1))
+        self.args = (starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang)
+        self.per_atom = _count_triplets(*self.args)
+        self.counts = self.per_atom.sum(axis=0)
+
+    def fill(self, where: np.ndarray, offsets: np.ndarray, out_a: np.ndarray, out_b: np.ndarray) -> None:
+        """Write the triplets as pair slots ``where[p]``, group g's from ``offsets[g]`` on."""
+        first = np.cumsum(self.per_atom, axis=0) - self.per_atom + np.asarray(offsets, np.int64)[None, :]
+        _fill_triplets(*self.args, where, first, out_a, out_b)
+
+
+def _use_available_cores() -> None:
+    """numba's threads follow the cores this process may use (a 1-core benchmark or an xdist worker pinned to
+    fewer cores must not oversubscribe them)."""
+    wanted = max(1, min(numba.config.NUMBA_NUM_THREADS, len(os.sched_getaffinity(0))))
+    if numba.get_num_threads() != wanted:
+        numba.set_num_threads(wanted)
 
 
 def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang):
     """(a, b, group) of one structure's triplets, unpadded: pair indices of (i, j) and (i, k), grouped by element
     triple and within a group in order of the central atom (int32)."""
-    none = np.zeros(0, np.int32)
-    args = (i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang)
-    counts = _enumerate_triplets(*args, False, none, np.zeros(n_groups, np.int64), none, none)
+    triplets = _Triplets(i, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang)
+    counts = triplets.counts
     offsets = np.r_[0, np.cumsum(counts)[:-1]].astype(np.int64)
     a = np.empty(int(counts.sum()), np.int32)
     b = np.empty_like(a)
-    _enumerate_triplets(*args, True, np.arange(i.size, dtype=np.int32), offsets, a, b)
+    triplets.fill(np.arange(i.size, dtype=np.int32), offsets, a, b)
     return a, b, np.repeat(np.arange(n_groups, dtype=np.int32), counts)
 
 
@@ -261,15 +305,16 @@ class NeighbourBuilder:
         block = species[i] * self.n_elements + e
         none = np.zeros(0, np.int32)
         raw = _Raw(i, j, S.astype(np.float64), block, none, none, none)
-        args = (i, dist, D, e, species, len(species), self._table, self._group_rc, self._group_wide,
-                len(self.group_keys), self.cutoff_angular)
-        counts = (_enumerate_triplets(*args, False, none, np.zeros(len(self.group_keys), np.int64), none, none)
-                  if self.group_keys else np.zeros(0, np.int64))
-        graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True)
+        triplets = None
         if self.group_keys:
+            triplets = _Triplets(i, dist, D, e, species, self._table, self._group_rc, self._group_wide,
+                                 len(self.group_keys), self.cutoff_angular)
+        counts = triplets.counts if triplets is not None else np.zeros(0, np.int64)
+        graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True)
+        if triplets is not None:
             where = _slots(block, np.array([o for o, _ in graph.layout.pair_blocks], np.int64), self.n_elements)
             offsets = np.array([o for _, o, _ in graph.layout.triplet_groups], np.int64)
-            _enumerate_triplets(*args, True, where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
+            triplets.fill(where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
         return graph
 
     def build(self, structures, capacities: Layout | None = None) -> Graph:
