@@ -10,7 +10,9 @@ does as little as possible:
   function, summed onto central atoms.
 
 Everything is a function of the pair vectors d_ij = r_j - r_i + shift . cell, so forces and the virial follow
-from one gradient with respect to d (see :mod:`mlmd_lab.potentials.model`).
+from one gradient with respect to d (:func:`symmetry_functions`), or, in the form the MD engine uses, from
+gradients with respect to positions and cells (:func:`symmetry_functions_at`; see
+:mod:`mlmd_lab.potentials.model`).
 """
 
 from __future__ import annotations
@@ -365,11 +367,12 @@ def symmetry_functions_at(plan: DescriptorPlan, layout: Layout, arrays, position
     Returns:
         list over elements of (n_atoms, n_features[c]) arrays in ``dtype``, as :func:`symmetry_functions`.
 
-    Why a second entry point: each chunk builds its own pair vectors from the positions, and the backward pass
-    adds each chunk's gradient onto the atoms (3, N) and cells (B, 3, 3) directly. No array over all pairs is made
-    in either pass: an MD step's memory beyond the index arrays is O(atoms), and every per-pair operation is
-    inside the loops that :func:`cpu_shards` splits over the cores (measured at 69,120 atoms of water: see
-    benchmarks/bench_md.py).
+    Why a second entry point (the MD engine's and :meth:`HDNNP.evaluate_graph`'s): every device builds the pair
+    vectors (3, P) itself from the positions (in loops over chunks, again in the backward pass rather than keeping
+    them), and reduces its share of the pair gradient to atoms (3, N) and cells (B, 3, 3) before the sum over
+    devices. So only (3, N) arrays cross between devices, and a force call needs two (3, P) arrays per device
+    beyond the index arrays: 49 KB per atom at 69,120 atoms of water in float64 on 2 devices, against 108 KB/atom
+    through :func:`pair_vectors` (benchmarks/bench_md.py).
     """
     index = {k: arrays[k] for k in _POSITION_INDEX if k in arrays}
     features = _features_at(plan, layout, float(far), jnp.dtype(dtype).name, index, positions.T, cells)

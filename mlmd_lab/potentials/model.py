@@ -442,6 +442,10 @@ def evaluate(energy_fn, far: float, params, arrays: dict, layout: Layout, forces
     Returns:
         ``energy`` (B,), ``atomic`` (N,), ``extrapolation`` (N,) int; with ``forces`` also ``forces`` (N, 3) =
         -dE/dr and ``virial`` (B, 3, 3) = sum over pairs of d (x) dE/dd (ASE's stress is virial / volume).
+
+    Energy functions with an ``at_positions`` form (:meth:`HDNNP.energy_function`) are differentiated with
+    respect to positions and cells instead (:func:`_evaluate_at`: the same results, less memory); others (e.g.
+    the MD engine's Lennard-Jones) with respect to the pair vectors.
     """
     at_positions = getattr(energy_fn, "at_positions", None)
     if at_positions is not None:

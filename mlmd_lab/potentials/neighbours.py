@@ -20,6 +20,7 @@ reused for structures of similar size and across neighbour-list rebuilds in MD.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -219,16 +220,24 @@ class _Triplets:
     the builder's group tables."""
 
     def __init__(self, i, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang):
-        _use_available_cores()
         starts = np.searchsorted(i, np.arange(len(species) + 1))
         self.args = (starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang)
-        self.per_atom = _count_triplets(*self.args)
+        with _PARALLEL:
+            _use_available_cores()
+            self.per_atom = _count_triplets(*self.args)
         self.counts = self.per_atom.sum(axis=0)
 
     def fill(self, where: np.ndarray, offsets: np.ndarray, out_a: np.ndarray, out_b: np.ndarray) -> None:
         """Write the triplets as pair slots ``where[p]``, group g's from ``offsets[g]`` on."""
         first = np.cumsum(self.per_atom, axis=0) - self.per_atom + np.asarray(offsets, np.int64)[None, :]
-        _fill_triplets(*self.args, where, first, out_a, out_b)
+        with _PARALLEL:
+            _fill_triplets(*self.args, where, first, out_a, out_b)
+
+
+#: One parallel numba region at a time per process: numba's fallback threading layer (workqueue, where neither
+#: OpenMP nor TBB is found) aborts the process when two Python threads enter parallel code at once (e.g. training
+#: in a notebook's background thread while MD runs).
+_PARALLEL = threading.Lock()
 
 
 def _use_available_cores() -> None:
