@@ -495,6 +495,7 @@ class _Engine:
                 block, seconds = self._block(self.layout, args)
                 compile_s += seconds
                 state, code, accepted, rows = block(*args)
+                del args  # holds the neighbour arrays: they must be gone before a rebuild builds new ones
                 code = int(code)
                 accepted = np.asarray(accepted)
                 rows = np.asarray(rows)[accepted]
