@@ -211,6 +211,7 @@ def device_arrays(arrays: dict, layout: Layout) -> dict:
     ``device_put``. The numpy arrays must not be changed afterwards; the dict is emptied as it goes, so the host
     copy of an array the device does copy (a GPU) is freed early."""
     n = cpu_shards(layout)
+    mesh = _mesh(n) if n > 1 else None
     out = {}
     for key in list(arrays):
         host = np.ascontiguousarray(arrays.pop(key))
@@ -221,7 +222,6 @@ def device_arrays(arrays: dict, layout: Layout) -> dict:
             aligned = aligned_zeros(host.size, host.dtype).reshape(host.shape)
             aligned[...] = host
             host = aligned
-        mesh = _mesh(n)
         buffers = [jax.device_put(host, device, may_alias=True) for device in mesh.devices.flat]
         out[key] = jax.make_array_from_single_device_arrays(host.shape, NamedSharding(mesh, P()), buffers)
     return out

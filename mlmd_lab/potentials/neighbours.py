@@ -248,7 +248,7 @@ def _use_available_cores() -> None:
         numba.set_num_threads(wanted)
 
 
-def _triplet_kernel(i, dist, vec, e, species, n_atoms, table, group_rc, group_wide, n_groups, cutoff_ang):
+def _triplet_kernel(i, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang):
     """(a, b, group) of one structure's triplets, unpadded: pair indices of (i, j) and (i, k), grouped by element
     triple and within a group in order of the central atom (int32)."""
     triplets = _Triplets(i, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang)
@@ -296,7 +296,7 @@ class NeighbourBuilder:
         e = species[j]
         block = species[i] * self.n_elements + e
         if self.group_keys:
-            t_a, t_b, t_group = _triplet_kernel(i, dist, D, e, species, len(species), self._table, self._group_rc,
+            t_a, t_b, t_group = _triplet_kernel(i, dist, D, e, species, self._table, self._group_rc,
                                                 self._group_wide, len(self.group_keys), self.cutoff_angular)
         else:
             t_a = t_b = t_group = np.zeros(0, np.int64)
