@@ -1,4 +1,5 @@
-"""The force evaluation the MD engine integrates: neighbour data on the host, energy/forces/virial in JAX.
+"""The force evaluation the MD engine integrates: neighbour data on the host (or rebuilt in JAX on a GPU),
+energy/forces/virial in JAX.
 
 A :class:`ForceField` wraps a potential (an :class:`~mlmd_lab.potentials.model.HDNNP`, an
 :class:`~mlmd_lab.train.ensemble.Ensemble`, or the :class:`LennardJones` pair potential used for teaching and
@@ -8,7 +9,9 @@ for fast statistical tests of the integrators) behind two calls:
 - :meth:`ForceField.compute` (pure JAX, jit-able): energy (eV), forces (eV/Å), virial (eV) and the safety
   signals (symmetry functions outside the training range per atom; committee force uncertainty per atom in
   eV/Å, calibrated with the ensemble's fitted scale, and the raw spread) for positions and cell in Å, using
-  neighbour data built earlier.
+  neighbour data built earlier;
+- :meth:`ForceField.device_lists` (JAX): the same lists rebuilt inside compiled code, into the capacities of a
+  host build (:mod:`mlmd_lab.potentials.device_neighbours`); :meth:`ForceField.neighbour_route` picks the route.
 
 Why not jax-md's ``partition``: jax-md 0.2.8 (the newest release) does not import with JAX 0.10
 (``jax.lib.xla_bridge`` is gone), and its neighbour lists have no triplets, which Behler–Parrinello angular
@@ -28,6 +31,7 @@ from ase import Atoms
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.potentials.descriptors import accumulator_dtype, cpu_shards, device_arrays
+from mlmd_lab.potentials.device_neighbours import DeviceNeighbours, unsuitable
 from mlmd_lab.potentials.model import HDNNP, evaluate
 from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, skin_holds
 
@@ -89,7 +93,7 @@ class ForceField:
         return np.array([index[s] for s in symbols], np.int64)
 
     def build(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, species: np.ndarray,
-              like: Layout | None = None) -> tuple[dict, Layout]:
+              like: Layout | None = None, headroom: float = 1.0) -> tuple[dict, Layout]:
         """Padded neighbour arrays (model units, numpy) and their static layout, within cutoff + skin.
 
         Args:
@@ -98,10 +102,11 @@ class ForceField:
             pbc: (3,) periodicity.
             species: (N,) element indices.
             like: a previous layout to reuse when the new lists fit (no recompilation).
+            headroom: capacities for this many times the counts (for lists later rebuilt on the device).
         """
         lf = self.length_factor
         graph = self.builder.build_one(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species,
-                                       like)
+                                       like, headroom)
         arrays = graph.arrays()  # lean: no trip_i / trip_mask (the descriptors derive them)
         dt = np.float64 if self.dtype == "float64" else np.float32
         arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}
@@ -151,15 +156,53 @@ class ForceField:
             self._compiled[layout] = jax.jit(lambda arrays, R, h: self.compute(arrays, layout, R, h))
         return self._compiled[layout]
 
-    def describe(self, layout: Layout | None) -> str:
+    def describe(self, layout: Layout | None, lists: str = "neighbour lists on the host") -> str:
         """Where :meth:`compute` runs for ``layout``: the JAX platform and how many CPU devices share the descriptor
-        loops (:func:`~mlmd_lab.potentials.descriptors.cpu_shards`); neighbour lists are always built on the host."""
+        loops (:func:`~mlmd_lab.potentials.descriptors.cpu_shards`), then ``lists``, where the neighbour lists are
+        built (:meth:`neighbour_route`)."""
         platform = jax.default_backend()
         if platform == "cpu" and layout is not None and not self.single_kind:
             n = cpu_shards(layout)
             split = f"descriptor loops split over {n} JAX CPU devices" if n > 1 else "descriptor loops on one device"
-            return f"cpu: {split}; neighbour lists on the host"
-        return f"{platform}: neighbour lists on the host"
+            return f"cpu: {split}; {lists}"
+        return f"{platform}: {lists}"
+
+    def neighbour_route(self, atoms: Atoms, requested: str = "auto") -> tuple[bool, str]:
+        """Where MD rebuilds the neighbour lists: (True for the device, the reason in words).
+
+        ``requested``: "auto" (the device on a GPU when the structure allows it, else the host: on the CPU the
+        host build is faster, benchmarks/bench_md.py), "host", or "device" (refused with the reason when the
+        structure does not allow it, see :func:`~mlmd_lab.potentials.device_neighbours.unsuitable`)."""
+        if requested not in ("auto", "host", "device"):
+            raise MLMDError(f"neighbours must be 'auto', 'host' or 'device', not {requested!r}")
+        lf = self.length_factor
+        why_not = unsuitable(self.builder, atoms.cell.array / lf, atoms.pbc, len(atoms))
+        if requested == "device" and why_not:
+            raise MLMDError(f"neighbours='device' cannot serve this structure: {why_not}; use neighbours='host' "
+                            "(or a larger cell)")
+        if requested == "host":
+            return False, "neighbour lists on the host (as asked)"
+        if requested == "device":
+            return True, "neighbour lists rebuilt on the device (JAX, inside the MD block; as asked)"
+        if jax.default_backend() == "cpu":
+            return False, "neighbour lists on the host (the faster route on the CPU)"
+        if why_not:
+            return False, f"neighbour lists on the host ({why_not})"
+        return True, "neighbour lists rebuilt on the device (JAX, inside the MD block)"
+
+    def device_lists(self, layout: Layout, species: np.ndarray, pbc, positions: np.ndarray, cell: np.ndarray):
+        """A jit-able f(positions (N, 3) Å, cell (3, 3) Å) -> (index arrays in ``layout``, ok) that rebuilds the
+        lists in JAX (:class:`~mlmd_lab.potentials.device_neighbours.DeviceNeighbours`, sized for ``positions``
+        and ``cell``); ``f.sizes`` holds its static sizes."""
+        lf = self.length_factor
+        lists = DeviceNeighbours(self.builder, layout, species, pbc, np.asarray(positions) / lf,
+                                 np.asarray(cell) / lf)
+
+        def build(R, h):
+            return lists(R / lf, h / lf)
+
+        build.sizes = lists.sizes
+        return build
 
     def single_point(self, atoms: Atoms) -> dict:
         """:meth:`compute` for one structure (numpy results; for checks and the first step)."""

@@ -5,6 +5,9 @@ JAX, that the neighbour data still hold (skin rule, cell changes included) and t
 runaway temperature, extrapolation, committee spread); a failing step is not taken: the block ends at the last
 good state. The host then rebuilds the neighbour lists and continues, or stops with a clear
 :class:`MDStoppedError`. So every accepted step used valid neighbours, and a block's length never changes results.
+On the device route (``neighbours=``, the default on a GPU) a step that leaves the skin makes the block rebuild the
+lists itself, in JAX, at the last good state, and take the step again; the host builds only when a list outgrows
+its capacity.
 
 Random numbers for step n come from ``fold_in(PRNGKey(seed), n)``, and a restart stores the neighbour data's
 reference positions and capacities, so a resumed run repeats the uninterrupted one exactly.
@@ -37,6 +40,7 @@ from mlmd_lab.errors import MLMDError
 from mlmd_lab.files import atomic_path, atomic_write_text
 from mlmd_lab.md import integrators as integ
 from mlmd_lab.md.forcefield import ForceField, forcefield, neighbours_valid
+from mlmd_lab.potentials.device_neighbours import LIST_KEYS, unsuitable
 from mlmd_lab.potentials.model import ExtrapolationWarning
 from mlmd_lab.potentials.neighbours import Layout
 
@@ -45,6 +49,9 @@ LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "conserved_eV
                "max_force_std_eV_A")
 
 DEFAULT_SKIN = 0.5  # Å
+#: Capacities of lists rebuilt on the device hold this many times the counts of the host build they start from
+#: (the counts fluctuate by a few per cent in a liquid; a list that outgrows its capacity costs a host build).
+DEVICE_HEADROOM = 1.15
 _BY_CALLBACK = "stopped by a callback"
 
 # Why a block ended (0: it ran to its target).
@@ -83,12 +90,13 @@ class MDResult:
         thermo: the log as arrays, keys :data:`LOG_COLUMNS` (units in the names).
         trajectory: frames written (ASE Atoms): a list, or with a workdir a lazy ``ase.io.Trajectory`` reader of
             ``md.traj`` (indexable, ``len()``; frames load when accessed).
-        steps: steps taken in this call; wall_s: seconds; rebuilds: neighbour-list rebuilds.
+        steps: steps taken in this call; wall_s: seconds; rebuilds: neighbour-list rebuilds (all of them: on the
+            host and on the device), device_rebuilds: those made on the device, inside the compiled blocks.
         compile_s: seconds spent compiling (included in wall_s).
         atom_steps_per_s: throughput (atoms x steps / (wall_s - compile_s)).
         workdir: output folder or None.
-        compute: where the forces were computed, e.g. "cpu: descriptor loops split over 2 JAX CPU devices;
-            neighbour lists on the host".
+        compute: where the forces were computed and the neighbour lists built, e.g. "cpu: descriptor loops split
+            over 2 JAX CPU devices; neighbour lists on the host (the faster route on the CPU)".
     """
 
     atoms: Atoms
@@ -103,6 +111,7 @@ class MDResult:
     stopped: str | None = None
     settings: dict = field(default_factory=dict)
     compute: str = ""
+    device_rebuilds: int = 0
 
     def __repr__(self) -> str:
         return (f"MDResult({self.steps} steps of {len(self.atoms)} atoms, {self.wall_s:.1f} s, "
@@ -117,7 +126,7 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         trajectory_interval: int = 10, log_interval: int = 10, restart_interval: int = 1000, block: int = 50,
         on_extrapolation: str = "warn", max_force_spread: float | None = None,
         max_temperature: float | None = None, callbacks: Sequence[Callable[[dict], None]] = (),
-        progress: bool = False) -> MDResult:
+        progress: bool = False, neighbours: str = "auto") -> MDResult:
     """Run molecular dynamics.
 
     Args:
@@ -158,6 +167,10 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
             block (at most ``block`` steps later): the restart is written and the result has
             ``stopped="stopped by a callback"`` (e.g. a Stop button; :func:`resume` continues).
         progress: show a progress bar.
+        neighbours: where the neighbour lists are rebuilt during the run: "auto" (on the device, inside the
+            compiled block, when JAX computes on a GPU and the cell is at least twice the cutoff plus skin wide;
+            else on the host), "host" or "device" (see :meth:`ForceField.neighbour_route`; the choice and its
+            reason are in ``MDResult.compute``).
     """
     ensemble = _canonical_ensemble(ensemble)
     atoms = _checked_atoms(atoms)
@@ -180,7 +193,7 @@ def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | Non
         "log_interval": int(log_interval), "restart_interval": int(restart_interval), "block": int(block),
         "on_extrapolation": on_extrapolation, "max_force_spread_eV_A": max_force_spread,
         "max_temperature_K": max_temperature, "potential": _fingerprint(ff), "n_atoms": len(atoms),
-        "symbols": atoms.get_chemical_formula(), "pbc": [bool(x) for x in atoms.pbc],
+        "symbols": atoms.get_chemical_formula(), "pbc": [bool(x) for x in atoms.pbc], "neighbours": neighbours,
     }
     engine = _Engine(ff, atoms, free, settings)
     engine.start_velocities(velocities, temperature)
@@ -355,12 +368,14 @@ class _Engine:
         limit = settings["max_temperature_K"]
         self.max_temperature = float(limit) if limit is not None else 10.0 * float(T or 0.0) + 1000.0
         self.step = 0
-        self.rebuilds = 0
+        self.rebuilds = self.device_rebuilds = 0
         self._compiled: dict = {}
         self.momenta = atoms.get_momenta() * free[:, None]
         self.state = None
         self.arrays = self.layout = self.reference = None
         self._warned_extrapolation = False
+        self.on_device, self.route = ff.neighbour_route(atoms, settings.get("neighbours", "auto"))
+        self._lists = None  # the device rebuild of the current layout (on_device only)
 
     # -- initial conditions ---------------------------------------------------------------------------
     def start_velocities(self, mode: str, temperature: float | None) -> None:
@@ -400,24 +415,54 @@ class _Engine:
 
     # -- neighbour data ---------------------------------------------------------------------------------
     def _rebuild(self, positions, cell, like: Layout | None = None) -> None:
+        """A host build at (positions, cell) Å; on the device route also the device's build of the same lists, so
+        that the lists a run uses always come in the device's order (a resumed run repeats the uninterrupted
+        one)."""
         like = like if like is not None else self.layout
+        positions, cell = np.array(positions), np.array(cell)
         self.arrays = None  # the old lists go before the new ones are built: the peak holds one set, not two
-        arrays, self.layout = self.ff.build(np.asarray(positions), np.asarray(cell), self.atoms.pbc, self.species,
-                                            like)
+        lf = self.ff.length_factor
+        if self.on_device and (why := unsuitable(self.ff.builder, cell / lf, self.atoms.pbc, len(self.atoms))):
+            self.on_device, self.route = False, f"neighbour lists on the host from step {self.step} ({why})"
+        headroom = DEVICE_HEADROOM if self.on_device else 1.0
+        arrays, self.layout = self.ff.build(positions, cell, self.atoms.pbc, self.species, like, headroom)
+        if self.on_device:
+            arrays["pair_shift"] = arrays["pair_shift"].astype(np.int32)  # the type the device lists carry
         self.arrays = self.ff.to_device(arrays, self.layout)  # on the CPU: used in place, once for all devices
-        self.reference = (np.array(positions), np.array(cell))
+        if self.on_device:
+            self._lists = self.ff.device_lists(self.layout, self.species, self.atoms.pbc, positions, cell)
+            key = ("lists", self.layout, self._lists.sizes)
+            if key not in self._compiled:
+                self._compiled[key] = jax.jit(self._lists)
+            lists, ok = self._compiled[key](jnp.asarray(positions), jnp.asarray(cell))
+            if not bool(ok):
+                raise MLMDError("internal: the device neighbour lists do not fit the capacities of the host build "
+                                "at the same positions; run with neighbours='host' and report this")
+            self.arrays.update(self.ff.to_device({k: np.asarray(v) for k, v in lists.items()}, self.layout))
+        self.reference = (positions, cell)
         self.rebuilds += 1
 
     def _block(self, layout: Layout, args: tuple):
         """(the block compiled for ``layout``, seconds spent compiling it now). Compiled ahead of its first call,
         so that compile time is measured alone: the first block's steps count as run time, which
         ``atom_steps_per_s`` divides by (timing the first call counted them as compile time)."""
-        key = ("block", layout)
+        key = ("block", layout, self._lists.sizes if self.on_device else None,
+               tuple(sorted((k, str(v.dtype)) for k, v in self.arrays.items())))
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        self._compiled[key] = jax.jit(self._make_block(layout)).lower(*args).compile()
+        # On a GPU the rebuilt lists may take the place of the old ones (donated); on the CPU the old ones alias
+        # host memory (ForceField.to_device), which XLA must not write into.
+        donate = (3,) if self.on_device and jax.default_backend() != "cpu" else ()
+        self._compiled[key] = jax.jit(self._make_block(layout), donate_argnums=donate).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - t0
+
+    def _split_arrays(self) -> tuple[dict, dict]:
+        """(arrays fixed during a block, neighbour lists the block rebuilds: empty off the device route)."""
+        if not self.on_device:
+            return self.arrays, {}
+        lists = {k: v for k, v in self.arrays.items() if k in LIST_KEYS}
+        return {k: v for k, v in self.arrays.items() if k not in LIST_KEYS}, lists
 
     def _make_block(self, layout: Layout):
         ff, kind, periodic = self.ff, self.kind, self.periodic
@@ -430,25 +475,34 @@ class _Engine:
         max_temperature = self.max_temperature
         dof = max(self.dof, 1)
 
-        def block(state, constants, arrays, ref_R, ref_h, target, key):
-            skipped = jax.eval_shape(lambda: ff.compute(arrays, layout, state.positions, state.cell))
+        on_device, rebuild_lists = self.on_device, self._lists
 
-            def force(R, h):
-                # Every integrator evaluates forces once, at the step's final positions and cell, which the block
-                # checks below; a step that leaves the skin is rejected whatever its forces. So it is not computed:
-                # that saves one force call per neighbour rebuild (1 step in ~8 for water at a 0.5 Å skin).
-                valid = neighbours_valid(ff, R, h, ref_R, ref_h, variable_cell)
-                return jax.lax.cond(valid, lambda: ff.compute(arrays, layout, R, h),
-                                    lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), skipped))
+        def block(state, constants, fixed, lists, ref_R, ref_h, target, key):
+            """Up to ``length`` steps from ``state`` with the neighbour lists built at (ref_R, ref_h). Off the device
+            route ``lists`` is empty (``fixed`` holds every array) and a step leaving the skin ends the block; on it
+            the lists are rebuilt here (the step is then taken again) and come back with their reference."""
+            skipped = jax.eval_shape(lambda: ff.compute({**fixed, **lists}, layout, state.positions, state.cell))
 
-            step_fn = integ.make_step(kind, force, anisotropic)
+            def advance(s, lists, ref_R, ref_h):
+                def force(R, h):
+                    # Every integrator evaluates forces once, at the step's final positions and cell, which the block
+                    # checks below; a step that leaves the skin is rejected whatever its forces. So it is not
+                    # computed: that saves one force call per neighbour rebuild (1 step in ~8 for water at a 0.5 Å
+                    # skin).
+                    valid = neighbours_valid(ff, R, h, ref_R, ref_h, variable_cell)
+                    zeros = lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), skipped)  # noqa: E731
+                    return jax.lax.cond(valid, lambda: ff.compute({**fixed, **lists}, layout, R, h), zeros)
 
-            def advance(s):
+                step_fn = integ.make_step(kind, force, anisotropic)
                 return step_fn(s, constants, jax.random.fold_in(key, s.step))
 
+            def rebuilt_lists(R, h, lists):
+                new, ok = rebuild_lists(R, h)
+                return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), new, lists), ok
+
             def body(carry, _):
-                s, active, code = carry
-                new = jax.lax.cond(active, advance, lambda x: x, s)
+                s, active, code, (lists, ref_R, ref_h, fresh, count) = carry
+                new = jax.lax.cond(active, lambda x: advance(x, lists, ref_R, ref_h), lambda x: x, s)
                 kinetic = integ.kinetic_energy(new.momenta, constants["masses"], constants["free"])
                 temperature = 2.0 * kinetic / (dof * units.kB)
                 finite = jnp.isfinite(new.energy) & jnp.all(jnp.isfinite(new.forces)) & jnp.isfinite(kinetic)
@@ -459,14 +513,30 @@ class _Engine:
                 reasons = [_NEIGHBOURS, _NAN, _HOT, _EXTRAPOLATION, _SPREAD]
                 reason = jnp.select(checks, [jnp.int32(r) for r in reasons], jnp.int32(0))
                 accept = active & (reason == 0)
+                rebuilt = jnp.bool_(False)
+                if on_device:
+                    # Rebuilt at the last accepted state, once: a step that leaves fresh lists at once ends the block
+                    # (the host then decides, as off the device route). Lists that do not fit also end it.
+                    retry = active & (reason == _NEIGHBOURS) & ~fresh
+                    lists, ok = jax.lax.cond(retry, lambda: rebuilt_lists(s.positions, s.cell, lists),
+                                             lambda: (lists, jnp.bool_(False)))
+                    rebuilt = retry & ok
+                    ref_R = jnp.where(rebuilt, s.positions, ref_R)
+                    ref_h = jnp.where(rebuilt, s.cell, ref_h)
+                    fresh = rebuilt | (fresh & ~accept)
+                    count = count + rebuilt.astype(count.dtype)
+                    reason = jnp.where(rebuilt, jnp.int32(0), reason)
                 s = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, s)
-                code = jnp.where(active & (reason != 0), reason, code)
-                active = accept & (s.step < target)
-                return (s, active, code), (accept, _thermo_row(kind, s, constants, periodic, dof))
+                code = jnp.where(active & ~accept & (reason != 0), reason, code)
+                active = (accept | rebuilt) & (s.step < target)
+                row = _thermo_row(kind, s, constants, periodic, dof)
+                return (s, active, code, (lists, ref_R, ref_h, fresh, count)), (accept, row)
 
-            init = (state, state.step < target, jnp.int32(0))
-            (state, _, code), (accepted, rows) = jax.lax.scan(body, init, None, length=length)
-            return state, code, accepted, rows
+            neighbours = (lists, ref_R, ref_h, jnp.bool_(False), jnp.int32(0))
+            init = (state, state.step < target, jnp.int32(0), neighbours)
+            (state, _, code, neighbours), (accepted, rows) = jax.lax.scan(body, init, None, length=length)
+            lists, ref_R, ref_h, _, count = neighbours
+            return state, code, accepted, rows, lists, ref_R, ref_h, count
 
         return block
 
@@ -490,12 +560,20 @@ class _Engine:
         try:
             while self.step < until and not out.stop_requested:
                 target = self._next_target(until)
-                args = (self.state, self.constants, self.arrays, jnp.asarray(self.reference[0]),
+                fixed, lists = self._split_arrays()
+                args = (self.state, self.constants, fixed, lists, jnp.asarray(self.reference[0]),
                         jnp.asarray(self.reference[1]), jnp.asarray(target), key)
+                del fixed, lists
                 block, seconds = self._block(self.layout, args)
                 compile_s += seconds
-                state, code, accepted, rows = block(*args)
+                state, code, accepted, rows, lists, ref_R, ref_h, count = block(*args)
                 del args  # holds the neighbour arrays: they must be gone before a rebuild builds new ones
+                if self.on_device:
+                    self.arrays.update(lists)
+                    self.reference = (np.asarray(ref_R), np.asarray(ref_h))
+                    self.rebuilds += int(count)
+                    self.device_rebuilds += int(count)
+                del lists
                 code = int(code)
                 accepted = np.asarray(accepted)
                 rows = np.asarray(rows)[accepted]
@@ -534,10 +612,10 @@ class _Engine:
         wall = time.perf_counter() - start
         result = MDResult(
             atoms=self._atoms(), thermo=out.thermo(), trajectory=out.frames(), steps=taken, wall_s=wall,
-            rebuilds=self.rebuilds, compile_s=compile_s,
+            rebuilds=self.rebuilds, device_rebuilds=self.device_rebuilds, compile_s=compile_s,
             atom_steps_per_s=taken * len(self.atoms) / max(wall - compile_s, 1e-9), workdir=out.workdir,
             stopped=_REASONS.get(stopped) if stopped else (_BY_CALLBACK if out.stop_requested else None),
-            settings=dict(self.settings), compute=self.ff.describe(self.layout))
+            settings=dict(self.settings), compute=self.ff.describe(self.layout, self.route))
         if stopped is not None:
             where = f"; restart written in {out.workdir}" if out.workdir else ""
             forces = np.linalg.norm(np.asarray(self.state.forces), axis=1)

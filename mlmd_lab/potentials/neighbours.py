@@ -19,6 +19,7 @@ reused for structures of similar size and across neighbour-list rebuilds in MD.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -302,11 +303,13 @@ class NeighbourBuilder:
             t_a = t_b = t_group = np.zeros(0, np.int64)
         return _Raw(i, j, S.astype(np.float64), block, t_a, t_b, t_group)
 
-    def build_one(self, positions, cell, pbc, species, capacities: Layout | None = None) -> Graph:
+    def build_one(self, positions, cell, pbc, species, capacities: Layout | None = None,
+                  headroom: float = 1.0) -> Graph:
         """One structure's graph built lean, for MD: triplets are counted, then written straight into their padded
         slots (no unpadded copy, no sort), and the graph has no ``trip_i``/``trip_mask`` (None: the descriptors
         derive them). Peak memory is the output: 8 bytes per triplet slot. Same pairs and triplets, in the same
-        slots, as :meth:`build` of one structure."""
+        slots, as :meth:`build` of one structure. ``headroom`` multiplies the counts the capacities are sized for
+        (lists rebuilt on the device must hold the counts of later positions)."""
         species = np.asarray(species, np.int64)
         i, j, S, D = pair_list(positions, cell, pbc, self.cutoff)
         dist = np.sqrt(np.einsum("ij,ij->i", D, D))
@@ -319,7 +322,8 @@ class NeighbourBuilder:
             triplets = _Triplets(i, dist, D, e, species, self._table, self._group_rc, self._group_wide,
                                  len(self.group_keys), self.cutoff_angular)
         counts = triplets.counts if triplets is not None else np.zeros(0, np.int64)
-        graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True)
+        graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True,
+                          headroom=headroom)
         if triplets is not None:
             where = _slots(block, np.array([o for o, _ in graph.layout.pair_blocks], np.int64), self.n_elements)
             offsets = np.array([o for _, o, _ in graph.layout.triplet_groups], np.int64)
@@ -335,9 +339,10 @@ class NeighbourBuilder:
         return self.pack(structures, raws, capacities)
 
     def pack(self, structures, raws: list[_Raw], capacities: Layout | None = None, trip_counts=None,
-             lean: bool = False) -> Graph:
+             lean: bool = False, headroom: float = 1.0) -> Graph:
         """Pad and concatenate structures' raw neighbour data. ``trip_counts`` (per group) stands in for the raws'
-        triplets when they are filled later (:meth:`build_one`); ``lean`` leaves trip_i and trip_mask out (None)."""
+        triplets when they are filled later (:meth:`build_one`); ``lean`` leaves trip_i and trip_mask out (None);
+        pair and triplet capacities hold ``headroom`` times the counts."""
         E = self.n_elements
         n_real = np.array([len(s[3]) for s in structures], np.int64)
         atom_offsets = np.r_[0, np.cumsum(n_real)[:-1]]
@@ -351,8 +356,8 @@ class NeighbourBuilder:
             for raw in raws:
                 trip_counts += np.bincount(raw.t_group, minlength=len(self.group_keys))
         atom_cap = bucket(n_atoms)
-        pair_caps = [bucket(n) for n in pair_counts]
-        trip_caps = [bucket(n) for n in trip_counts]
+        pair_caps = [bucket(math.ceil(n * headroom)) for n in pair_counts]
+        trip_caps = [bucket(math.ceil(n * headroom)) for n in trip_counts]
         if capacities is not None and _fits(capacities, atom_cap, pair_caps, trip_caps, len(structures)):
             atom_cap = capacities.n_atoms
             pair_caps = [cap for _, cap in capacities.pair_blocks]
