@@ -2,12 +2,14 @@
 reference codes measured in the same run, and NVE energy drift.
 
 Throughput: NVE at 300 K, 0.5 fs, with ``mlmd_lab.md.run`` exactly as users call it (neighbour lists with a
-skin, rebuilt on the host when atoms move too far; every step checked). Each configuration runs in its own
-process (thread settings must be set before JAX starts): CPU with 1 thread and 2 threads, float64 and float32
-(the mixed mode: float32 descriptors and networks, float64 sums of energies and forces), and the GPU when JAX
-sees one. Reported per configuration: atom-steps/s after compilation, µs per atom-step, µs per atom-step per
-core (wall time x cores), the ratio to n2p2, neighbour rebuilds, compile time, peak memory (RSS of the whole
-process) and peak memory per atom.
+skin, rebuilt when atoms move too far: on the host on the CPU, on the device on a GPU; every step checked). Each
+configuration runs in its own process (thread settings must be set before JAX starts): CPU with 1 thread and 2
+threads (the same number of steps), float64 and float32 (the mixed mode: float32 descriptors and networks, float64
+sums of energies and forces), and the GPU when JAX sees one. µs per atom-step is the steady state: the timed run less its block compilation, less a run of
+0 steps (the start: first neighbour build and force call), median of 3 (the LAMMPS row's method); the JSON also
+has the whole-run figure. Reported per configuration: atom-steps/s, µs per atom-step, µs per atom-step per core
+(wall time x cores), the ratio to n2p2, neighbour rebuilds, compile time, peak memory (RSS of the whole process)
+and peak memory per atom. A second table times one neighbour rebuild on each route.
 
 References, measured in the same run on the same core:
 
@@ -61,8 +63,14 @@ def _setup(platform: str, threads: int) -> None:
 REPEATS = 3
 
 
-def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, steps: int, skin: float) -> dict:
+def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, steps: int, skin: float,
+                      route: str = "auto") -> dict:
+    """NVE throughput of the water box repeated ``repeat`` times per axis. Steady state per step: the run of
+    ``steps`` steps less its block compilation, less a run of 0 steps (the start: first neighbour build and force
+    call), over ``steps`` (the LAMMPS row's method); the whole-run figure keeps the start."""
     _setup(platform, threads)
+    import statistics
+
     import jax
 
     from mlmd_lab.io.n2p2 import read_input_data
@@ -72,31 +80,78 @@ def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, step
     model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr", dtype=dtype)
     atoms = read_input_data(WATER / "input.data", "Ha", "Bohr")[0].repeat(repeat)
     block = max(2, min(50, steps // 2))
+    kw = dict(temperature=300, timestep=0.5, skin=skin, block=block, log_interval=block, trajectory_interval=0,
+              restart_interval=0, neighbours=route)
     # warm-up run compiles (same shapes as the timed run); the timed run reuses the compiled function
-    run(model, atoms, "nve", temperature=300, timestep=0.5, steps=block, skin=skin, block=block,
-        log_interval=block, trajectory_interval=0, restart_interval=0)
+    run(model, atoms, "nve", steps=block, **kw)
     n = len(atoms)
     # The machine is shared and noisy: small systems are timed REPEATS times and the median is reported.
-    timings = []
+    timings, starts = [], []
     for _ in range(REPEATS if n <= 10_000 else 1):
         gc.collect()  # the previous run's neighbour data go before the next run builds its own
         t0 = time.perf_counter()
-        result = run(model, atoms, "nve", temperature=300, timestep=0.5, steps=steps, skin=skin, block=block,
-                     log_interval=block, trajectory_interval=0, restart_interval=0)
+        result = run(model, atoms, "nve", steps=steps, **kw)
         wall = time.perf_counter() - t0
         timings.append((wall - result.compile_s, wall, result))
+        if n <= 10_000:
+            t0 = time.perf_counter()
+            run(model, atoms, "nve", steps=0, **kw)
+            starts.append(time.perf_counter() - t0)
     timings.sort(key=lambda t: t[0])
-    timed, wall, result = timings[len(timings) // 2]
+    whole, wall, result = timings[len(timings) // 2]
+    start = statistics.median(starts) if starts else 0.0
+    timed = whole - start
     return {
         "platform": platform, "device": str(jax.devices()[0]), "threads": threads if platform == "cpu" else None,
         "dtype": dtype, "atoms": n, "steps": steps, "skin_A": skin, "wall_s": wall, "compile_s": result.compile_s,
-        "rebuilds": result.rebuilds, "atom_steps_per_s": steps * n / timed,
-        "us_per_atom_step": timed / (steps * n) * 1e6, "repeats": len(timings),
+        "start_s": start, "rebuilds": result.rebuilds, "device_rebuilds": result.device_rebuilds,
+        "atom_steps_per_s": steps * n / timed, "us_per_atom_step": timed / (steps * n) * 1e6,
+        "us_per_atom_step_whole_run": whole / (steps * n) * 1e6, "repeats": len(timings),
         "us_per_atom_step_all": [t[0] / (steps * n) * 1e6 for t in timings],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_kb_per_atom": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1.024 / n,
         "cpu_devices": jax.local_device_count("cpu") if platform == "cpu" else None, "compute": result.compute,
+        "route": route,
     }
+
+
+def rebuild_worker(platform: str, threads: int, repeat: int) -> dict:
+    """One neighbour-list rebuild of the water box, skin 0.5 Å, on both routes (median of 7): the host build
+    (vesin pairs, numba triplets, placed for JAX) and the device build (JAX, compiled; its compilation apart)."""
+    _setup(platform, threads)
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    from mlmd_lab.io.n2p2 import read_input_data
+    from mlmd_lab.md import forcefield
+    from mlmd_lab.potentials import HDNNP
+
+    model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr")
+    atoms = read_input_data(WATER / "input.data", "Ha", "Bohr")[0].repeat(repeat)
+    ff = forcefield(model, skin=0.5)
+    species = ff.species(atoms)
+    R, h = atoms.positions, atoms.cell.array
+    host = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        arrays, layout = ff.build(R, h, atoms.pbc, species)
+        jax.block_until_ready(ff.to_device(arrays, layout))
+        host.append(time.perf_counter() - t0)
+    build = ff.device_lists(layout, species, atoms.pbc, R, h)
+    lists = jax.jit(build)
+    t0 = time.perf_counter()
+    jax.block_until_ready(lists(jnp.asarray(R), jnp.asarray(h)))
+    compile_s = time.perf_counter() - t0
+    device = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        jax.block_until_ready(lists(jnp.asarray(R), jnp.asarray(h)))
+        device.append(time.perf_counter() - t0)
+    return {"platform": platform, "threads": threads, "atoms": len(atoms), "host_ms": statistics.median(host) * 1e3,
+            "device_ms": statistics.median(device) * 1e3, "device_compile_s": compile_s,
+            "device": str(jax.devices()[0]), "sizes": repr(build.sizes)}
 
 
 def large_worker(dtype: str, steps: int) -> dict:
@@ -197,7 +252,9 @@ def main() -> None:
     parser.add_argument("--drift", action="store_true", help="also the 2 ps NVE drift runs")
     parser.add_argument("--only-drift", action="store_true")
     parser.add_argument("--drift-steps", type=int, default=4000)
-    parser.add_argument("--worker", nargs=6, metavar=("PLATFORM", "THREADS", "DTYPE", "REPEAT", "STEPS", "SKIN"))
+    parser.add_argument("--worker", nargs=7,
+                        metavar=("PLATFORM", "THREADS", "DTYPE", "REPEAT", "STEPS", "SKIN", "ROUTE"))
+    parser.add_argument("--rebuild-worker", nargs=3, metavar=("PLATFORM", "THREADS", "REPEAT"))
     parser.add_argument("--drift-worker", nargs=2, metavar=("STEPS", "DTYPE"))
     parser.add_argument("--large", nargs=2, metavar=("DTYPE", "STEPS"),
                         help="only the 103,680-atom run (e.g. float64 100); writes bench_md_large.json")
@@ -217,8 +274,12 @@ def main() -> None:
             print(f"wrote {write_json('bench_md_large', {'machine': machine_info(), 'large': r})}")
         return
     if args.worker:
-        p, t, d, r, s, k = args.worker
-        print(json.dumps(throughput_worker(p, int(t), d, int(r), int(s), float(k))))
+        p, t, d, r, s, k, route = args.worker
+        print(json.dumps(throughput_worker(p, int(t), d, int(r), int(s), float(k), route)))
+        return
+    if args.rebuild_worker:
+        p, t, r = args.rebuild_worker
+        print(json.dumps(rebuild_worker(p, int(t), int(r))))
         return
     if args.drift_worker:
         print(json.dumps(drift_worker(int(args.drift_worker[0]), args.drift_worker[1])))
@@ -230,21 +291,30 @@ def main() -> None:
     if not args.only_drift:
         n2p2 = n2p2_predict_cost(WATER)
         reference = n2p2["cpu_us_per_atom"] if n2p2 else None
-        short = max(10, args.steps // 2)
-        configs = [("cpu", 1, "float64", 1, short), ("cpu", 1, "float32", 1, short),
-                   ("cpu", 2, "float64", 1, args.steps), ("cpu", 2, "float32", 1, args.steps),
-                   ("cpu", 2, "float64", 2, args.big_steps), ("cpu", 2, "float32", 2, args.big_steps)]
+        # 1 and 2 threads time the same number of steps (the thread-scaling ratio compares like with like).
+        configs = [("cpu", 1, "float64", 1, args.steps, "auto"), ("cpu", 1, "float32", 1, args.steps, "auto"),
+                   ("cpu", 2, "float64", 1, args.steps, "auto"), ("cpu", 2, "float32", 1, args.steps, "auto"),
+                   ("cpu", 2, "float64", 2, args.big_steps, "auto"), ("cpu", 2, "float32", 2, args.big_steps, "auto")]
         if not args.no_huge:
-            configs += [("cpu", 2, "float64", 4, args.huge_steps)]
-        if gpu:
-            configs += [("gpu", 0, d, r, s) for d in ("float64", "float32") for r, s in ((1, 500), (2, 200), (4, 50))]
-        for platform, threads, dtype, repeat, steps in configs:
+            configs += [("cpu", 2, "float64", 4, args.huge_steps, "auto")]
+        if gpu:  # "auto" is the device route on a GPU; one host-route row beside it
+            configs += [("gpu", 0, d, r, s, "auto") for d in ("float64", "float32")
+                        for r, s in ((1, 500), (2, 200), (4, 50))]
+            configs += [("gpu", 0, "float32", 2, 200, "host")]
+        for platform, threads, dtype, repeat, steps, route in configs:
             cmd = [sys.executable, __file__, "--worker", platform, str(threads), dtype, str(repeat), str(steps),
-                   str(args.skin)]
-            r = run_json_worker(cmd, f"{platform}/{threads}/{dtype}/x{repeat ** 3}")
+                   str(args.skin), route]
+            r = run_json_worker(cmd, f"{platform}/{threads}/{dtype}/x{repeat ** 3}/{route}")
             if r is not None:
                 results.append(r)
-        lammps = lammps_row(max(10, args.steps // 2))
+        rebuilds = []
+        places = [("cpu", 2, 1), ("cpu", 2, 2)] + ([("gpu", 0, 1), ("gpu", 0, 2)] if gpu else [])
+        for platform, threads, repeat in places:
+            r = run_json_worker([sys.executable, __file__, "--rebuild-worker", platform, str(threads), str(repeat)],
+                                f"rebuild {platform} x{repeat ** 3}")
+            if r is not None:
+                rebuilds.append(r)
+        lammps = lammps_row(args.steps)
         if lammps is not None:
             results.append(lammps)
         rows = []
@@ -255,7 +325,9 @@ def main() -> None:
             cores = r["threads"] or 1
             per_core = r["us_per_atom_step"] * cores if r["platform"] in ("cpu", "lammps") else None
             r["ratio_to_n2p2_per_core"] = None if per_core is None or reference is None else per_core / reference
-            rows.append([f"{r['platform']} {r['threads'] or ''}{'t ' if r['threads'] else ''}{r['dtype']}",
+            on_device = r.get("route") == "device" or "rebuilt on the device" in r.get("compute", "")
+            route = " device lists" if on_device else ""
+            rows.append([f"{r['platform']} {r['threads'] or ''}{'t ' if r['threads'] else ''}{r['dtype']}{route}",
                          r["atoms"], r["steps"], r["atom_steps_per_s"], r["us_per_atom_step"], per_core,
                          r["ratio_to_n2p2_per_core"], r["rebuilds"], r["compile_s"], r["peak_rss_gib"],
                          r.get("peak_kb_per_atom")])
@@ -263,16 +335,23 @@ def main() -> None:
                      "ours/n2p2 per core", "rebuilds", "compile s", "peak GiB", "peak KB/atom"], rows,
                     title=f"MD, n2p2 H2O_RPBE-D3 water, NVE 300 K, 0.5 fs, skin {args.skin} Å; n2p2 measured in this "
                           "run (targets: 1t float64 <= 0.9, 1t float32 <= 0.45; 69120 atoms <= 50 KB/atom)")
-        one = {r["dtype"]: r["us_per_atom_step"] for r in results if r["platform"] == "cpu" and r["threads"] == 1}
+        if rebuilds:
+            print_table(["platform", "atoms", "host build ms", "device build ms", "device compile s"],
+                        [[f"{r['platform']} {r['threads'] or ''}", r["atoms"], r["host_ms"], r["device_ms"],
+                          r["device_compile_s"]] for r in rebuilds],
+                        title="One neighbour-list rebuild (pairs + triplets, skin 0.5 Å): host (vesin + numba, placed "
+                              "for JAX) vs device (JAX); the MD default is the device route on a GPU only")
+        one = {r["dtype"]: r["us_per_atom_step"] for r in results
+               if r["platform"] == "cpu" and r["threads"] == 1 and r.get("route") == "auto"}
         two = {r["dtype"]: r["us_per_atom_step"] for r in results
-               if r["platform"] == "cpu" and r["threads"] == 2 and r["atoms"] == 1080}
+               if r["platform"] == "cpu" and r["threads"] == 2 and r["atoms"] == 1080 and r.get("route") == "auto"}
         scaling = {d: one[d] / two[d] for d in one if d in two}
         for d, x in scaling.items():
             print(f"2 threads over 1 thread, 1080 atoms, {d}: {x:.2f}x (target >= 1.7)")
         scan = []
         for skin in args.skin_scan or []:
             for dtype in ("float64", "float32"):
-                cmd = [sys.executable, __file__, "--worker", "cpu", "2", dtype, "1", str(args.steps), str(skin)]
+                cmd = [sys.executable, __file__, "--worker", "cpu", "2", dtype, "1", str(args.steps), str(skin), "auto"]
                 r = run_json_worker(cmd, f"skin {skin} {dtype}")
                 if r is not None:
                     scan.append(r)
@@ -285,7 +364,7 @@ def main() -> None:
         if not gpu:
             print("GPU: not measured (JAX sees no GPU on this machine)")
     else:
-        scaling = {}
+        scaling, rebuilds = {}, None
     if args.drift or args.only_drift:
         for dtype in ("float64", "float32"):
             r = run_json_worker([sys.executable, __file__, "--drift-worker", str(args.drift_steps), dtype],
@@ -299,7 +378,7 @@ def main() -> None:
                           r["drift_err_meV_atom_ps"], r["rms_meV_atom"], r["mean_temperature_K"], r["wall_s"]]
                          for r in drift], title="NVE energy drift (target <= 0.1 meV/atom/ps)")
     data = {"machine": machine_info(), "n2p2": n2p2, "gpu_available": gpu, "throughput": results,
-            "thread_scaling": scaling, "drift": drift}
+            "thread_scaling": scaling, "drift": drift, "rebuilds": rebuilds}
     previous = RESULTS / "bench_md.json"
     if args.only_drift and previous.exists():  # keep the throughput rows of the last full run beside the new drift
         old = json.loads(previous.read_text())
