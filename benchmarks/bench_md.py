@@ -5,11 +5,12 @@ Throughput: NVE at 300 K, 0.5 fs, with ``mlmd_lab.md.run`` exactly as users call
 skin, rebuilt when atoms move too far: on the host on the CPU, on the device on a GPU; every step checked). Each
 configuration runs in its own process (thread settings must be set before JAX starts): CPU with 1 thread and 2
 threads (the same number of steps), float64 and float32 (the mixed mode: float32 descriptors and networks, float64
-sums of energies and forces), and the GPU when JAX sees one. µs per atom-step is the steady state: the timed run less its block compilation, less a run of
-0 steps (the start: first neighbour build and force call), median of 3 (the LAMMPS row's method); the JSON also
-has the whole-run figure. Reported per configuration: atom-steps/s, µs per atom-step, µs per atom-step per core
-(wall time x cores), the ratio to n2p2, neighbour rebuilds, compile time, peak memory (RSS of the whole process)
-and peak memory per atom. A second table times one neighbour rebuild on each route.
+sums of energies and forces), and the GPU when JAX sees one. µs per atom-step is the steady state: the timed run
+less its block compilation, less a run of 0 steps (the start: first neighbour build and force call), median of 3
+(the LAMMPS row's method); the JSON also has the whole-run figure. Reported per configuration: atom-steps/s, µs
+per atom-step, µs per atom-step per core (wall time x cores), the ratio to n2p2, neighbour rebuilds, compile
+time, peak memory (RSS of the whole process) and peak memory per atom. A second table times one neighbour
+rebuild on each route.
 
 References, measured in the same run on the same core:
 
