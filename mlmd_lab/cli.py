@@ -247,6 +247,8 @@ def _md_args(sub) -> None:
     md.add_argument("--resume", action="store_true", help="continue the run in --workdir from its restart file")
     md.add_argument("--skin", type=float, help="neighbour-list skin in Å (default 0.5)")
     md.add_argument("--dtype", choices=("float64", "float32"))
+    md.add_argument("--neighbours", default="auto", choices=("auto", "host", "device"),
+                    help="where neighbour lists are rebuilt (auto: on the device on a GPU, else on the host)")
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--interval", type=int, default=10, help="steps between log rows and trajectory frames")
     md.add_argument("--on-extrapolation", default="warn", choices=("warn", "stop", "ignore"))
@@ -281,11 +283,13 @@ def cmd_md(args: argparse.Namespace) -> int:
                      timestep=args.timestep, steps=steps, workdir=args.workdir, barostat=args.barostat,
                      skin=args.skin, dtype=args.dtype, seed=args.seed, trajectory_interval=args.interval,
                      log_interval=args.interval, on_extrapolation=args.on_extrapolation,
-                     max_force_spread=args.max_force_spread, progress=sys.stderr.isatty())
+                     max_force_spread=args.max_force_spread, progress=sys.stderr.isatty(),
+                     neighbours=args.neighbours)
     thermo = result.thermo
     last = {k: float(v[-1]) for k, v in thermo.items()} if len(thermo["step"]) else {}
     print(f"{result.steps} steps of {len(result.atoms)} atoms in {result.wall_s:.1f} s "
           f"({result.atom_steps_per_s:.3g} atom-steps/s, {result.rebuilds} neighbour rebuilds)")
+    print(f"computed on {result.compute}")
     if last:
         print(f"step {int(last['step'])}: T = {last['temperature_K']:.1f} K, E_tot = {last['etot_eV']:.6f} eV, "
               f"P = {last['pressure_GPa']:.4f} GPa")

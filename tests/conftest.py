@@ -32,12 +32,30 @@ if "MLMD_JAX_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _jax_cache, True)
 
 
+#: The longest tests (seconds in a clean suite on 2 cores, tests/ durations of the last full runs), started first:
+#: xdist hands tests to the workers in collection order, so a 6-minute test collected last kept one worker busy
+#: while the other idled (longest-first is the classic remedy). Only the order changes; a stale entry costs nothing.
+LONGEST_FIRST = (
+    "test_quickstart.py::test_quickstart_notebook_in_the_browser",  # 367 s
+    "test_notebooks.py::test_notebook_executes[04_md_analysis.ipynb]",  # 143 s
+    "test_label.py::test_label_20_si8_through_slurm_survives_a_killed_worker",  # 127 s
+    "test_learn.py::test_loop_on_emt_copper_ends_with_a_better_model_than_its_seed_model",  # 112 s
+    "test_md.py::test_water_run_gives_sensible_structure_diffusion_and_spectrum",  # 107 s
+    "test_slhmc_dft.py::test_qe_reference_run_survives_sigkill_and_repeats_no_dft",  # 91 s
+    "test_slhmc.py::test_learning_phase_raises_the_acceptance_of_a_potential_trained_on_30_frames",  # 85 s
+    "test_md.py::test_npt_pressure_and_volume_fluctuations",  # 80 s
+)
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (scripts/test.sh runs two workers), every test on the one real Slurm runs in one worker
-    (``--dist loadgroup``): their fixtures start Slurm and cancel all its jobs when done."""
+    (``--dist loadgroup``): their fixtures start Slurm and cancel all its jobs when done. The longest tests
+    (:data:`LONGEST_FIRST`) are moved to the front."""
     for item in items:
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))
 
 
 def external(sub: str = "") -> Path:

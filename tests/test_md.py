@@ -399,6 +399,11 @@ def test_cli_md_runs_and_resumes(tmp_path):
                                  "--steps", "20", "--interval", "10"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "20 steps of 192 atoms" in out.stdout
+    assert "computed on cpu" in out.stdout and "neighbour lists on the host" in out.stdout
+    narrow = subprocess.run(base[:-2] + ["--workdir", str(tmp_path / "y"), "--structure", str(structure),
+                                         "--temperature", "300", "--neighbours", "device"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert narrow.returncode == 2 and "neighbours='device' cannot serve" in narrow.stderr, narrow.stderr
     out = subprocess.run(base + ["--resume", "--steps", "10"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert list(read_log(work)["step"]) == [0, 10, 20, 30]
