@@ -262,6 +262,24 @@ def test_qe_si8_runs_in_own_folder_and_is_read_by_the_espresso_reader(qe_run, tm
 
 
 @pytest.mark.slow
+def test_qe_run_that_does_not_converge_is_run_again_with_gentler_mixing(qe_run, tmp_path):
+    """pw.x stopping with "convergence NOT achieved" (here: 3 iterations allowed) is run again with half the mixing
+    and at least 300 iterations; the result is the converged run's, and the unconverged output is kept."""
+    from mlmd_lab.io.espresso import read_pw_output
+
+    recipe, atoms, _, reference = qe_run
+    tight = QuantumEspresso(pseudopotentials={"Si": "Si.pbe-rrkj.UPF"}, ecutwfc_ry=20, kpts=(2, 2, 2),
+                            input_data={"electrons": {"electron_maxstep": 3}})
+    out = tight.calculate(atoms, tmp_path / "qe")
+    assert "convergence NOT achieved" in (tmp_path / "qe" / "espresso.unconverged-1.pwo").read_text()
+    text = out.read_text()
+    assert "mixing beta" in text and "0.350" in text and "convergence has been achieved" in text
+    energy = read_pw_output(out).frames[-1].calc.results["energy"]
+    assert energy == pytest.approx(read_pw_output(reference).frames[-1].calc.results["energy"], abs=1e-4)
+    assert json.loads((tmp_path / "qe" / RECORD_NAME).read_text())["status"] == "complete"
+
+
+@pytest.mark.slow
 def test_qe_forces_match_finite_differences(qe_run, tmp_path):
     from mlmd_lab.io.espresso import read_pw_output
 

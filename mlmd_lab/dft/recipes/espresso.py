@@ -263,22 +263,60 @@ class QuantumEspresso(Recipe):
             # os.environ, so it is set there (only when unset; other MPIs ignore it).
             os.environ.setdefault("OMPI_MCA_ess_singleton_isolated", "1")
         profile = EspressoProfile(command=shlex.join(self._command_argv()), pseudo_dir=self.pseudo_dir)
-        calc = Espresso(profile=profile, directory=str(folder), pseudopotentials=pps, input_data=input_data,
-                        kpts=tuple(grid))
-        atoms.calc = calc
         props = ["energy", "forces", *(["stress"] if periodic else [])]
-        try:
-            calc.calculate(atoms, props, all_changes)
-        except Exception as exc:  # pw.x exit status, or ASE failing to parse a broken output
-            detail = _tail(folder / "CRASH") or _tail(folder / "espresso.err") or _tail(folder / "espresso.pwo", 8)
-            raise MLMDError(f"pw.x failed in {folder} ({type(exc).__name__}: {exc}); its last words: {detail[:1500]} "
-                            "(check the settings, pseudopotentials and the full output there)") from None
+        for attempt in range(SCF_ATTEMPTS):
+            calc = Espresso(profile=profile, directory=str(folder), pseudopotentials=pps, input_data=input_data,
+                            kpts=tuple(grid))
+            atoms.calc = calc
+            try:
+                calc.calculate(atoms, props, all_changes)
+                break
+            except Exception as exc:  # pw.x exit status, or ASE failing to parse a broken output
+                if attempt + 1 < SCF_ATTEMPTS and _scf_not_converged(folder / "espresso.pwo"):
+                    # The same physics, gentler mixing: kept for the record, tried again (see SCF_ATTEMPTS).
+                    (folder / "espresso.pwo").replace(folder / f"espresso.unconverged-{attempt + 1}.pwo")
+                    input_data = _gentler_scf(input_data)
+                    continue
+                detail = (_tail(folder / "CRASH") or _tail(folder / "espresso.err")
+                          or _tail(folder / "espresso.pwo", 8))
+                raise MLMDError(f"pw.x failed in {folder} ({type(exc).__name__}: {exc}); its last words: "
+                                f"{detail[:1500]} (check the settings, pseudopotentials and the full output "
+                                "there)") from None
         out = folder / self.output_name
         if not out.is_file():
             raise MLMDError(f"pw.x wrote no {out.name} in {folder}; check the command {self.command!r}")
         if not self.keep_save:
             shutil.rmtree(folder / "pwscf.save", ignore_errors=True)
         return out
+
+
+#: pw.x runs per calculation. A run that stops with "convergence NOT achieved" (charge sloshing in a distorted or
+#: nearly metallic structure, e.g. a rattled Si8 at 900 K in the main job: 100 iterations at mixing_beta 0.7 went
+#: back and forth at 1e-4 Ry) is run again with half the mixing and three times the iterations (at least 300), the
+#: remedy of
+#: AiiDA-QE's PwBaseWorkChain (which lowers mixing_beta on this error). Mixing changes the path to the ground
+#: state, not the ground state: the settings and their signature stay the same.
+SCF_ATTEMPTS = 2
+
+
+def _scf_not_converged(output: Path) -> bool:
+    """pw.x's output ends with this message (followed by its timing report) when the SCF ran out of iterations."""
+    try:
+        with open(output, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 65536))
+            return b"convergence NOT achieved" in handle.read()
+    except OSError:
+        return False
+
+
+def _gentler_scf(input_data: dict) -> dict:
+    """``input_data`` with electrons.mixing_beta halved (QE's default 0.7) and electron_maxstep tripled (QE's
+    default 100), at least 300."""
+    electrons = dict(input_data.get("electrons", {}))
+    electrons["mixing_beta"] = 0.5 * float(electrons.get("mixing_beta", 0.7))
+    electrons["electron_maxstep"] = max(300, 3 * int(electrons.get("electron_maxstep", 100)))
+    return {**input_data, "electrons": electrons}
 
 
 def qe_pseudopotentials(elements: Iterable[str], pseudo_dir: str | os.PathLike = QE_PSEUDO_DIR,
