@@ -292,10 +292,9 @@ class QuantumEspresso(Recipe):
 
 #: pw.x runs per calculation. A run that stops with "convergence NOT achieved" (charge sloshing in a distorted or
 #: nearly metallic structure, e.g. a rattled Si8 at 900 K in the main job: 100 iterations at mixing_beta 0.7 went
-#: back and forth at 1e-4 Ry) is run again with half the mixing and three times the iterations (at least 300), the
-#: remedy of
-#: AiiDA-QE's PwBaseWorkChain (which lowers mixing_beta on this error). Mixing changes the path to the ground
-#: state, not the ground state: the settings and their signature stay the same.
+#: back and forth at 1e-4 Ry) is run again with half the mixing and three times the iterations (at least 300),
+#: the remedy of AiiDA-QE's PwBaseWorkChain (which lowers mixing_beta on this error). Mixing changes the path to
+#: the ground state, not the ground state: the settings and their signature stay the same.
 SCF_ATTEMPTS = 2
 
 
