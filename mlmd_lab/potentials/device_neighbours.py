@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder
+from mlmd_lab.potentials.neighbours import Layout, NeighbourBuilder, pair_list
 
 #: The arrays a device build writes (the rest of a lean MD graph does not change when the lists are rebuilt).
 LIST_KEYS = ("pair_i", "pair_j", "pair_shift", "pair_mask", "trip_ij", "trip_ik")
@@ -127,10 +127,8 @@ class DeviceNeighbours:
             widths = cell_widths(cell)
             grid = tuple(int(g) if g >= 3 else 1 for g in np.floor(widths / self.builder.cutoff))
             frac = positions @ np.linalg.inv(cell)
-            ids = _cell_ids_np(frac - np.floor(frac), grid)
+            ids = _cell_ids(_cell_coords(frac - np.floor(frac), np.array(grid), np), grid)
             occupancy = int(np.bincount(ids, minlength=int(np.prod(grid))).max())
-        from mlmd_lab.potentials.neighbours import pair_list
-
         pbc = np.full(3, self.periodic)
         i = pair_list(positions, cell, pbc, self.builder.cutoff)[0]
         most = int(np.bincount(i, minlength=n).max()) if i.size else 0
@@ -167,10 +165,10 @@ class DeviceNeighbours:
         inv = jnp.linalg.inv(h) if self.periodic else jnp.eye(3)
         frac = R @ inv
         if self.periodic:
-            cell_of = _cell_coords(frac - jnp.floor(frac), grid)
+            cell_of = _cell_coords(frac - jnp.floor(frac), grid, jnp)
         else:
             cell_of = jnp.zeros((N, 3), jnp.int32)
-        ids = (cell_of[:, 0] * grid[1] + cell_of[:, 1]) * grid[2] + cell_of[:, 2]
+        ids = _cell_ids(cell_of, grid)
         n_cells = int(np.prod(grid))
         order = jnp.argsort(ids, stable=True)
         sorted_ids = ids[order]
@@ -185,7 +183,7 @@ class DeviceNeighbours:
 
         def one_atom(i):
             cells = (cell_of[i][None, :] + offsets) % grid[None, :]
-            candidates = table[(cells[:, 0] * grid[1] + cells[:, 1]) * grid[2] + cells[:, 2]].reshape(-1)
+            candidates = table[_cell_ids(cells, grid)].reshape(-1)
             df = fp[candidates] - frac[i]
             shift = -jnp.round(df).astype(jnp.int32) if self.periodic else jnp.zeros(df.shape, jnp.int32)
             d = Rp[candidates] - R[i] + shift.astype(R.dtype) @ h
@@ -299,11 +297,11 @@ def _neighbour_cell_offsets(grid) -> np.ndarray:
     return np.array(list(product(*steps)), np.int32)
 
 
-def _cell_coords(wrapped, grid):
-    return jnp.clip(jnp.floor(wrapped * grid[None, :]).astype(jnp.int32), 0, jnp.asarray(grid - 1)[None, :])
+def _cell_coords(wrapped, grid: np.ndarray, xp):
+    """Cell (3,) of each wrapped fractional position (..., 3), in ``xp`` (numpy when sizing, JAX when building)."""
+    return xp.clip(xp.floor(wrapped * grid).astype(xp.int32), 0, grid - 1)
 
 
-def _cell_ids_np(wrapped: np.ndarray, grid) -> np.ndarray:
-    grid = np.array(grid)
-    c = np.clip(np.floor(wrapped * grid[None, :]).astype(np.int64), 0, grid - 1)
-    return (c[:, 0] * grid[1] + c[:, 1]) * grid[2] + c[:, 2]
+def _cell_ids(coords, grid) -> np.ndarray:
+    """Linear cell index of cell coordinates (..., 3) (numpy or JAX)."""
+    return (coords[..., 0] * grid[1] + coords[..., 1]) * grid[2] + coords[..., 2]
