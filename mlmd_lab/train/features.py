@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 
-from mlmd_lab.potentials.descriptors import _angular_values, _radial_values, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.descriptors import _chunks, _radial_values, _triplet_rows, pair_vectors, symmetry_functions
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.neighbours import Layout, bucket
 
@@ -156,10 +156,6 @@ def _unpad(graph, G_all, dG_blocks, store) -> FrameFeatures:
     return FrameFeatures(species=species, G=G, atoms=atoms, blocks=blocks)
 
 
-def _tangent(function, primals, ta, tb):
-    return jax.jvp(function, primals, (ta, tb))[1]
-
-
 def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
     """(per element (N, F_c) raw functions, per block (cap, K_b, 3) dG/dd) of one padded graph."""
     d = pair_vectors(arrays, far)
@@ -184,27 +180,42 @@ def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
             blocks[b] = blocks[b].at[:, cols, :].add(dv[:, :, None] * unit[sl, None, :])
     for (c, e1, e2), offset, cap in layout.triplet_groups:
         entries = plan.angular(c, e1, e2)
-        sl = slice(offset, offset + cap)
-        ij, ik, mask = arrays["trip_ij"][sl], arrays["trip_ik"][sl], arrays["trip_mask"][sl]
-        d_ij, d_ik = d[ij], d[ik]
-        fs = [sf for _, sf in entries]
-        T = d_ij.shape[0]
-        local = jnp.arange(T)
-
-        def values(a, bb, fs=fs, mask=mask, local=local, T=T):
-            return _angular_values(plan, fs, jnp.concatenate([a, bb]), None, local, local + T, mask)
-
-        eye = jnp.eye(3, dtype=d.dtype)
-        tangents_a = jnp.concatenate([jnp.broadcast_to(eye[:, None, :], (3, T, 3)), jnp.zeros((3, T, 3), d.dtype)])
-        tangents_b = jnp.concatenate([jnp.zeros((3, T, 3), d.dtype), jnp.broadcast_to(eye[:, None, :], (3, T, 3))])
-        jvps = jax.vmap(partial(_tangent, values, (d_ij, d_ik)))(tangents_a, tangents_b)
-        jvps = jnp.where(mask[None, :, None], jvps, 0.0)  # (6, T, K)
-        der_ij = jnp.moveaxis(jvps[:3], 0, -1)  # (T, K, 3)
-        der_ik = jnp.moveaxis(jvps[3:], 0, -1)
-        for e, pairs, der in ((e1, ij, der_ij), (e2, ik, der_ik)):
-            b = c * E + e
-            b_offset, b_cap = layout.pair_blocks[b]
-            summed = jax.ops.segment_sum(der, pairs - b_offset, num_segments=b_cap)
-            cols = np.array([where[b][k] for k, _ in entries])
-            blocks[b] = blocks[b].at[:, cols, :].add(summed)
+        targets = [(c * E + e, np.array([where[c * E + e][k] for k, _ in entries])) for e in (e1, e2)]
+        sums = _angular_derivatives(plan, layout, arrays, d.T, tuple(sf for _, sf in entries), offset, cap,
+                                    tuple(layout.pair_blocks[b] for b, _ in targets))
+        for (b, cols), total in zip(targets, sums, strict=True):
+            blocks[b] = blocks[b].at[:, cols, :].add(total)
     return G, blocks
+
+
+def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_blocks):
+    """One angular group's derivatives summed per pair: ((cap_1, K, 3) with respect to d_ij over the pairs of the
+    block of e1, (cap_2, K, 3) with respect to d_ik over the block of e2). dT is (3, P).
+
+    Why a loop over chunks of triplets (:func:`~mlmd_lab.potentials.descriptors._chunks`, as the MD descriptors):
+    the six tangents of a whole group at once are (6, K, triplets) arrays of ~300 MB for a 192-atom water frame,
+    and moving them through memory took 4x the time of computing them chunk by chunk in cache (0.58 -> 0.14 s per
+    frame, same values to 1e-15)."""
+    (o1, cap1), (o2, cap2) = pair_blocks
+    K = len(functions)
+    eye = np.eye(3)[:, :, None]
+
+    def body(start, size, totals):
+        at = offset + start
+        ij = jax.lax.dynamic_slice_in_dim(arrays["trip_ij"], at, size)
+        ik = jax.lax.dynamic_slice_in_dim(arrays["trip_ik"], at, size)
+        mask = jax.lax.dynamic_slice_in_dim(arrays["trip_mask"], at, size)
+
+        def values(a, b):
+            return _triplet_rows(plan, functions, a, b, mask)
+
+        unit = jnp.broadcast_to(jnp.asarray(eye, dT.dtype), (3, 3, size))
+        zero = jnp.zeros((3, 3, size), dT.dtype)
+        tangents = (jnp.concatenate([unit, zero]), jnp.concatenate([zero, unit]))  # d_ij's x, y, z, then d_ik's
+        jvps = jax.vmap(lambda u, v: jax.jvp(values, (dT[:, ij], dT[:, ik]), (u, v))[1])(*tangents)  # (6, K, size)
+        jvps = jnp.where(mask[None, None, :], jvps, 0.0)
+        first = totals[0].at[ij - o1].add(jnp.transpose(jvps[:3], (2, 1, 0)))
+        return first, totals[1].at[ik - o2].add(jnp.transpose(jvps[3:], (2, 1, 0)))
+
+    init = (jnp.zeros((cap1, K, 3), dT.dtype), jnp.zeros((cap2, K, 3), dT.dtype))
+    return _chunks(cap, body, init)
