@@ -59,7 +59,7 @@ def read_water():
     return frames
 
 
-def worker(platform: str, ensemble: int) -> dict:
+def worker(platform: str, ensemble: int, overrides: dict | None = None) -> dict:
     os.environ["JAX_PLATFORMS"] = platform
     import warnings
 
@@ -78,7 +78,7 @@ def worker(platform: str, ensemble: int) -> dict:
         warnings.simplefilter("ignore")
         if ensemble:
             return ensemble_worker(frames, ensemble, train_ensemble)
-        trainer = Trainer(frames, callbacks=[Clock()], progress=False)
+        trainer = Trainer(frames, callbacks=[Clock()], progress=False, **(overrides or {}))
         trainer.fit()
     total = time.perf_counter() - t0
     epochs = trainer.history
@@ -91,7 +91,8 @@ def worker(platform: str, ensemble: int) -> dict:
         return None
 
     test = trainer.errors["test"]
-    return {"platform": platform, "features_and_setup_s": marks["setup"], "epochs": len(epochs),
+    return {"platform": platform, "overrides": overrides or {}, "force_fraction": trainer._state["force_fraction"],
+            "features_s": trainer.budget.features_s, "features_and_setup_s": marks["setup"], "epochs": len(epochs),
             "epoch_s": median(per_epoch), "first_epoch_force_mev": epochs[0].validation["force_rmse"] * 1e3,
             "first_epoch_done_s": marks["setup"] + epochs[0].elapsed, "time_to_100_s": time_to(0.100),
             "time_to_50_s": time_to(0.050), "total_s": total, "test_force_mev": test["force_rmse"] * 1e3,
@@ -291,8 +292,9 @@ def run_elemental(time_limit: float) -> None:
     print(f"wrote {path}")
 
 
-def run_worker(platform: str, ensemble: int = 0) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble)]
+def run_worker(platform: str, ensemble: int = 0, overrides: dict | None = None) -> dict | None:
+    cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble),
+           "--overrides", json.dumps(overrides or {})]
     return run_json_worker(cmd, f"{platform}, ensemble {ensemble}" if ensemble else platform)
 
 
@@ -306,6 +308,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=300.0, help="case elemental: seconds per run")
     parser.add_argument("--elemental-worker")
     parser.add_argument("--frames")
+    parser.add_argument("--overrides", default="{}", help="worker: TrainingConfig fields as JSON")
     args = parser.parse_args()
     if args.elemental_worker:
         print(json.dumps(elemental_worker(args.elemental_worker, args.time_limit, args.frames)))
@@ -314,7 +317,7 @@ def main() -> None:
         run_elemental(args.time_limit)
         return
     if args.worker:
-        print(json.dumps(worker(args.worker, args.ensemble_members)))
+        print(json.dumps(worker(args.worker, args.ensemble_members, json.loads(args.overrides))))
         return
     if not WATER.exists():
         sys.exit(f"benchmark data not found at {WATER} (../shared/external is only in this workplace)")

@@ -28,7 +28,7 @@ from mlmd_lab.potentials.symfunc import SymmetryFunction
 from mlmd_lab.train.callbacks import Callback
 from mlmd_lab.train.data import labels_of, stack
 from mlmd_lab.train.ensemble import Ensemble
-from mlmd_lab.train.features import block_columns, compute_features
+from mlmd_lab.train.features import block_columns, compute_features, force_subset
 from mlmd_lab.train.trainer import (
     Trainer,
     TrainingConfig,
@@ -134,7 +134,8 @@ def test_training_path_equals_exported_model(frames):
     rng = np.random.default_rng(0)
     params = [[(jnp.asarray(rng.normal(scale=0.3, size=W.shape)), jnp.asarray(rng.normal(scale=0.1, size=b.shape)))
                for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
-    step_cfg, data, _, consts, _ = trainer._setup()
+    step_cfg, consts = trainer._setup()
+    data = trainer._store.gather(trainer._rows["train"])
     trainer._export(params)
     model = trainer.model
     frames_ = list(trainer.split.train)
@@ -174,8 +175,63 @@ def test_stack_pads_every_frame_to_common_shapes(frames):
     some = frames[:2] + [frames[2][:20]]
     feats = compute_features(model, some)
     data = stack(feats, labels_of(some, model.elements), 2)
-    assert data["forces"].shape[0] == 3 and data["atom_mask"].sum() == 32 + 32 + 20
+    assert data["forces"].shape[0] == 3 and data["force_mask"].sum() == 32 + 32 + 20
     assert data["G0"].shape[0] == 3 and np.all(data["atom0"][2][data["atom0"][2] < 20] < 20)
+
+
+# ---------------------------------------------------------------------- force subsets
+def test_force_subset_keeps_exact_forces_of_its_atoms_with_fewer_pairs(frames):
+    """With a force subset, the chosen atoms' forces (and the energy) from the kept pairs equal the full
+    computation's to 1e-12; the others are masked, the stress is not fitted, and fewer pairs are stored."""
+    import jax.numpy as jnp
+
+    from mlmd_lab.train.step import frame_predict
+
+    trainer = Trainer(frames[:8], dtype="float64", **FAST)
+    trainer.write_nn()
+    trainer.write_data()
+    trainer.normalize()
+    trainer.scaling()
+    rng = np.random.default_rng(0)
+    params = [[(jnp.asarray(rng.normal(scale=0.3, size=W.shape)), jnp.asarray(rng.normal(scale=0.1, size=b.shape)))
+               for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
+    step_cfg, consts = trainer._setup()
+    some = list(trainer.split.train)
+    everything = compute_features(trainer.model, some, dtype="float64")
+    full = stack(everything, labels_of(some, trainer.model.elements), 2, np.float64)
+    chosen = force_subset([len(a) for a in some], 0.25, seed=3)
+    assert [c.size for c in chosen] == [8] * len(some) and all(np.all(np.diff(c) > 0) for c in chosen)
+    feats = compute_features(trainer.model, some, dtype="float64", force_atoms=chosen)
+    reduced = stack(feats, labels_of(some, trainer.model.elements), 2, np.float64, full["_caps"])
+    kept = sum(fr.blocks[b]["i"].size for fr in feats for b in range(4))
+    every = sum(fr.blocks[b]["i"].size for fr in everything for b in range(4))
+    assert kept < 0.6 * every  # 1 - (3/4)^2 = 44 % of the pairs move one of 25 % of the atoms
+    for k, atoms in enumerate(some):
+        fr_full = {key: v[k] for key, v in full.items() if not key.startswith("_")}
+        fr_part = {key: v[k] for key, v in reduced.items() if not key.startswith("_")}
+        e_full, f_full, _ = frame_predict(step_cfg, params, consts, fr_full)
+        e_part, f_part, _ = frame_predict(step_cfg, params, consts, fr_part)
+        assert float(e_part) == pytest.approx(float(e_full), rel=1e-12)
+        np.testing.assert_allclose(np.asarray(f_part)[chosen[k]], np.asarray(f_full)[chosen[k]], atol=1e-12)
+        assert not np.allclose(np.asarray(f_part)[: len(atoms)], np.asarray(f_full)[: len(atoms)])
+        assert np.flatnonzero(reduced["force_mask"][k]).tolist() == chosen[k].tolist()
+    assert full["has_stress"].all() and not reduced["has_stress"].any()
+
+
+def test_force_fraction_trains_on_a_seeded_subset_and_bad_values_are_refused(frames):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames[:20], max_epochs=2, force_fraction=0.5, **FAST)
+        trainer.fit()
+    assert trainer._state["force_fraction"] == 0.5
+    masks = trainer._store.gather(trainer._rows["train"])["force_mask"]
+    assert masks.sum(axis=1).tolist() == [16] * len(trainer.split.train)
+    again = force_subset([32] * 3, 0.5, seed=0)
+    assert [a.tolist() for a in again] == [a.tolist() for a in force_subset([32] * 3, 0.5, seed=0)]
+    assert again[0].tolist() != again[1].tolist()  # each frame draws its own atoms
+    assert trainer.errors["test"]["force_rmse"] > 0
+    with pytest.raises(MLMDError, match="force_fraction must be in"):
+        Trainer(frames[:20], force_fraction=1.5, **FAST).write_data()
 
 
 # ---------------------------------------------------------------------- checkpoints

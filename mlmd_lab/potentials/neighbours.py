@@ -303,6 +303,20 @@ class NeighbourBuilder:
             t_a = t_b = t_group = np.zeros(0, np.int64)
         return _Raw(i, j, S.astype(np.float64), block, t_a, t_b, t_group)
 
+    def counts(self, positions, cell, pbc, species) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, block) of every pair and the triplets per angular group (G,) of one structure, without writing
+        the triplets (their counting pass only): what sizing a layout needs."""
+        species = np.asarray(species, np.int64)
+        i, j, _, D = pair_list(positions, cell, pbc, self.cutoff)
+        e = species[j]
+        block = species[i] * self.n_elements + e
+        if not self.group_keys:
+            return i, j, block, np.zeros(0, np.int64)
+        dist = np.sqrt(np.einsum("ij,ij->i", D, D))
+        triplets = _Triplets(i, dist, D, e, species, self._table, self._group_rc, self._group_wide,
+                             len(self.group_keys), self.cutoff_angular)
+        return i, j, block, triplets.counts
+
     def build_one(self, positions, cell, pbc, species, capacities: Layout | None = None,
                   headroom: float = 1.0) -> Graph:
         """One structure's graph built lean, for MD: triplets are counted, then written straight into their padded

@@ -128,6 +128,10 @@ class Metrics:
 class Callback:
     """Base class of training callbacks; every method is a no-op, override what you need."""
 
+    def on_features(self, progress: dict[str, Any]) -> None:
+        """The feature stage (symmetry functions and derivatives, before training) advanced; ``progress``: done and
+        total frames, elapsed_s since it began, eta_s (estimated seconds left, None before two frames)."""
+
     def on_train_begin(self, info: dict[str, Any]) -> None:
         """Training starts; ``info``: n_train, n_validation, n_parameters, epochs, elements, member, ..."""
 
@@ -162,6 +166,11 @@ class CallbackList(Callback):
     def append(self, callback: Callback) -> None:
         """Add a callback at the end."""
         self.callbacks.append(callback)
+
+    def on_features(self, progress: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            if hasattr(callback, "on_features"):  # callbacks written before this event need not have it
+                _call(callback, "on_features", progress)
 
     def on_train_begin(self, info: dict[str, Any]) -> None:
         for callback in self.callbacks:
@@ -405,6 +414,22 @@ class ConsoleProgress(Callback):
 
     def _stream(self) -> IO[str]:
         return self.file if self.file is not None else sys.stderr
+
+    def on_features(self, progress: dict[str, Any]) -> None:
+        """A bar over the frames of the feature stage (tqdm shows its rate and the time left)."""
+        from tqdm.std import tqdm
+
+        if self._bar is None or getattr(self._bar, "desc", "") != "features":
+            self.close()
+            stream = self._stream()
+            self._units_ascii = not _can_encode(stream, "Å³")
+            self._bar = tqdm(total=progress["total"], file=stream, desc="features", unit="frame",
+                             dynamic_ncols=True, ascii=self._units_ascii or None, mininterval=0.5, leave=True)
+            self._done = 0
+        self._bar.update(max(0, progress["done"] - self._done))
+        self._done = progress["done"]
+        if progress["done"] >= progress["total"]:
+            self.close()
 
     def on_train_begin(self, info: dict[str, Any]) -> None:
         from tqdm.std import tqdm

@@ -20,8 +20,10 @@ tangent per Cartesian component gives every per-pair derivative at once.
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -46,13 +48,21 @@ class FrameFeatures:
         atoms: per element c, (n_c,) the atom index of each row of ``G[c]``.
         blocks: per pair block b = c * E + e, a dict with ``dG`` (p, K_b, 3) derivatives of the block's columns
             with respect to d, ``row`` (p,) the row of the central atom in ``G[c]``, ``i``, ``j`` (p,) atom
-            indices, ``d`` (p, 3) pair vectors.
+            indices, ``d`` (p, 3) pair vectors. Only the pairs that move a force atom are kept (i or j in
+            ``force_atoms``): those atoms' forces are exact, the others' are not computed.
+        force_atoms: (n_f,) sorted indices of the atoms whose forces training fits (every atom by default).
     """
 
     species: np.ndarray
     G: list[np.ndarray]
     atoms: list[np.ndarray]
     blocks: list[dict[str, np.ndarray]]
+    force_atoms: np.ndarray
+
+    @property
+    def all_forces(self) -> bool:
+        """Every atom's force (and so the virial, which needs every pair) is available."""
+        return self.force_atoms.size == self.species.size
 
     @property
     def nbytes(self) -> int:
@@ -74,66 +84,150 @@ def block_columns(model: HDNNP) -> list[np.ndarray]:
     return columns
 
 
-def compute_features(model: HDNNP, frames: Sequence[Atoms], dtype: str = "float32",
-                     progress=None) -> list[FrameFeatures]:
-    """Raw symmetry functions and their pair-vector derivatives of every frame.
+@dataclass
+class FrameCounts:
+    """Sizes of one frame's training arrays, from the counting pass (:func:`plan_features`).
+
+    Attributes:
+        n_atoms: atoms of the frame.
+        per_element: (E,) atoms of each element.
+        kept_pairs: (E * E,) pairs per block (c, e) that move a force atom (all pairs without a force subset).
+    """
+
+    n_atoms: int
+    per_element: np.ndarray
+    kept_pairs: np.ndarray
+
+
+def plan_features(model: HDNNP, frames: Sequence[Atoms], force_atoms: Sequence[np.ndarray] | None = None,
+                  progress=None) -> tuple[Layout | None, list[FrameCounts]]:
+    """The counting pass over ``frames``: the layout in which every frame's features are computed (capacities of
+    the largest counts, bucketed: one compilation) and each frame's sizes. Pairs come from the neighbour search
+    and triplets are only counted (~30 ms for a 192-atom water frame).
+
+    ``progress``: optional callable(n_done) after each frame."""
+    builder = model.neighbour_builder()
+    E = builder.n_elements
+    n_groups = len(builder.group_keys)
+    force_atoms = _check_force_atoms(force_atoms, len(frames))
+    atoms, pairs, triplets = 0, np.zeros(E * E, np.int64), np.zeros(n_groups, np.int64)
+    counts = []
+    for k, frame in enumerate(frames):
+        structure = model.structure(frame)
+        species = np.asarray(structure[3])
+        i, j, block, per_group = builder.counts(*structure)
+        atoms = max(atoms, species.size)
+        pairs = np.maximum(pairs, np.bincount(block, minlength=E * E))
+        if n_groups:
+            triplets = np.maximum(triplets, per_group)
+        kept = np.ones(i.size, bool)
+        if force_atoms[k] is not None:
+            moves = np.zeros(species.size, bool)
+            moves[force_atoms[k]] = True
+            kept = moves[i] | moves[j]
+        counts.append(FrameCounts(n_atoms=int(species.size), per_element=np.bincount(species, minlength=E),
+                                  kept_pairs=np.bincount(block[kept], minlength=E * E)))
+        if progress is not None:
+            progress(k + 1)
+    if not counts:
+        return None, counts
+    pair_caps = [bucket(n) for n in pairs]
+    trip_caps = [bucket(n) for n in triplets]
+    pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]]
+    trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]] if trip_caps else []
+    layout = Layout(n_atoms=bucket(atoms), n_structures=1, n_elements=E,
+                    pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
+                    triplet_groups=tuple((key, int(o), int(c)) for key, o, c in
+                                         zip(builder.group_keys, trip_offsets, trip_caps, strict=True)))
+    return layout, counts
+
+
+#: Frames computed ahead of the consumer of :func:`iter_features`.
+AHEAD = 4
+
+
+def iter_features(model: HDNNP, frames: Sequence[Atoms], layout: Layout, dtype: str = "float32",
+                  force_atoms: Sequence[np.ndarray] | None = None) -> Iterator[FrameFeatures]:
+    """Each frame's :class:`FrameFeatures`, in order, computed in ``layout`` (from :func:`plan_features`) by two
+    threads (neighbour lists in numba and XLA both release the GIL), at most :data:`AHEAD` frames ahead of the
+    consumer: memory holds a few frames, not the set.
 
     Args:
         model: the potential whose symmetry functions (and length unit) are used.
         frames: structures (positions in Å).
+        layout: capacities that fit every frame.
         dtype: storage precision of the results ("float32" halves memory; computed in float64).
-        progress: optional callable(n_done) called after each frame.
+        force_atoms: per frame, the atoms whose forces will be fitted (None: all). Derivatives are kept only
+            for pairs that move them, so memory follows the force atoms (:func:`force_subset`).
     """
     columns = block_columns(model)
     fn = jax.jit(partial(_frame_derivatives, model.plan, model._far(), tuple(tuple(c) for c in columns)),
                  static_argnames="layout")
     builder = model.neighbour_builder()
     store = np.float32 if dtype == "float32" else np.float64
-    structures = [model.structure(atoms) for atoms in frames]
-    layout = _common_layout(builder, structures)  # one compilation for every frame that fits
+    force_atoms = _check_force_atoms(force_atoms, len(frames))
 
-    def one(structure):
-        graph = builder.build([structure], layout)
+    def one(k):
+        graph = builder.build([model.structure(frames[k])], layout)
         arrays = {key: jnp.asarray(v) for key, v in graph.arrays().items()}
         G_all, dG_blocks = fn(arrays, layout=graph.layout)
-        return _unpad(graph, [np.asarray(g) for g in G_all], [np.asarray(b) for b in dG_blocks], store)
+        return _unpad(graph, [np.asarray(g) for g in G_all], [np.asarray(b) for b in dG_blocks], store,
+                      force_atoms[k])
 
-    out = []
-    # Two threads: neighbour lists (numba, nogil) and XLA both release the GIL.
     with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        for k, result in enumerate(pool.map(one, structures)):
-            out.append(result)
-            if progress is not None:
-                progress(k + 1)
+        pending: deque = deque()
+        for k in range(len(frames)):
+            pending.append(pool.submit(one, k))
+            if len(pending) > AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def compute_features(model: HDNNP, frames: Sequence[Atoms], dtype: str = "float32",
+                     progress=None, force_atoms: Sequence[np.ndarray] | None = None) -> list[FrameFeatures]:
+    """Raw symmetry functions and their pair-vector derivatives of every frame, as a list (:func:`plan_features`
+    then :func:`iter_features`; the trainer streams them into a :class:`~mlmd_lab.train.store.FeatureStore`
+    instead). ``progress``: optional callable(n_done) called after each frame."""
+    frames = list(frames)
+    layout, _ = plan_features(model, frames, force_atoms)
+    out = []
+    for result in iter_features(model, frames, layout, dtype, force_atoms) if frames else ():
+        out.append(result)
+        if progress is not None:
+            progress(len(out))
     return out
 
 
-def _common_layout(builder, structures) -> Layout | None:
-    """Capacities that fit every structure (largest counts, bucketed), from a first counting pass."""
-    E = builder.n_elements
-    n_groups = len(builder.group_keys)
-    atoms, pairs, triplets = 0, np.zeros(E * E, np.int64), np.zeros(n_groups, np.int64)
-    for structure in structures:
-        raw = builder.raw(*structure)
-        atoms = max(atoms, len(structure[3]))
-        pairs = np.maximum(pairs, np.bincount(raw.block, minlength=E * E))
-        if n_groups:
-            triplets = np.maximum(triplets, np.bincount(raw.t_group, minlength=n_groups))
-    if not structures:
-        return None
-    pair_caps = [bucket(n) for n in pairs]
-    trip_caps = [bucket(n) for n in triplets]
-    pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]]
-    trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]] if trip_caps else []
-    return Layout(n_atoms=bucket(atoms), n_structures=1, n_elements=E,
-                  pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
-                  triplet_groups=tuple((key, int(o), int(c)) for key, o, c in
-                                       zip(builder.group_keys, trip_offsets, trip_caps, strict=True)))
+def _check_force_atoms(force_atoms, n_frames: int) -> list:
+    if force_atoms is None:
+        return [None] * n_frames
+    if len(force_atoms) != n_frames:
+        raise ValueError(f"force_atoms has {len(force_atoms)} entries for {n_frames} frames")
+    return list(force_atoms)
 
 
-def _unpad(graph, G_all, dG_blocks, store) -> FrameFeatures:
+def force_subset(n_atoms: Sequence[int], fraction: float, seed: int) -> list[np.ndarray]:
+    """Per frame, ceil(fraction * n) of its atoms (at least one), drawn without replacement and sorted; frame k's
+    draw depends only on (seed, k), so a subset does not change when other frames are added after it."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"the force fraction must be in (0, 1], not {fraction}")
+    out = []
+    for k, n in enumerate(n_atoms):
+        count = max(1, math.ceil(fraction * n - 1e-9))
+        if count >= n:
+            out.append(np.arange(n))
+        else:
+            out.append(np.sort(np.random.default_rng([seed, k]).choice(n, count, replace=False)))
+    return out
+
+
+def _unpad(graph, G_all, dG_blocks, store, force_atoms=None) -> FrameFeatures:
     n = int(graph.n_real[0])
     species = graph.species[:n].copy()
+    chosen = np.arange(n) if force_atoms is None else np.asarray(force_atoms, np.int64)
+    moves = np.zeros(graph.layout.n_atoms, bool)
+    moves[chosen] = True
     G, atoms, rows_of = [], [], []
     for c, g in enumerate(G_all):
         idx = np.flatnonzero(species == c)
@@ -148,12 +242,13 @@ def _unpad(graph, G_all, dG_blocks, store) -> FrameFeatures:
     for b, (offset, cap) in enumerate(graph.layout.pair_blocks):
         c = b // E
         sl = slice(offset, offset + cap)
-        mask = graph.pair_mask[sl]
-        i, j = graph.pair_i[sl][mask], graph.pair_j[sl][mask]
+        i, j = graph.pair_i[sl], graph.pair_j[sl]
+        mask = graph.pair_mask[sl] & (moves[i] | moves[j])
+        i, j = i[mask], j[mask]
         d = pos[j] - pos[i] + graph.pair_shift[sl][mask] @ graph.cells[0]
         blocks.append({"dG": dG_blocks[b][mask].astype(store), "row": rows_of[c][i], "i": i, "j": j,
                        "d": d.astype(store)})
-    return FrameFeatures(species=species, G=G, atoms=atoms, blocks=blocks)
+    return FrameFeatures(species=species, G=G, atoms=atoms, blocks=blocks, force_atoms=chosen)
 
 
 def _frame_derivatives(plan, far, columns, arrays, layout: Layout):

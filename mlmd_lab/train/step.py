@@ -67,18 +67,19 @@ def frame_predict(cfg: StepConfig, params: dict, consts: dict, fr: dict):
     return energy, forces, virial
 
 
-def batch_errors(cfg: StepConfig, params, consts, data: dict, index, valid):
+def batch_errors(cfg: StepConfig, params, consts, batch: dict, valid):
     """Per-batch sums of squared errors and counts: energy per atom (eV/atom), force components (eV/Å), stress
     components (``stress_sse``, eV/Å³) and the same as virial per atom (``virial_sse``, eV/atom, for the loss).
 
-    ``index`` (B,) frames of ``data``; ``valid`` (B,) False for slots that only pad the last batch.
+    ``batch``: the frames' records with a leading batch axis (B, ...) (:mod:`mlmd_lab.train.data`); ``valid`` (B,)
+    False for slots that only pad the last batch.
     """
-    fr = jax.tree.map(lambda a: a[index], {k: v for k, v in data.items() if not k.startswith("_")})
+    fr = {k: v for k, v in batch.items() if not k.startswith("_")}
     fr["valid"] = valid
     energy, forces, virial = jax.vmap(lambda f: frame_predict(cfg, params, consts, f))(fr)
     de = (energy - fr["energy"]) / fr["n_atoms"]
     e_mask = fr["has_energy"] & fr["valid"]
-    f_mask = (fr["atom_mask"] & (fr["has_forces"] & fr["valid"])[:, None])[:, :, None]
+    f_mask = (fr["force_mask"] & (fr["has_forces"] & fr["valid"])[:, None])[:, :, None]
     df = jnp.where(f_mask, forces - fr["forces"], 0.0)
     stress = virial / fr["volume"][:, None, None]
     s_mask = (fr["has_stress"] & fr["valid"])[:, None, None]
@@ -102,25 +103,25 @@ def loss_of(cfg: StepConfig, errors: dict):
 def make_functions(cfg: StepConfig, optimizer):
     """(train_step, evaluate): compiled functions over device-resident stacked data.
 
-    ``train_step(params, opt_state, consts, data, index, valid, learning_rate) -> (params, opt_state, loss,
-    errors)`` moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's scaled
-    gradient, ``optax.scale_by_adam``); the rate is an argument, so a schedule of any length needs one
-    compilation. ``evaluate(params, consts, data, index, valid) -> errors`` (sums, see :func:`batch_errors`).
+    ``train_step(params, opt_state, consts, batch, valid, learning_rate) -> (params, opt_state, loss, errors)``
+    moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's scaled gradient,
+    ``optax.scale_by_adam``); the rate is an argument, so a schedule of any length needs one compilation.
+    ``evaluate(params, consts, batch, valid) -> errors`` (sums, see :func:`batch_errors`).
     """
 
-    def loss_fn(params, consts, data, index, valid):
-        errors = batch_errors(cfg, params, consts, data, index, valid)
+    def loss_fn(params, consts, batch, valid):
+        errors = batch_errors(cfg, params, consts, batch, valid)
         return loss_of(cfg, errors), errors
 
     @jax.jit
-    def train_step(params, opt_state, consts, data, index, valid, learning_rate):
-        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, data, index, valid)
+    def train_step(params, opt_state, consts, batch, valid, learning_rate):
+        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, valid)
         updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
         params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
         return params, opt_state, loss, errors
 
     @jax.jit
-    def evaluate(params, consts, data, index, valid):
-        return batch_errors(cfg, params, consts, data, index, valid)
+    def evaluate(params, consts, batch, valid):
+        return batch_errors(cfg, params, consts, batch, valid)
 
     return train_step, evaluate

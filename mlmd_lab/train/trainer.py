@@ -29,9 +29,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import pickle
 import platform
+import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -44,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import psutil
 from ase import Atoms, units
 
 from mlmd_lab.errors import MLMDError
@@ -63,14 +67,16 @@ from mlmd_lab.train.budget import (
 )
 from mlmd_lab.train.callbacks import Callback, CallbackList, ConsoleProgress, Metrics, Stopper
 from mlmd_lab.train.data import (
-    capacities,
+    caps_of_counts,
+    combine_statistics,
+    frame_record,
+    frame_statistics,
     labels_of,
+    record_fields,
     reference_energies,
-    scaling_statistics,
-    stack,
     stress_matrix,
 )
-from mlmd_lab.train.features import block_columns, compute_features
+from mlmd_lab.train.features import block_columns, force_subset, iter_features, plan_features
 from mlmd_lab.train.signatures import (
     EnergyOffsets,
     check_signatures,
@@ -79,6 +85,7 @@ from mlmd_lab.train.signatures import (
     signature_groups,
 )
 from mlmd_lab.train.step import StepConfig, make_functions
+from mlmd_lab.train.store import FeatureStore
 
 CHECKPOINT = "checkpoint.pkl"
 #: Folder of the workdir holding the trained model in n2p2 format (written when training ends, however it ends).
@@ -89,6 +96,18 @@ DIVERGED = 100.0
 PROBE_STEPS = 10
 #: Frames per batch of the final error pass.
 FINAL_BATCH = 16
+#: feature_storage="auto" keeps the records in memory up to this many bytes and puts larger sets in a file:
+#: a notebook on a shared hub should not hold gigabytes for data that the page cache serves as fast (measured
+#: in benchmarks/bench_train.py: the epoch time of the 320-frame water set in memory and on disk).
+IN_MEMORY = 1 << 30
+#: force_fraction=None fits every atom's force while the records of all atoms take at most this share of the
+#: memory available when training starts; beyond it, the force subset that fits (disk space follows it too).
+FORCE_MEMORY = 0.5
+#: Sets of at most this many frames are counted whole to size their records with every force (larger ones from
+#: a sample).
+SAMPLE_ALL = 200
+#: The smallest automatic force fraction (a 192-atom frame still fits ~10 atoms' forces).
+MIN_FORCE_FRACTION = 0.05
 
 
 class TrainingWarning(UserWarning):
@@ -154,6 +173,15 @@ class TrainingConfig:
             are recorded in ``model.metadata["energy_offsets"]``.
         dtype: "float32" (default; half the memory, faster) or "float64" for the training arithmetic.
             The exported model is always float64.
+    Memory (:mod:`mlmd_lab.train.store`; ``trainer.storage`` says what was chosen and why):
+        force_fraction: the share of each frame's atoms whose forces are fitted (a seeded draw per frame, the
+            same for every epoch; energies always use every atom). Derivatives are stored only for pairs that
+            move those atoms, so memory and epoch time shrink with it (1 - (1 - f)^2 of the pairs). None
+            (default): 1 while the set's records fit :data:`FORCE_MEMORY` of the memory, else the largest
+            fraction that does (at least :data:`MIN_FORCE_FRACTION`). Frames with a subset do not fit stress.
+        feature_storage: "memory", "disk" (a file in the system's temporary folder, read batch by batch: the
+            process holds one batch) or "auto" (default): memory while the records take at most
+            :data:`IN_MEMORY` bytes, else disk.
     """
 
     cutoff: float | None = None
@@ -180,6 +208,8 @@ class TrainingConfig:
     seed: int = 0
     dtype: str = "float32"
     energy_offsets: str = "shared"
+    force_fraction: float | None = None
+    feature_storage: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -235,7 +265,8 @@ class Trainer:
         self.clock = clock
         self.budget: TrainingBudget | None = None
         self._origin: float | None = None  # clock at the start of fit(): the time limit counts from there
-        self._features: dict[str, list] = {}
+        self._rows: dict[str, np.ndarray] = {}  # store rows of the train and validation frames
+        self._store: FeatureStore | None = None
         self._state: dict[str, Any] = {}
         self.energy_offsets: EnergyOffsets | None = None
         self.elements = self._check_data()
@@ -352,9 +383,96 @@ class Trainer:
             if f_test > 0 else (frames, FrameSet([]))
         self._pool = pool
         t0 = self.clock()
-        self._pool_features = compute_features(self.model, pool, dtype=cfg.dtype)
+        self._store, self._statistics = self._stream_features(pool)
+        self._row_of = {fid: k for k, fid in enumerate(pool.ids)}
         self._state["features_s"] = self.clock() - t0
         return self.resplit(seed=cfg.seed, test=test, path=path)
+
+    def _stream_features(self, pool: FrameSet) -> tuple[FeatureStore, list]:
+        """The counting pass, the choice of force subset and storage, then every frame's features computed and
+        written into its record (a few frames in memory at a time); returns the store and per-frame function
+        statistics (for :meth:`scaling`)."""
+        cfg, model = self.config, self.model
+        dtype = np.float32 if cfg.dtype == "float32" else np.float64
+        frames = list(pool)
+        sizes = [len(a) for a in frames]
+        widths = (tuple(model.plan.n_features), tuple(len(c) for c in block_columns(model)))
+        # Records with every atom's force: counted on every frame of small sets, else estimated from ~20 frames
+        # spread over the set and the largest one (the counting pass costs ~30 ms per 192-atom frame).
+        step = 1 if len(frames) <= SAMPLE_ALL else max(1, len(frames) // 20)
+        sample = sorted(set(range(0, len(frames), step)) | {int(np.argmax(sizes))})
+        _, sample_counts = plan_features(model, [frames[k] for k in sample])
+        full_bytes = _record_bytes(caps_of_counts(sample_counts), widths, dtype) * len(frames)
+        fraction = self._force_fraction(full_bytes)
+        chosen = force_subset(sizes, fraction, cfg.seed) if fraction < 1.0 else None
+        layout, counts = plan_features(model, frames, chosen)
+        caps = caps_of_counts(counts)
+        fields = record_fields(caps, widths, dtype)
+        needed = _record_bytes(caps, widths, dtype) * len(frames)
+        directory = self._storage(needed)
+        store = FeatureStore(fields, len(frames), directory)
+        labels = labels_of(frames, model.elements)
+        statistics = []
+        done = 0
+        callbacks = CallbackList([*self.callbacks, *([ConsoleProgress()] if self.progress else [])])
+        start = self.clock()
+        for k, fr in enumerate(iter_features(model, frames, layout, cfg.dtype, chosen)):
+            store.write(k, frame_record(fr, labels, k, caps, dtype))
+            statistics.append(frame_statistics(fr))
+            done = k + 1
+            elapsed = self.clock() - start
+            eta = elapsed / done * (len(frames) - done) if done >= 2 else None
+            callbacks.on_features({"done": done, "total": len(frames), "elapsed_s": elapsed, "eta_s": eta})
+        self._state["storage"] = {"force_fraction": fraction, "mode": "disk" if store.on_disk else "memory",
+                                  "bytes": store.nbytes, "bytes_all_forces": full_bytes, "frames": done,
+                                  "reason": self._state.pop("storage_reason", "")}
+        return store, statistics
+
+    @property
+    def storage(self) -> dict[str, Any] | None:
+        """How the training records are held (after :meth:`write_data`): force_fraction, mode ("memory" or
+        "disk"), bytes, bytes_all_forces (the records with every atom's force), frames and the reason in words."""
+        return self._state.get("storage")
+
+    def _force_fraction(self, full_bytes: int) -> float:
+        """The share of each frame's atoms whose forces are fitted (``TrainingConfig.force_fraction``), given the
+        bytes of the records with every atom's force."""
+        fraction = self.config.force_fraction
+        if fraction is not None:
+            if not 0.0 < float(fraction) <= 1.0:
+                raise MLMDError(f"force_fraction must be in (0, 1], not {fraction}; 1 fits every atom's force")
+            self._state["storage_reason"] = f"force fraction {fraction:g} as configured"
+            self._state["force_fraction"] = float(fraction)
+            return float(fraction)
+        room = FORCE_MEMORY * psutil.virtual_memory().available
+        if full_bytes <= room:
+            fraction, why = 1.0, "every atom's force"
+        else:
+            # Kept pairs are 1 - (1 - f)^2 of all: solve for the fraction whose records fill the room.
+            share = room / full_bytes
+            fraction = max(MIN_FORCE_FRACTION, 1.0 - math.sqrt(1.0 - share))
+            why = (f"force fraction {fraction:.3g}: the records of every atom's force ({full_bytes / 2**30:.1f} GiB) "
+                   f"exceed {FORCE_MEMORY:.0%} of the available memory")
+        self._state["storage_reason"] = why
+        self._state["force_fraction"] = fraction
+        return fraction
+
+    def _storage(self, needed: int) -> Path | None:
+        """Where the records go: None for memory, else a folder for their file (``TrainingConfig.feature_storage``)."""
+        mode = self.config.feature_storage
+        if mode not in ("auto", "memory", "disk"):
+            raise MLMDError(f"feature_storage must be 'auto', 'memory' or 'disk', not {mode!r}")
+        if mode == "auto":
+            mode = "memory" if needed <= IN_MEMORY else "disk"
+        if mode == "memory":
+            return None
+        folder = Path(tempfile.gettempdir())
+        free = shutil.disk_usage(folder).free
+        if needed > 0.9 * free:
+            raise MLMDError(f"the training records need {needed / 2**30:.1f} GiB and {folder} has {free / 2**30:.1f} "
+                            "GiB free; set TMPDIR to a larger disk, or a smaller force_fraction")
+        return folder
+
 
     def hold_out(self, fraction: float) -> FrameSet:
         """Take ``fraction`` of the non-test frames out of training and validation, for this trainer and every
@@ -368,9 +486,7 @@ class Trainer:
             self.write_data()
         split_seed = self._state.get("split_seed", self.config.seed)
         pool, held = self._pool.split((1.0 - fraction, fraction), seed=split_seed, group_by=self.config.group_by)
-        where = {fid: k for k, fid in enumerate(self._pool.ids)}
-        self._pool_features = [self._pool_features[where[fid]] for fid in pool.ids]
-        self._pool = pool
+        self._pool = pool  # the held-out frames' records stay in the store, unused
         self.resplit(self.config.seed)
         return held
 
@@ -379,14 +495,12 @@ class Trainer:
         cfg = self.config
         f_train, f_valid, _ = cfg.fractions
         share = f_valid / max(f_train + f_valid, 1e-12)
-        ids = self._pool.ids
         train, validation = self._pool.split((1.0 - share, share), seed=seed + 1, group_by=cfg.group_by)
         if len(train) == 0 or len(validation) == 0:
             raise MLMDError(f"splitting {len(self.frames)} frames by {cfg.fractions} left an empty train or "
                             "validation set; use more frames or other fractions")
-        where = {fid: k for k, fid in enumerate(ids)}
         for name, part in (("train", train), ("validation", validation)):
-            self._features[name] = [self._pool_features[where[fid]] for fid in part.ids]
+            self._rows[name] = np.array([self._row_of[fid] for fid in part.ids], np.int64)
         self.split = _Split(train, validation, test if test is not None else self.split.test)
         if path is not None:
             train.to_n2p2(path)
@@ -415,7 +529,8 @@ class Trainer:
         """Symmetry-function statistics (min, max, mean, sigma) of the training and validation frames."""
         if "energy_scale" not in self._state:
             self.normalize()
-        stats = scaling_statistics(self._features["train"] + self._features["validation"], len(self.model.elements))
+        rows = np.concatenate([self._rows["train"], self._rows["validation"]])
+        stats = combine_statistics([self._statistics[k] for k in rows], len(self.model.elements))
         for element, s in zip(self.model.elements, stats, strict=True):
             if s is None:
                 raise MLMDError(f"no {element} atoms in the training frames; add frames containing {element}")
@@ -479,8 +594,10 @@ class Trainer:
                                                          for sf in self.model.functions[e]],
                                    hidden=other.config.hidden, activations=other.config.activations,
                                    scaling=other.config.scaling, seed=other.config.seed)
-        other._state = {"split_seed": self._state.get("split_seed", self.config.seed)}
-        other._features = {}
+        other._state = {key: self._state[key] for key in ("force_fraction", "storage", "features_s")
+                        if key in self._state}
+        other._state["split_seed"] = self._state.get("split_seed", self.config.seed)
+        other._rows = {}
         other.history, other.errors, other.budget, other._origin = [], {}, None, None
         other.resplit(other.config.seed, test=self.split.test)
         return other
@@ -494,10 +611,6 @@ class Trainer:
         cfg, model = self.config, self.model
         dtype = np.float32 if cfg.dtype == "float32" else np.float64
         E = len(model.elements)
-        labels = {name: labels_of(getattr(self.split, name), model.elements) for name in ("train", "validation")}
-        caps = capacities(self._features["train"] + self._features["validation"], E)
-        data = stack(self._features["train"], labels["train"], E, dtype, caps)
-        valid = stack(self._features["validation"], labels["validation"], E, dtype, caps)
         columns = tuple(tuple(int(k) for k in cols) for cols in block_columns(model))
         step_cfg = StepConfig(n_elements=E, activations=model.settings.activations, columns=columns,
                               energy_scale=self._state["energy_scale"],
@@ -507,7 +620,7 @@ class Trainer:
         params = model.parameters()
         consts = {"shift": [params["shift"][e].astype(dtype) for e in model.elements],
                   "factor": [params["factor"][e].astype(dtype) for e in model.elements]}
-        return step_cfg, _device(data), _device(valid), consts, labels
+        return step_cfg, consts
 
     def _batch_size(self) -> int:
         if self.config.batch_size:
@@ -520,7 +633,8 @@ class Trainer:
         t_begin = clock()
         features_s = float(self._state.get("features_s", 0.0))
         origin = self._origin if self._origin is not None else t_begin - features_s
-        step_cfg, data, valid, consts, labels = self._setup()
+        step_cfg, consts = self._setup()
+        store, train_rows, valid_rows = self._store, self._rows["train"], self._rows["validation"]
         n_train, n_valid = len(self.split.train), len(self.split.validation)
         batch = min(self._batch_size(), n_train)
         steps_per_epoch = -(-n_train // batch)
@@ -544,10 +658,10 @@ class Trainer:
             return clock() - origin + previous
 
         # Loss of the untrained model (zero output: the regression energies): a run far above it has diverged.
-        baseline = _rmse(_evaluate_all(evaluate, params, consts, valid, n_valid, batch), step_cfg)["loss"]
+        baseline = _rmse(_evaluate_all(evaluate, params, consts, store, valid_rows, batch), step_cfg)["loss"]
         budget = self._plan(epochs, state, steps_per_epoch, spent,
-                            lambda: self._measure_epoch(train_step, evaluate, params, state["opt_state"], consts, data,
-                                                        valid, batch, steps_per_epoch, n_valid))
+                            lambda: self._measure_epoch(train_step, evaluate, params, state["opt_state"], consts,
+                                                        train_rows, valid_rows, batch, steps_per_epoch))
         budget.features_s = features_s
         self.budget = budget
         max_epochs = budget.epochs
@@ -571,10 +685,11 @@ class Trainer:
             for k in range(steps_per_epoch):
                 index, mask = _batch_indices(order, k, batch)
                 rate = jnp.asarray(self._learning_rate(state["step"] + k, total_steps), dt)
-                p, o, loss, errors = train_step(p, o, consts, data, index, mask, rate)
+                # The next batch is read while this step computes (JAX returns before the step is done).
+                p, o, loss, errors = train_step(p, o, consts, _device(store.gather(train_rows[index])), mask, rate)
                 sums = _add(sums, errors)
             train_metrics = _rmse(sums, step_cfg)
-            valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, valid, n_valid, batch), step_cfg)
+            valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, store, valid_rows, batch), step_cfg)
             state["step"] += steps_per_epoch
             finite = all(np.isfinite(v) for v in (*train_metrics.values(), *valid_metrics.values()))
             if not finite or valid_metrics["loss"] > DIVERGED * max(baseline, 1e-12):
@@ -660,25 +775,27 @@ class Trainer:
             budget.reserve_s = final_reserve(cfg.time_limit, final_estimate or 0.0)
         return budget
 
-    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, data, valid, batch: int,
-                       steps_per_epoch: int, n_valid: int) -> float:
+    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, train_rows, valid_rows, batch: int,
+                       steps_per_epoch: int) -> float:
         """Seconds per epoch: the median of :data:`PROBE_STEPS` timed optimiser steps (after one that compiles;
         their results are thrown away) times the steps per epoch, plus one validation batch (compiled by the
         baseline evaluation) times the validation batches."""
-        clock = self.clock
-        index, mask = _batch_indices(np.arange(batch), 0, batch)
+        clock, store = self.clock, self._store
+        index, mask = _batch_indices(np.arange(min(batch, train_rows.size)), 0, batch)
         rate = jnp.asarray(self.config.learning_rate, params[0][0][0].dtype)
-        jax.block_until_ready(train_step(params, opt_state, consts, data, index, mask, rate))
+        data = _device(store.gather(train_rows[index]))
+        jax.block_until_ready(train_step(params, opt_state, consts, data, mask, rate))
         times, p, o = [], params, opt_state
         for _ in range(PROBE_STEPS):
-            t0 = clock()
-            p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, index, mask, rate))
+            t0 = clock()  # the batch is read inside the timing, as in an epoch
+            data = _device(store.gather(train_rows[index]))
+            p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, mask, rate))
             times.append(clock() - t0)
-        valid_index, valid_mask = _batch_indices(np.arange(min(batch, n_valid)), 0, batch)
+        valid_index, valid_mask = _batch_indices(np.arange(min(batch, valid_rows.size)), 0, batch)
         t0 = clock()
-        jax.block_until_ready(evaluate(params, consts, valid, valid_index, valid_mask))
+        jax.block_until_ready(evaluate(params, consts, _device(store.gather(valid_rows[valid_index])), valid_mask))
         eval_s = clock() - t0
-        return float(np.median(times) * steps_per_epoch + eval_s * -(-n_valid // batch))
+        return float(np.median(times) * steps_per_epoch + eval_s * -(-valid_rows.size // batch))
 
     def _final_graph(self):
         """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
@@ -781,6 +898,10 @@ class Trainer:
             lines.append(f"Data: {len(self.split.train)} training and {len(self.split.validation)} validation frames; "
                          f"{n_test} of {n_all} frames ({100 * n_test / n_all:.0f} %) held out as a test set, used "
                          "neither for training nor for choosing the kept epoch.")
+        storage = self.storage
+        if storage:
+            lines.append(f"Features: {storage['frames']} frames, {storage['bytes'] / 2**20:.0f} MiB in "
+                         f"{'memory' if storage['mode'] == 'memory' else 'a file on disk'} ({storage['reason']}).")
         if self.budget is not None:
             lines.append(self.budget.summary())
         test = self.errors.get("test")
@@ -813,6 +934,7 @@ class Trainer:
             "energy_offsets": None if self.energy_offsets is None else self.energy_offsets.to_dict(),
             "config": self.config.to_dict(),
             "energy_scale": self._state.get("energy_scale"),
+            "storage": self.storage,
             "errors": self.errors,
             "best_epoch": state.get("best_epoch"),
             "epochs": state.get("epoch"),
@@ -950,6 +1072,10 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
 
 
 # ---------------------------------------------------------------------- helpers
+def _record_bytes(caps: tuple, widths: tuple, dtype) -> int:
+    return FeatureStore(record_fields(caps, widths, dtype), 0).record_bytes
+
+
 def _device(arrays: dict) -> dict:
     return {k: (v if k.startswith("_") else jnp.asarray(v)) for k, v in arrays.items()}
 
@@ -963,12 +1089,12 @@ def _batch_indices(order: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, n
     return index.astype(np.int32), mask
 
 
-def _evaluate_all(evaluate, params, consts, data, n: int, batch: int) -> dict:
+def _evaluate_all(evaluate, params, consts, store, rows: np.ndarray, batch: int) -> dict:
+    """Error sums over the frames of ``store`` at ``rows``, in batches."""
     sums = _zero_sums()
-    order = np.arange(n)
-    for k in range(-(-n // batch)):
-        index, mask = _batch_indices(order, k, batch)
-        sums = _add(sums, evaluate(params, consts, data, index, mask))
+    for k in range(-(-rows.size // batch)):
+        index, mask = _batch_indices(np.arange(rows.size), k, batch)
+        sums = _add(sums, evaluate(params, consts, _device(store.gather(rows[index])), mask))
     return sums
 
 

@@ -1,0 +1,109 @@
+"""Training records in memory and on disk (mlmd_lab.train.store), the automatic force subset and storage choice,
+and the feature stage's progress events."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import numpy as np
+import pytest
+from test_train import FAST, emt_frames
+
+import mlmd_lab.train.trainer as trainer_module
+from mlmd_lab.errors import MLMDError
+from mlmd_lab.train.callbacks import Callback
+from mlmd_lab.train.store import FeatureStore
+from mlmd_lab.train.trainer import Trainer, TrainingWarning
+
+FIELDS = {"a": ((3, 4), np.float32), "b": ((5,), np.int32), "e": ((), np.float64), "m": ((7,), bool)}
+
+
+def _record(rng):
+    return {"a": rng.normal(size=(3, 4)), "b": rng.integers(-9, 9, 5), "e": rng.normal(), "m": rng.random(7) > 0.5}
+
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_records_come_back_as_written_in_any_order(where, tmp_path):
+    rng = np.random.default_rng(0)
+    store = FeatureStore(FIELDS, 6, None if where == "memory" else tmp_path)
+    records = [_record(rng) for _ in range(6)]
+    for k in (3, 0, 5, 1, 4, 2):
+        store.write(k, records[k])
+    rows = np.array([4, 4, 0, 2])
+    batch = store.gather(rows)
+    assert batch["a"].shape == (4, 3, 4) and batch["e"].shape == (4,) and batch["m"].dtype == bool
+    for n, k in enumerate(rows):
+        np.testing.assert_array_equal(batch["a"][n], records[k]["a"].astype(np.float32))
+        np.testing.assert_array_equal(batch["b"][n], records[k]["b"])
+        assert batch["e"][n] == records[k]["e"] and batch["m"][n].tolist() == records[k]["m"].tolist()
+    assert store.on_disk == (where == "disk") and store.record_bytes % 64 == 0
+    with pytest.raises(ValueError, match="field 'a' has shape"):
+        store.write(0, dict(records[0], a=np.zeros((4, 3))))
+
+
+def test_the_disk_file_goes_with_the_store(tmp_path):
+    store = FeatureStore(FIELDS, 3, tmp_path)
+    path = store.path
+    assert path.exists() and path.stat().st_size == store.nbytes
+    store.close()
+    assert not path.exists()
+    again = FeatureStore(FIELDS, 3, tmp_path)
+    path = again.path
+    del again
+    gc.collect()
+    assert not path.exists()
+
+
+def _fit(frames, **overrides):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer = Trainer(frames, max_epochs=3, dtype="float64", **dict(FAST, **overrides))
+        trainer.fit()
+    return trainer
+
+
+def test_training_from_disk_equals_training_from_memory():
+    """The same records, read from a file batch by batch, give the same training to the last bit."""
+    frames = emt_frames(24, seed=5)
+    memory, disk = _fit(frames, feature_storage="memory"), _fit(frames, feature_storage="disk")
+    assert memory.storage["mode"] == "memory" and disk.storage["mode"] == "disk"
+    assert [m.validation["loss"] for m in memory.history] == [m.validation["loss"] for m in disk.history]
+    assert memory.errors["test"] == disk.errors["test"]
+    assert "a file on disk" in disk.summary()
+
+
+def test_auto_storage_and_force_fraction_follow_the_memory(monkeypatch):
+    """Small sets stay in memory with every force; when the records would not fit, the trainer picks a force
+    subset and a file, and says why; explicit settings win; nonsense is refused by name."""
+    frames = emt_frames(24, seed=6)
+    small = _fit(frames)
+    assert small.storage["mode"] == "memory" and small.storage["force_fraction"] == 1.0
+    assert small.storage["bytes"] == small.storage["bytes_all_forces"]
+    monkeypatch.setattr(trainer_module, "IN_MEMORY", 0)
+    monkeypatch.setattr(trainer_module, "FORCE_MEMORY", 0.3 * small.storage["bytes_all_forces"]
+                        / trainer_module.psutil.virtual_memory().available)
+    tight = _fit(frames)
+    fraction = tight.storage["force_fraction"]
+    assert tight.storage["mode"] == "disk" and 0.05 <= fraction < 0.3
+    assert tight.storage["bytes"] < 0.6 * small.storage["bytes"]
+    assert "exceed" in tight.storage["reason"] and "force fraction" in tight.summary()
+    assert tight.model.metadata["storage"]["force_fraction"] == fraction
+    chosen = _fit(frames, force_fraction=1.0, feature_storage="memory")
+    assert chosen.storage["force_fraction"] == 1.0 and chosen.storage["mode"] == "memory"
+    with pytest.raises(MLMDError, match="feature_storage must be"):
+        Trainer(frames, feature_storage="ssd", **FAST).write_data()
+
+
+def test_the_feature_stage_reports_progress_with_time_left():
+    events = []
+
+    class Watch(Callback):
+        def on_features(self, progress):
+            events.append(dict(progress))
+
+    _fit(emt_frames(12, seed=7), callbacks=[Watch()])
+    pool = len(events)
+    assert [e["done"] for e in events] == list(range(1, pool + 1)) and events[-1]["total"] == pool
+    assert events[0]["eta_s"] is None and events[-1]["eta_s"] == 0.0
+    assert all(e["eta_s"] >= 0 for e in events[1:]) and events[-1]["elapsed_s"] > 0
