@@ -292,6 +292,98 @@ def run_elemental(time_limit: float) -> None:
     print(f"wrote {path}")
 
 
+N2P2_WATER = ROOT / ".." / "shared" / "external" / "n2p2" / "H2O_RPBE-D3"
+
+
+def scale_frames(n: int, rattle: float = 0.05, seed: int = 0):
+    """``n`` synthetic water frames of 192 atoms: the DeePMD frames in turn, rattled (Gaussian, ``rattle`` Å per
+    component), labelled (energy, forces) by n2p2's H2O potential through mlmd_lab itself, in batches of 32.
+    Cached in ``benchmarks/results/water_scale_<n>.npz`` (deterministic for n and seed)."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    cache = RESULTS_DIR / f"water_scale_{n}.npz"
+    if not cache.exists():
+        from mlmd_lab.potentials import HDNNP
+
+        model = HDNNP.from_n2p2(N2P2_WATER, energy_unit="Ha", length_unit="Bohr")
+        base = read_water()
+        rng = np.random.default_rng(seed)
+        positions, cells, numbers, energies, forces = [], [], [], [], []
+        t0 = time.perf_counter()
+        for start in range(0, n, 32):
+            batch = []
+            for k in range(start, min(n, start + 32)):
+                atoms = base[k % len(base)].copy()
+                atoms.positions += rng.normal(scale=rattle, size=atoms.positions.shape)
+                batch.append(atoms)
+            for atoms, result in zip(batch, model.predict(batch, stress=False, warn=False), strict=True):
+                positions.append(atoms.positions)
+                cells.append(atoms.cell.array)
+                numbers.append(atoms.numbers)
+                energies.append(result["energy"])
+                forces.append(result["forces"])
+            if start % 1024 == 0:
+                print(f"labelled {start + len(batch)} of {n} frames, {time.perf_counter() - t0:.0f} s", flush=True)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, positions=np.array(positions), cells=np.array(cells), numbers=np.array(numbers),
+                 energies=np.array(energies), forces=np.array(forces), label_s=time.perf_counter() - t0)
+    data = np.load(cache)
+    frames = []
+    for k in range(len(data["energies"])):
+        atoms = Atoms(numbers=data["numbers"][k], positions=data["positions"][k], cell=data["cells"][k], pbc=True)
+        atoms.calc = SinglePointCalculator(atoms, energy=float(data["energies"][k]), forces=data["forces"][k])
+        frames.append(atoms)
+    return frames, float(data["label_s"])
+
+
+def scale_worker(n: int, epochs: int) -> dict:
+    """Defaults on ``n`` synthetic water frames for ``epochs`` epochs: what the trainer chose (force subset,
+    storage), the feature stage's time, seconds per epoch and the peak memory of the process per atom."""
+    import warnings
+
+    from mlmd_lab.train.trainer import Trainer
+
+    frames, label_s = scale_frames(n)
+    atoms = sum(len(a) for a in frames)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(frames, max_epochs=epochs, progress=False)
+        trainer.fit()
+    wall = time.perf_counter() - t0
+    epochs_done = trainer.history
+    per_epoch = [b.elapsed - a.elapsed for a, b in zip(epochs_done[:-1], epochs_done[1:], strict=True)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    b = trainer.budget
+    test = trainer.errors["test"]
+    return {"frames": n, "atoms": atoms, "label_s": label_s, "storage": trainer.storage, "features_s": b.features_s,
+            "epochs": len(epochs_done), "epoch_s": median(per_epoch) if per_epoch else epochs_done[0].elapsed,
+            "training_s": b.training_s, "final_s": b.final_s, "wall_s": wall, "peak_bytes": peak,
+            "peak_kb_per_atom": peak / atoms / 1e3, "test_force_mev": test["force_rmse"] * 1e3,
+            "test_energy_mev": test["energy_rmse"] * 1e3, "summary": trainer.summary()}
+
+
+def run_scale(n: int, epochs: int) -> None:
+    """Case ``scale``: the synthetic set (made once, labelled in this process, before the worker starts)."""
+    _, label_s = scale_frames(n)
+    cmd = [sys.executable, __file__, "--scale-worker", str(n), "--scale-epochs", str(epochs)]
+    r = run_json_worker(cmd, f"scale {n}")
+    if not r:
+        return
+    s = r["storage"]
+    print_table(["frames", "atoms", "force fraction", "records", "features s", "s/epoch", "peak GiB",
+                 "peak KB/atom", "target KB/atom"],
+                [(r["frames"], r["atoms"], round(s["force_fraction"], 3),
+                  f"{s['bytes'] / 2**30:.2f} GiB in {s['mode']}", round(r["features_s"]), round(r["epoch_s"], 1),
+                  round(r["peak_bytes"] / 2**30, 2), round(r["peak_kb_per_atom"], 2), 8)],
+                title=f"Training at scale: synthetic water labelled by n2p2's H2O potential ({label_s:.0f} s to "
+                      f"label), defaults, {epochs} epochs, 2 CPU cores")
+    print(r["summary"])
+    print(f"wrote {write_json('bench_train_scale', {'machine': machine_info(), 'run': r})}")
+
+
 def run_worker(platform: str, ensemble: int = 0, overrides: dict | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble),
            "--overrides", json.dumps(overrides or {})]
@@ -304,7 +396,10 @@ def main() -> None:
     parser.add_argument("--ensemble-members", type=int, default=0)
     parser.add_argument("--no-ensemble", action="store_true")
     parser.add_argument("--ensemble-only", action="store_true", help="only the committee and its calibration table")
-    parser.add_argument("--case", choices=("water", "elemental"), default="water")
+    parser.add_argument("--case", choices=("water", "elemental", "scale"), default="water")
+    parser.add_argument("--scale-frames", type=int, default=10000, help="case scale: synthetic water frames")
+    parser.add_argument("--scale-epochs", type=int, default=2, help="case scale: epochs timed")
+    parser.add_argument("--scale-worker", type=int)
     parser.add_argument("--time-limit", type=float, default=300.0, help="case elemental: seconds per run")
     parser.add_argument("--elemental-worker")
     parser.add_argument("--frames")
@@ -312,6 +407,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.elemental_worker:
         print(json.dumps(elemental_worker(args.elemental_worker, args.time_limit, args.frames)))
+        return
+    if args.scale_worker:
+        print(json.dumps(scale_worker(args.scale_worker, args.scale_epochs)))
+        return
+    if args.case == "scale":
+        run_scale(args.scale_frames, args.scale_epochs)
         return
     if args.case == "elemental":
         run_elemental(args.time_limit)

@@ -107,3 +107,54 @@ def test_the_feature_stage_reports_progress_with_time_left():
     assert [e["done"] for e in events] == list(range(1, pool + 1)) and events[-1]["total"] == pool
     assert events[0]["eta_s"] is None and events[-1]["eta_s"] == 0.0
     assert all(e["eta_s"] >= 0 for e in events[1:]) and events[-1]["elapsed_s"] > 0
+
+
+def _small_cells(n: int, seed: int):
+    """Labelled 4-atom CuAl cells (EMT), to mix with the 32-atom ones."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+        atoms.symbols[rng.integers(4)] = "Al"
+        atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    return frames
+
+
+def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(monkeypatch):
+    """4-atom and 32-atom cells train together; each size keeps records of its own capacities, so memory follows
+    the atoms present; padding all to the largest (one bucket) takes over twice as much."""
+    from mlmd_lab.train import store as store_module
+
+    frames = emt_frames(12, seed=8) + _small_cells(24, seed=9)
+    mixed = _fit(frames)
+    buckets = mixed.storage["buckets"]
+    assert [b["atoms"] for b in buckets] == [[4, 4], [32, 32]]
+    per_atom = [b["bytes"] / b["atoms_total"] for b in buckets]
+    assert max(per_atom) < 2.0 * min(per_atom)
+    assert np.isfinite(mixed.errors["test"]["force_rmse"]) and len(mixed.history) == 3
+    monkeypatch.setattr(store_module, "BUCKET_RATIO", 100.0)
+    monkeypatch.setattr(trainer_module, "size_buckets",
+                        lambda sizes: store_module.size_buckets(sizes, ratio=100.0))
+    padded = _fit(frames)
+    assert len(padded.storage["buckets"]) == 1
+    assert padded.storage["bytes"] > 2 * mixed.storage["bytes"]  # 11 x 32 + 21 x 4 atoms padded to 32
+
+
+def test_size_buckets_hold_frames_within_the_ratio():
+    from mlmd_lab.train.store import size_buckets
+
+    sizes = [3, 192, 5, 96, 3, 8, 500, 6, 250]
+    buckets = size_buckets(sizes)
+    assert sorted(np.concatenate(buckets).tolist()) == list(range(len(sizes)))
+    for rows in buckets:
+        chosen = np.asarray(sizes)[rows]
+        assert chosen.max() <= 2 * chosen.min() and np.all(np.diff(rows) > 0)
+    assert [sorted(np.asarray(sizes)[r].tolist()) for r in buckets] == [[3, 3, 5, 6], [8], [96, 192], [250, 500]]

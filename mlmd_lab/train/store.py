@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,21 +85,38 @@ class FeatureStore:
                 raise OSError(f"short write to {self.path} ({written} of {self.record_bytes} bytes); disk full?")
 
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The records ``rows`` as arrays with a leading batch axis: ``{name: (len(rows), *shape)}``."""
+        """The records ``rows`` as arrays with a leading batch axis: ``{name: (len(rows), *shape)}``.
+
+        Each byte is copied once: from memory by one fancy index per field, from disk by one ``preadv`` per record
+        that scatters the record straight into the fields' arrays (a training step reads a batch per step, so
+        copies here are a share of the epoch time)."""
         rows = np.asarray(rows, np.int64)
+        out = {name: np.empty((rows.size, *shape), dtype) for name, (shape, dtype) in self.fields.items()}
         if self._buffer is not None:
-            raw = self._buffer[rows]
-        else:
-            raw = np.empty((rows.size, self.record_bytes), np.uint8)
-            for k, row in enumerate(rows):
-                got = os.preadv(self._fd, [raw[k]], int(row) * self.record_bytes)
-                if got != self.record_bytes:
-                    raise OSError(f"short read from {self.path} ({got} of {self.record_bytes} bytes)")
-        out = {}
-        for name, (shape, dtype) in self.fields.items():
-            start = self.offsets[name]
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            out[name] = raw[:, start:start + size].copy().view(dtype).reshape((rows.size, *shape))
+            for name in self.fields:
+                start = self.offsets[name]
+                flat = out[name].reshape(rows.size, -1).view(np.uint8)
+                np.take(self._buffer[:, start:start + flat.shape[1]], rows, axis=0, out=flat)
+            return out
+        pieces, end = [], 0
+        for name in self.fields:  # fields in record order, with the alignment gaps read into a scratch buffer
+            gap = self.offsets[name] - end
+            if gap:
+                pieces.append((None, gap))
+            size = out[name][0].nbytes if rows.size else 0
+            pieces.append((name, size))
+            end = self.offsets[name] + size
+        tail = self.record_bytes - end
+        scratch = np.empty(max([n for key, n in pieces if key is None] + [tail, 1]), np.uint8)
+        for k, row in enumerate(rows):
+            # k:k+1, not k: a 0-d field's element would be a numpy scalar, a copy that the read would not reach.
+            buffers = [scratch[:n] if key is None else out[key][k:k + 1].reshape(-1).view(np.uint8)
+                       for key, n in pieces]
+            if tail:
+                buffers.append(scratch[:tail])
+            got = os.preadv(self._fd, [b for b in buffers if len(b)], int(row) * self.record_bytes)
+            if got != self.record_bytes:
+                raise OSError(f"short read from {self.path} ({got} of {self.record_bytes} bytes)")
         return out
 
     def close(self) -> None:
@@ -115,3 +132,74 @@ def _remove(fd: int, name: str) -> None:
         os.close(fd)
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+#: Frames of one size bucket have at most this many times the atoms of its smallest frame: records are padded to
+#: the bucket's largest frame, so memory stays within this factor of the atoms present (mixed sets of bulk cells,
+#: slabs and molecules would otherwise pad every molecule to the largest cell), at one compilation per bucket.
+BUCKET_RATIO = 2.0
+
+
+def size_buckets(sizes: Sequence[int], ratio: float = BUCKET_RATIO) -> list[np.ndarray]:
+    """Frame indices grouped by atom count (ascending): a bucket starts at its smallest frame and takes every frame
+    up to ``ratio`` times its atoms. Each bucket's indices are in frame order."""
+    sizes = np.asarray(sizes, np.int64)
+    order = np.argsort(sizes, kind="stable")
+    buckets, current, smallest = [], [], None
+    for k in order:
+        if current and sizes[k] > ratio * smallest:
+            buckets.append(np.sort(np.array(current, np.int64)))
+            current = []
+        if not current:
+            smallest = sizes[k]
+        current.append(k)
+    if current:
+        buckets.append(np.sort(np.array(current, np.int64)))
+    return buckets
+
+
+class FeatureSet:
+    """The records of a data set in size buckets: one :class:`FeatureStore` per bucket, with its own capacities;
+    frames keep one global row number.
+
+    Args:
+        stores: one store per bucket.
+        buckets: per bucket, the global rows of its frames, in the order of the store's records.
+    """
+
+    def __init__(self, stores: Sequence[FeatureStore], buckets: Sequence[np.ndarray]) -> None:
+        self.stores = list(stores)
+        n = sum(len(b) for b in buckets)
+        self.bucket_of = np.full(n, -1, np.int64)
+        self.local = np.full(n, -1, np.int64)
+        for index, rows in enumerate(buckets):
+            self.bucket_of[rows] = index
+            self.local[rows] = np.arange(len(rows))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.stores)
+
+    @property
+    def on_disk(self) -> bool:
+        return any(s.on_disk for s in self.stores)
+
+    def __repr__(self) -> str:
+        return f"FeatureSet({len(self.stores)} size buckets: {self.stores})"
+
+    def split(self, rows: np.ndarray) -> list[np.ndarray]:
+        """``rows`` grouped by bucket (one array per bucket, possibly empty), each in the order given."""
+        rows = np.asarray(rows, np.int64)
+        return [rows[self.bucket_of[rows] == b] for b in range(len(self.stores))]
+
+    def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at global ``rows``, which must share one bucket (see :meth:`split`)."""
+        rows = np.asarray(rows, np.int64)
+        buckets = np.unique(self.bucket_of[rows])
+        if buckets.size != 1:
+            raise ValueError(f"a batch must come from one size bucket, these rows span {buckets.tolist()}")
+        return self.stores[int(buckets[0])].gather(self.local[rows])
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()

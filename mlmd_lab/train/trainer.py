@@ -85,7 +85,7 @@ from mlmd_lab.train.signatures import (
     signature_groups,
 )
 from mlmd_lab.train.step import StepConfig, make_functions
-from mlmd_lab.train.store import FeatureStore
+from mlmd_lab.train.store import FeatureSet, FeatureStore, size_buckets
 
 CHECKPOINT = "checkpoint.pkl"
 #: Folder of the workdir holding the trained model in n2p2 format (written when training ends, however it ends).
@@ -103,6 +103,8 @@ IN_MEMORY = 1 << 30
 #: force_fraction=None fits every atom's force while the records of all atoms take at most this share of the
 #: memory available when training starts; beyond it, the force subset that fits (disk space follows it too).
 FORCE_MEMORY = 0.5
+#: The final errors of a larger training split are computed on this many of its frames (seeded draw).
+FINAL_TRAIN_FRAMES = 1000
 #: Sets of at most this many frames are counted whole to size their records with every force (larger ones from
 #: a sample).
 SAMPLE_ALL = 200
@@ -266,7 +268,7 @@ class Trainer:
         self.budget: TrainingBudget | None = None
         self._origin: float | None = None  # clock at the start of fit(): the time limit counts from there
         self._rows: dict[str, np.ndarray] = {}  # store rows of the train and validation frames
-        self._store: FeatureStore | None = None
+        self._store: FeatureSet | None = None
         self._state: dict[str, Any] = {}
         self.energy_offsets: EnergyOffsets | None = None
         self.elements = self._check_data()
@@ -388,45 +390,58 @@ class Trainer:
         self._state["features_s"] = self.clock() - t0
         return self.resplit(seed=cfg.seed, test=test, path=path)
 
-    def _stream_features(self, pool: FrameSet) -> tuple[FeatureStore, list]:
+    def _stream_features(self, pool: FrameSet) -> tuple[FeatureSet, list]:
         """The counting pass, the choice of force subset and storage, then every frame's features computed and
-        written into its record (a few frames in memory at a time); returns the store and per-frame function
-        statistics (for :meth:`scaling`)."""
+        written into its record (a few frames in memory at a time), frames grouped in size buckets
+        (:func:`~mlmd_lab.train.store.size_buckets`: records padded within a bucket only); returns the records
+        and per-frame function statistics (for :meth:`scaling`)."""
         cfg, model = self.config, self.model
         dtype = np.float32 if cfg.dtype == "float32" else np.float64
         frames = list(pool)
-        sizes = [len(a) for a in frames]
+        sizes = np.array([len(a) for a in frames])
+        self._row_atoms = sizes  # atoms of the frame of each record row
         widths = (tuple(model.plan.n_features), tuple(len(c) for c in block_columns(model)))
-        # Records with every atom's force: counted on every frame of small sets, else estimated from ~20 frames
-        # spread over the set and the largest one (the counting pass costs ~30 ms per 192-atom frame).
-        step = 1 if len(frames) <= SAMPLE_ALL else max(1, len(frames) // 20)
-        sample = sorted(set(range(0, len(frames), step)) | {int(np.argmax(sizes))})
-        _, sample_counts = plan_features(model, [frames[k] for k in sample])
-        full_bytes = _record_bytes(caps_of_counts(sample_counts), widths, dtype) * len(frames)
+        buckets = size_buckets(sizes)
+        # Records with every atom's force: counted on every frame of small buckets, else estimated from ~20 frames
+        # spread over the bucket and its largest one (the counting pass costs ~30 ms per 192-atom frame).
+        full_bytes = 0
+        for rows in buckets:
+            step = 1 if len(rows) <= SAMPLE_ALL else max(1, len(rows) // 20)
+            sample = sorted(set(rows[::step].tolist()) | {int(rows[np.argmax(sizes[rows])])})
+            _, counts = plan_features(model, [frames[k] for k in sample])
+            full_bytes += _record_bytes(caps_of_counts(counts), widths, dtype) * len(rows)
         fraction = self._force_fraction(full_bytes)
         chosen = force_subset(sizes, fraction, cfg.seed) if fraction < 1.0 else None
-        layout, counts = plan_features(model, frames, chosen)
-        caps = caps_of_counts(counts)
-        fields = record_fields(caps, widths, dtype)
-        needed = _record_bytes(caps, widths, dtype) * len(frames)
-        directory = self._storage(needed)
-        store = FeatureStore(fields, len(frames), directory)
+        plans = []
+        for rows in buckets:
+            part = [frames[k] for k in rows]
+            part_chosen = None if chosen is None else [chosen[k] for k in rows]
+            layout, counts = plan_features(model, part, part_chosen)
+            plans.append((rows, part, part_chosen, layout, caps_of_counts(counts)))
+        directory = self._storage(sum(_record_bytes(caps, widths, dtype) * len(rows) for rows, *_, caps in plans))
+        stores = [FeatureStore(record_fields(caps, widths, dtype), len(rows), directory) for rows, *_, caps in plans]
         labels = labels_of(frames, model.elements)
-        statistics = []
+        statistics: list = [None] * len(frames)
         done = 0
         callbacks = CallbackList([*self.callbacks, *([ConsoleProgress()] if self.progress else [])])
         start = self.clock()
-        for k, fr in enumerate(iter_features(model, frames, layout, cfg.dtype, chosen)):
-            store.write(k, frame_record(fr, labels, k, caps, dtype))
-            statistics.append(frame_statistics(fr))
-            done = k + 1
-            elapsed = self.clock() - start
-            eta = elapsed / done * (len(frames) - done) if done >= 2 else None
-            callbacks.on_features({"done": done, "total": len(frames), "elapsed_s": elapsed, "eta_s": eta})
-        self._state["storage"] = {"force_fraction": fraction, "mode": "disk" if store.on_disk else "memory",
-                                  "bytes": store.nbytes, "bytes_all_forces": full_bytes, "frames": done,
-                                  "reason": self._state.pop("storage_reason", "")}
-        return store, statistics
+        for (rows, part, part_chosen, layout, caps), store in zip(plans, stores, strict=True):
+            for local, fr in enumerate(iter_features(model, part, layout, cfg.dtype, part_chosen)):
+                k = int(rows[local])
+                store.write(local, frame_record(fr, labels, k, caps, dtype))
+                statistics[k] = frame_statistics(fr)
+                done += 1
+                elapsed = self.clock() - start
+                eta = elapsed / done * (len(frames) - done) if done >= 2 else None
+                callbacks.on_features({"done": done, "total": len(frames), "elapsed_s": elapsed, "eta_s": eta})
+        records = FeatureSet(stores, buckets)
+        self._state["storage"] = {
+            "force_fraction": fraction, "mode": "disk" if records.on_disk else "memory", "bytes": records.nbytes,
+            "bytes_all_forces": full_bytes, "frames": done, "reason": self._state.pop("storage_reason", ""),
+            "buckets": [{"atoms": [int(sizes[rows].min()), int(sizes[rows].max())], "frames": len(rows),
+                         "atoms_total": int(sizes[rows].sum()), "bytes": store.nbytes}
+                        for rows, store in zip(buckets, stores, strict=True)]}
+        return records, statistics
 
     @property
     def storage(self) -> dict[str, Any] | None:
@@ -622,11 +637,18 @@ class Trainer:
                   "factor": [params["factor"][e].astype(dtype) for e in model.elements]}
         return step_cfg, consts
 
-    def _batch_size(self) -> int:
-        if self.config.batch_size:
-            return int(self.config.batch_size)
-        mean_atoms = np.mean([len(a) for a in self.split.train])
-        return int(max(1, round(256 / mean_atoms)))
+    def _batch_sizes(self, parts: list[np.ndarray]) -> tuple[int, ...]:
+        """Frames per batch in each size bucket: ``batch_size``, or enough frames for ~256 atoms (at least 1), at
+        most the bucket's training frames."""
+        out = []
+        for rows in parts:
+            if self.config.batch_size:
+                size = int(self.config.batch_size)
+            else:
+                mean_atoms = float(np.mean(self._row_atoms[rows])) if rows.size else 1.0
+                size = int(max(1, round(256 / mean_atoms)))
+            out.append(max(1, min(size, rows.size)))
+        return tuple(out)
 
     def _train(self, epochs: int | None, resume: bool, member: int | None) -> HDNNP:
         cfg, clock = self.config, self.clock
@@ -634,10 +656,11 @@ class Trainer:
         features_s = float(self._state.get("features_s", 0.0))
         origin = self._origin if self._origin is not None else t_begin - features_s
         step_cfg, consts = self._setup()
-        store, train_rows, valid_rows = self._store, self._rows["train"], self._rows["validation"]
+        records = self._store
+        train_parts, valid_parts = records.split(self._rows["train"]), records.split(self._rows["validation"])
         n_train, n_valid = len(self.split.train), len(self.split.validation)
-        batch = min(self._batch_size(), n_train)
-        steps_per_epoch = -(-n_train // batch)
+        batch = self._batch_sizes(train_parts)
+        steps_per_epoch = sum(-(-part.size // size) for part, size in zip(train_parts, batch, strict=True))
         optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.scale_by_adam())
         train_step, evaluate = make_functions(step_cfg, optimizer)
         dt = jnp.float32 if cfg.dtype == "float32" else jnp.float64
@@ -658,10 +681,10 @@ class Trainer:
             return clock() - origin + previous
 
         # Loss of the untrained model (zero output: the regression energies): a run far above it has diverged.
-        baseline = _rmse(_evaluate_all(evaluate, params, consts, store, valid_rows, batch), step_cfg)["loss"]
+        baseline = _rmse(_evaluate_all(evaluate, params, consts, records, valid_parts, batch), step_cfg)["loss"]
         budget = self._plan(epochs, state, steps_per_epoch, spent,
                             lambda: self._measure_epoch(train_step, evaluate, params, state["opt_state"], consts,
-                                                        train_rows, valid_rows, batch, steps_per_epoch))
+                                                        train_parts, valid_parts, batch, steps_per_epoch))
         budget.features_s = features_s
         self.budget = budget
         max_epochs = budget.epochs
@@ -673,23 +696,23 @@ class Trainer:
                                   "epochs": max_epochs, "patience": budget.patience,
                                   "n_parameters": int(sum(W.size + b.size for net in params for W, b in net)),
                                   "elements": list(self.model.elements), "member": member,
-                                  "start_epoch": state["epoch"], "batch_size": batch,
+                                  "start_epoch": state["epoch"],
+                                  "batch_size": batch[0] if len(batch) == 1 else list(batch),
                                   "time_budget_s": self._training_time_left(budget, spent())})
         reason = "max_epochs"
         mark = clock()  # end of the previous epoch, callbacks included
         while state["epoch"] < max_epochs:
             epoch = state["epoch"] + 1
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
+            batches = _epoch_batches(train_parts, batch, np.random.default_rng([cfg.seed, epoch]))
             sums = _zero_sums()
             p, o = state["params"], state["opt_state"]
-            for k in range(steps_per_epoch):
-                index, mask = _batch_indices(order, k, batch)
+            for k, (rows, mask) in enumerate(batches):
                 rate = jnp.asarray(self._learning_rate(state["step"] + k, total_steps), dt)
                 # The next batch is read while this step computes (JAX returns before the step is done).
-                p, o, loss, errors = train_step(p, o, consts, _device(store.gather(train_rows[index])), mask, rate)
+                p, o, loss, errors = train_step(p, o, consts, _device(records.gather(rows)), mask, rate)
                 sums = _add(sums, errors)
             train_metrics = _rmse(sums, step_cfg)
-            valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, store, valid_rows, batch), step_cfg)
+            valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, records, valid_parts, batch), step_cfg)
             state["step"] += steps_per_epoch
             finite = all(np.isfinite(v) for v in (*train_metrics.values(), *valid_metrics.values()))
             if not finite or valid_metrics["loss"] > DIVERGED * max(baseline, 1e-12):
@@ -775,27 +798,40 @@ class Trainer:
             budget.reserve_s = final_reserve(cfg.time_limit, final_estimate or 0.0)
         return budget
 
-    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, train_rows, valid_rows, batch: int,
+    def _measure_epoch(self, train_step, evaluate, params, opt_state, consts, train_parts, valid_parts, batch,
                        steps_per_epoch: int) -> float:
         """Seconds per epoch: the median of :data:`PROBE_STEPS` timed optimiser steps (after one that compiles;
         their results are thrown away) times the steps per epoch, plus one validation batch (compiled by the
         baseline evaluation) times the validation batches."""
-        clock, store = self.clock, self._store
-        index, mask = _batch_indices(np.arange(min(batch, train_rows.size)), 0, batch)
+        clock, records = self.clock, self._store
+        # Timed on the size bucket with the most training steps (one compiled shape); others are assumed alike.
+        bucket = int(np.argmax([-(-part.size // size) for part, size in zip(train_parts, batch, strict=True)]))
+        rows, mask = _epoch_batches([train_parts[bucket]], (batch[bucket],), None)[0]
         rate = jnp.asarray(self.config.learning_rate, params[0][0][0].dtype)
-        data = _device(store.gather(train_rows[index]))
+        data = _device(records.gather(rows))
         jax.block_until_ready(train_step(params, opt_state, consts, data, mask, rate))
         times, p, o = [], params, opt_state
         for _ in range(PROBE_STEPS):
             t0 = clock()  # the batch is read inside the timing, as in an epoch
-            data = _device(store.gather(train_rows[index]))
+            data = _device(records.gather(rows))
             p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, mask, rate))
             times.append(clock() - t0)
-        valid_index, valid_mask = _batch_indices(np.arange(min(batch, valid_rows.size)), 0, batch)
+        valid_batches = _epoch_batches(valid_parts, batch, None)
+        valid_rows, valid_mask = valid_batches[0]
         t0 = clock()
-        jax.block_until_ready(evaluate(params, consts, _device(store.gather(valid_rows[valid_index])), valid_mask))
+        jax.block_until_ready(evaluate(params, consts, _device(records.gather(valid_rows)), valid_mask))
         eval_s = clock() - t0
-        return float(np.median(times) * steps_per_epoch + eval_s * -(-valid_rows.size // batch))
+        return float(np.median(times) * steps_per_epoch + eval_s * len(valid_batches))
+
+    def _final_frames(self, name: str) -> list:
+        """The frames of split ``name`` whose final errors are computed: all of them, except a training split of
+        more than :data:`FINAL_TRAIN_FRAMES` frames, of which that many are drawn (seeded): its errors are a
+        diagnostic, and 8,000 frames of water would take minutes."""
+        frames = list(getattr(self.split, name))
+        if name != "train" or len(frames) <= FINAL_TRAIN_FRAMES:
+            return frames
+        keep = np.sort(np.random.default_rng(self.config.seed).choice(len(frames), FINAL_TRAIN_FRAMES, replace=False))
+        return [frames[k] for k in keep]
 
     def _final_graph(self):
         """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
@@ -815,7 +851,7 @@ class Trainer:
         self.model.evaluate_graph(graph)
         t3 = clock()
         self.model._cache.clear()
-        batches = sum(-(-len(getattr(self.split, name)) // graph.layout.n_structures)
+        batches = sum(-(-len(self._final_frames(name)) // graph.layout.n_structures)
                       for name in ("train", "validation", "test"))
         return float(batches * ((t1 - t0) + (t3 - t2)))
 
@@ -884,7 +920,7 @@ class Trainer:
         like = self._final_graph()
         out = {}
         for name in ("train", "validation", "test"):
-            frames = getattr(self.split, name)
+            frames = self._final_frames(name)
             if len(frames):
                 out[name] = evaluate_model(self.model, frames, batch=like.layout.n_structures, like=like)
         return out
@@ -1077,24 +1113,35 @@ def _record_bytes(caps: tuple, widths: tuple, dtype) -> int:
 
 
 def _device(arrays: dict) -> dict:
-    return {k: (v if k.startswith("_") else jnp.asarray(v)) for k, v in arrays.items()}
+    """A batch's arrays for the compiled step; on the CPU used in place where aligned (they are fresh per batch and
+    never written afterwards), elsewhere copied to the device."""
+    return {k: (v if k.startswith("_") else jax.device_put(v, may_alias=True)) for k, v in arrays.items()}
 
 
-def _batch_indices(order: np.ndarray, k: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    index = order[k * batch:(k + 1) * batch]
-    mask = np.ones(batch, bool)
-    if index.size < batch:  # pad the last batch (fixed shapes: one compilation)
-        mask[index.size:] = False
-        index = np.concatenate([index, np.zeros(batch - index.size, index.dtype)])
-    return index.astype(np.int32), mask
+def _epoch_batches(parts: list[np.ndarray], sizes: tuple[int, ...], rng) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Batches (rows, valid mask) of each size bucket's ``parts`` in batches of its size; the last one of a bucket
+    is padded with its first row (fixed shapes: one compilation per bucket), the padding masked. With ``rng``
+    each bucket's rows are shuffled, and with several buckets the order of the batches too; without, in order."""
+    batches = []
+    for rows, size in zip(parts, sizes, strict=True):
+        if rows.size == 0:
+            continue
+        order = rows[rng.permutation(rows.size)] if rng is not None else rows
+        for start in range(0, order.size, size):
+            chunk = order[start:start + size]
+            mask = np.ones(size, bool)
+            mask[chunk.size:] = False
+            batches.append((np.concatenate([chunk, np.full(size - chunk.size, chunk[0])]), mask))
+    if rng is not None and sum(rows.size > 0 for rows in parts) > 1:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return batches
 
 
-def _evaluate_all(evaluate, params, consts, store, rows: np.ndarray, batch: int) -> dict:
-    """Error sums over the frames of ``store`` at ``rows``, in batches."""
+def _evaluate_all(evaluate, params, consts, records, parts: list[np.ndarray], sizes: tuple[int, ...]) -> dict:
+    """Error sums over the frames at ``parts`` (rows per size bucket), in batches."""
     sums = _zero_sums()
-    for k in range(-(-rows.size // batch)):
-        index, mask = _batch_indices(np.arange(rows.size), k, batch)
-        sums = _add(sums, evaluate(params, consts, _device(store.gather(rows[index])), mask))
+    for rows, mask in _epoch_batches(parts, sizes, None):
+        sums = _add(sums, evaluate(params, consts, _device(records.gather(rows)), mask))
     return sums
 
 
