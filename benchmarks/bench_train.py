@@ -329,7 +329,8 @@ def scale_frames(n: int, rattle: float = 0.05, seed: int = 0):
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         np.savez(cache, positions=np.array(positions), cells=np.array(cells), numbers=np.array(numbers),
                  energies=np.array(energies), forces=np.array(forces), label_s=time.perf_counter() - t0)
-    data = np.load(cache)
+    with np.load(cache) as archive:  # each archive[key] would read the whole array again
+        data = {key: archive[key] for key in archive.files}
     frames = []
     for k in range(len(data["energies"])):
         atoms = Atoms(numbers=data["numbers"][k], positions=data["positions"][k], cell=data["cells"][k], pbc=True)

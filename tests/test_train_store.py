@@ -158,3 +158,13 @@ def test_size_buckets_hold_frames_within_the_ratio():
         chosen = np.asarray(sizes)[rows]
         assert chosen.max() <= 2 * chosen.min() and np.all(np.diff(rows) > 0)
     assert [sorted(np.asarray(sizes)[r].tolist()) for r in buckets] == [[3, 3, 5, 6], [8], [96, 192], [250, 500]]
+
+
+def test_records_that_cannot_fit_in_memory_are_refused_with_the_fix(monkeypatch):
+    class Tight:
+        available = 4096
+
+    monkeypatch.setattr(trainer_module.psutil, "virtual_memory", lambda: Tight())
+    frames = emt_frames(12, seed=10)
+    with pytest.raises(MLMDError, match="use feature_storage='disk'"):
+        Trainer(frames, force_fraction=1.0, feature_storage="memory", **FAST).write_data()

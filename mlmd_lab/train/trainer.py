@@ -396,6 +396,8 @@ class Trainer:
         (:func:`~mlmd_lab.train.store.size_buckets`: records padded within a bucket only); returns the records
         and per-frame function statistics (for :meth:`scaling`)."""
         cfg, model = self.config, self.model
+        if cfg.feature_storage not in ("auto", "memory", "disk"):  # before the counting pass, which takes minutes
+            raise MLMDError(f"feature_storage must be 'auto', 'memory' or 'disk', not {cfg.feature_storage!r}")
         dtype = np.float32 if cfg.dtype == "float32" else np.float64
         frames = list(pool)
         sizes = np.array([len(a) for a in frames])
@@ -475,11 +477,13 @@ class Trainer:
     def _storage(self, needed: int) -> Path | None:
         """Where the records go: None for memory, else a folder for their file (``TrainingConfig.feature_storage``)."""
         mode = self.config.feature_storage
-        if mode not in ("auto", "memory", "disk"):
-            raise MLMDError(f"feature_storage must be 'auto', 'memory' or 'disk', not {mode!r}")
         if mode == "auto":
             mode = "memory" if needed <= IN_MEMORY else "disk"
         if mode == "memory":
+            available = psutil.virtual_memory().available
+            if needed > 0.9 * available:
+                raise MLMDError(f"the training records need {needed / 2**30:.1f} GiB and {available / 2**30:.1f} GiB "
+                                "of memory is available; use feature_storage='disk' (or 'auto')")
             return None
         folder = Path(tempfile.gettempdir())
         free = shutil.disk_usage(folder).free
@@ -953,8 +957,11 @@ class Trainer:
         return evaluate_model(self.model, self.split.test if frames is None else frames)
 
     def _fingerprint(self) -> str:
+        # The force fraction as chosen: an automatic one follows the free memory, and a checkpoint must not go on
+        # with other atoms' forces.
         text = json.dumps({"config": self.config.to_dict(), "train": self.split.train.ids,
-                           "validation": self.split.validation.ids}, sort_keys=True, default=str)
+                           "validation": self.split.validation.ids,
+                           "force_fraction": self._state.get("force_fraction", 1.0)}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def provenance(self, state: dict | None = None) -> dict[str, Any]:
