@@ -18,6 +18,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 #: Field offsets within a record are multiples of this many bytes (aligned loads for every dtype).
@@ -46,6 +48,7 @@ class FeatureStore:
         self.path: Path | None = None
         self._fd: int | None = None
         self._buffer: np.ndarray | None = None
+        self._device: dict | None = None  # memory mode: the fields on the device, once training asks
         if directory is None:
             self._buffer = np.zeros((self.n_frames, self.record_bytes), np.uint8)
         else:
@@ -119,9 +122,22 @@ class FeatureStore:
                 raise OSError(f"short read from {self.path} ({got} of {self.record_bytes} bytes)")
         return out
 
+    def device_gather(self, rows: np.ndarray) -> dict:
+        """As :meth:`gather`, as JAX arrays. Records in memory are put on the device once, field by field, and a
+        batch is taken from them by one compiled call: per-step host gathers and transfers of ~30 small arrays
+        made training on small frames (8-atom cells, hundreds of steps per epoch) 4x slower. Records on disk are
+        read on the host (:meth:`gather`) and transferred."""
+        if self._buffer is None:
+            return {k: jax.device_put(v, may_alias=True) for k, v in self.gather(rows).items()}
+        if self._device is None:
+            every = np.arange(self.n_frames)
+            self._device = {k: jax.device_put(v) for k, v in self.gather(every).items()}
+        return _take(self._device, jnp.asarray(np.asarray(rows, np.int32)))
+
     def close(self) -> None:
         """Free the records now (the file is deleted)."""
         self._buffer = None
+        self._device = None
         if self._fd is not None:
             self._finalizer()
             self._fd = None
@@ -194,12 +210,28 @@ class FeatureSet:
 
     def gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The records at global ``rows``, which must share one bucket (see :meth:`split`)."""
+        store, local = self._locate(rows)
+        return store.gather(local)
+
+    def device_gather(self, rows: np.ndarray) -> dict:
+        """As :meth:`gather`, as JAX arrays (:meth:`FeatureStore.device_gather`)."""
+        store, local = self._locate(rows)
+        return store.device_gather(local)
+
+    def _locate(self, rows: np.ndarray) -> tuple[FeatureStore, np.ndarray]:
         rows = np.asarray(rows, np.int64)
         buckets = np.unique(self.bucket_of[rows])
         if buckets.size != 1:
             raise ValueError(f"a batch must come from one size bucket, these rows span {buckets.tolist()}")
-        return self.stores[int(buckets[0])].gather(self.local[rows])
+        return self.stores[int(buckets[0])], self.local[rows]
 
     def close(self) -> None:
         for store in self.stores:
             store.close()
+
+
+
+@jax.jit
+def _take(fields: dict, rows) -> dict:
+    """The batch ``rows`` of device-resident fields, in one compiled call (compiled per shapes)."""
+    return {k: v[rows] for k, v in fields.items()}

@@ -713,7 +713,7 @@ class Trainer:
             for k, (rows, mask) in enumerate(batches):
                 rate = jnp.asarray(self._learning_rate(state["step"] + k, total_steps), dt)
                 # The next batch is read while this step computes (JAX returns before the step is done).
-                p, o, loss, errors = train_step(p, o, consts, _device(records.gather(rows)), mask, rate)
+                p, o, loss, errors = train_step(p, o, consts, records.device_gather(rows), mask, rate)
                 sums = _add(sums, errors)
             train_metrics = _rmse(sums, step_cfg)
             valid_metrics = _rmse(_evaluate_all(evaluate, p, consts, records, valid_parts, batch), step_cfg)
@@ -812,18 +812,18 @@ class Trainer:
         bucket = int(np.argmax([-(-part.size // size) for part, size in zip(train_parts, batch, strict=True)]))
         rows, mask = _epoch_batches([train_parts[bucket]], (batch[bucket],), None)[0]
         rate = jnp.asarray(self.config.learning_rate, params[0][0][0].dtype)
-        data = _device(records.gather(rows))
+        data = records.device_gather(rows)
         jax.block_until_ready(train_step(params, opt_state, consts, data, mask, rate))
         times, p, o = [], params, opt_state
         for _ in range(PROBE_STEPS):
             t0 = clock()  # the batch is read inside the timing, as in an epoch
-            data = _device(records.gather(rows))
+            data = records.device_gather(rows)
             p, o, _, _ = jax.block_until_ready(train_step(p, o, consts, data, mask, rate))
             times.append(clock() - t0)
         valid_batches = _epoch_batches(valid_parts, batch, None)
         valid_rows, valid_mask = valid_batches[0]
         t0 = clock()
-        jax.block_until_ready(evaluate(params, consts, _device(records.gather(valid_rows)), valid_mask))
+        jax.block_until_ready(evaluate(params, consts, records.device_gather(valid_rows), valid_mask))
         eval_s = clock() - t0
         return float(np.median(times) * steps_per_epoch + eval_s * len(valid_batches))
 
@@ -1119,12 +1119,6 @@ def _record_bytes(caps: tuple, widths: tuple, dtype) -> int:
     return FeatureStore(record_fields(caps, widths, dtype), 0).record_bytes
 
 
-def _device(arrays: dict) -> dict:
-    """A batch's arrays for the compiled step; on the CPU used in place where aligned (they are fresh per batch and
-    never written afterwards), elsewhere copied to the device."""
-    return {k: (v if k.startswith("_") else jax.device_put(v, may_alias=True)) for k, v in arrays.items()}
-
-
 def _epoch_batches(parts: list[np.ndarray], sizes: tuple[int, ...], rng) -> list[tuple[np.ndarray, np.ndarray]]:
     """Batches (rows, valid mask) of each size bucket's ``parts`` in batches of its size; the last one of a bucket
     is padded with its first row (fixed shapes: one compilation per bucket), the padding masked. With ``rng``
@@ -1148,7 +1142,7 @@ def _evaluate_all(evaluate, params, consts, records, parts: list[np.ndarray], si
     """Error sums over the frames at ``parts`` (rows per size bucket), in batches."""
     sums = _zero_sums()
     for rows, mask in _epoch_batches(parts, sizes, None):
-        sums = _add(sums, evaluate(params, consts, _device(records.gather(rows)), mask))
+        sums = _add(sums, evaluate(params, consts, records.device_gather(rows), mask))
     return sums
 
 
