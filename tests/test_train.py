@@ -120,13 +120,11 @@ def test_defaults_learn_on_tiny_and_large_energy_spreads(strain):
 
 
 # ---------------------------------------------------------------------- exactness of the export
-def test_training_path_equals_exported_model(frames):
-    """Energies, forces and stresses of the training arithmetic equal the exported n2p2-format model's."""
+def _prepared_with_random_weights(frames):
+    """A float64 trainer through :meth:`Trainer.scaling`, random network weights, and its step constants."""
     import jax.numpy as jnp
 
-    from mlmd_lab.train.step import StepConfig, frame_predict
-
-    trainer = Trainer(frames[:8], dtype="float64", **FAST)
+    trainer = Trainer(frames, dtype="float64", **FAST)
     trainer.write_nn()
     trainer.write_data()
     trainer.normalize()
@@ -135,6 +133,15 @@ def test_training_path_equals_exported_model(frames):
     params = [[(jnp.asarray(rng.normal(scale=0.3, size=W.shape)), jnp.asarray(rng.normal(scale=0.1, size=b.shape)))
                for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
     step_cfg, consts = trainer._setup()
+    return trainer, params, step_cfg, consts
+
+
+def test_training_path_equals_exported_model(frames):
+    """Energies, forces and stresses of the training arithmetic equal the exported n2p2-format model's."""
+
+    from mlmd_lab.train.step import StepConfig, frame_predict
+
+    trainer, params, step_cfg, consts = _prepared_with_random_weights(frames[:8])
     data = trainer._store.gather(trainer._rows["train"])
     trainer._export(params)
     model = trainer.model
@@ -183,19 +190,10 @@ def test_stack_pads_every_frame_to_common_shapes(frames):
 def test_force_subset_keeps_exact_forces_of_its_atoms_with_fewer_pairs(frames):
     """With a force subset, the chosen atoms' forces (and the energy) from the kept pairs equal the full
     computation's to 1e-12; the others are masked, the stress is not fitted, and fewer pairs are stored."""
-    import jax.numpy as jnp
 
     from mlmd_lab.train.step import frame_predict
 
-    trainer = Trainer(frames[:8], dtype="float64", **FAST)
-    trainer.write_nn()
-    trainer.write_data()
-    trainer.normalize()
-    trainer.scaling()
-    rng = np.random.default_rng(0)
-    params = [[(jnp.asarray(rng.normal(scale=0.3, size=W.shape)), jnp.asarray(rng.normal(scale=0.1, size=b.shape)))
-               for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
-    step_cfg, consts = trainer._setup()
+    trainer, params, step_cfg, consts = _prepared_with_random_weights(frames[:8])
     some = list(trainer.split.train)
     everything = compute_features(trainer.model, some, dtype="float64")
     full = stack(everything, labels_of(some, trainer.model.elements), 2, np.float64)
