@@ -148,6 +148,31 @@ def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(monkeypatch
     assert padded.storage["bytes"] > 2 * mixed.storage["bytes"]  # 11 x 32 + 21 x 4 atoms padded to 32
 
 
+def test_final_errors_of_mixed_sizes_are_evaluated_per_bucket_and_equal_frame_by_frame():
+    """The final error pass evaluates each size bucket in its own shapes (the 4-atom cells not padded to 32
+    atoms), and its RMSEs equal predictions made one frame at a time."""
+    from mlmd_lab.frames import results_of
+    from mlmd_lab.train.trainer import evaluate_model
+
+    frames = emt_frames(12, seed=8) + _small_cells(24, seed=9)
+    trainer = _fit(frames)
+    graphs = trainer._final_graphs()
+    assert [atoms for atoms, _ in graphs] == [4, 32]
+    assert graphs[0][1].layout.n_atoms < graphs[1][1].layout.n_atoms
+    test = list(trainer.split.test)
+    assert {len(a) for a in test} == {4, 32}
+    de, df = [], []
+    for atoms in test:
+        pred, ref = trainer.model.predict(atoms, warn=False), results_of(atoms)
+        de.append((pred["energy"] - ref["energy"]) / len(atoms))
+        df.append((pred["forces"] - ref["forces"]).ravel())
+    expected = {"energy_rmse": np.sqrt(np.mean(np.square(de))), "force_rmse": np.sqrt(np.mean(np.concatenate(df) ** 2))}
+    for errors in (trainer.errors["test"], evaluate_model(trainer.model, test)):
+        assert errors["n_frames"] == len(test)
+        for key, value in expected.items():
+            assert errors[key] == pytest.approx(value, rel=1e-10)
+
+
 def test_size_buckets_hold_frames_within_the_ratio():
     from mlmd_lab.train.store import size_buckets
 

@@ -837,27 +837,37 @@ class Trainer:
         keep = np.sort(np.random.default_rng(self.config.seed).choice(len(frames), FINAL_TRAIN_FRAMES, replace=False))
         return [frames[k] for k in keep]
 
-    def _final_graph(self):
-        """The padded graph of the largest frames: every batch of the final error pass reuses its shapes."""
-        frames = sorted((a for name in ("train", "validation", "test") for a in getattr(self.split, name)),
-                        key=len, reverse=True)
-        return self.model.graph(frames[:FINAL_BATCH])
+    def _final_graphs(self) -> list[tuple[int, Any]]:
+        """Per size bucket of the final frames (:func:`~mlmd_lab.train.store.size_buckets`), (its largest frame's
+        atoms, the padded graph of its largest frames): each batch of the final error pass reuses the shapes of
+        its bucket, so molecules are not evaluated in the padding of the largest cell (one compilation per
+        bucket)."""
+        frames = [a for name in ("train", "validation", "test") for a in self._final_frames(name)]
+        out = []
+        for rows in size_buckets([len(a) for a in frames]):
+            part = sorted((frames[k] for k in rows), key=len, reverse=True)
+            out.append((len(part[0]), self.model.graph(part[:FINAL_BATCH])))
+        return out
 
     def _measure_final(self) -> float:
-        """Estimated seconds of the final error pass, from one batch evaluated twice with the current weights
-        (the first call compiles the shapes the final pass reuses, so only the second is extrapolated)."""
+        """Estimated seconds of the final error pass, from one batch per size bucket evaluated twice with the
+        current weights (the first call compiles the shapes the final pass reuses, so only the second is
+        extrapolated to the bucket's batches)."""
         clock = self.clock
+        total = 0.0
         t0 = clock()
-        graph = self._final_graph()
-        t1 = clock()
-        self.model.evaluate_graph(graph)  # compiles
-        t2 = clock()
-        self.model.evaluate_graph(graph)
-        t3 = clock()
+        graphs = self._final_graphs()
+        per_graph = (clock() - t0) / max(1, len(graphs))  # neighbour lists of one batch
+        for atoms, graph in graphs:
+            self.model.evaluate_graph(graph)  # compiles
+            t2 = clock()
+            self.model.evaluate_graph(graph)
+            seconds = per_graph + clock() - t2
+            for name in ("train", "validation", "test"):
+                n = sum(1 for a in self._final_frames(name) if _bucket_of(len(a), graphs) == atoms)
+                total += seconds * -(-n // graph.layout.n_structures)
         self.model._cache.clear()
-        batches = sum(-(-len(self._final_frames(name)) // graph.layout.n_structures)
-                      for name in ("train", "validation", "test"))
-        return float(batches * ((t1 - t0) + (t3 - t2)))
+        return float(total)
 
     def _training_time_left(self, budget: TrainingBudget, spent: float) -> float | None:
         """Seconds the epochs may take under the time limit (None: no limit)."""
@@ -921,12 +931,12 @@ class Trainer:
     def _final_errors(self) -> dict[str, dict[str, float]]:
         """RMSEs of the exported float64 model (the one users get) on each split (eV/atom, eV/Å, eV/Å³; see
         :func:`evaluate_model`)."""
-        like = self._final_graph()
+        like = self._final_graphs()
         out = {}
         for name in ("train", "validation", "test"):
             frames = self._final_frames(name)
             if len(frames):
-                out[name] = evaluate_model(self.model, frames, batch=like.layout.n_structures, like=like)
+                out[name] = evaluate_model(self.model, frames, batch=FINAL_BATCH, like=like)
         return out
 
     def summary(self) -> str:
@@ -1077,34 +1087,47 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
     the stress tensor as in training; ``x / ase.units.GPa`` gives GPa); ``n_frames``; keys without data are
     left out.
 
-    Frames go largest first in batches of ``batch``, the last one padded with repeats (their predictions are
-    dropped), so that every batch fits the first one's shapes (or those of ``like``, a graph of ``model``):
-    one compilation instead of one per batch shape.
+    Frames go in size buckets (:func:`~mlmd_lab.train.store.size_buckets`), largest first within each, in
+    batches of ``batch``, the last one of a bucket padded with repeats (their predictions are dropped), so that
+    every batch of a bucket fits its first one's shapes: one compilation per bucket instead of one per batch
+    shape, and small frames are not padded to the largest. ``like``: a graph of ``model`` for every batch, or
+    a list of (largest frame's atoms, graph) per bucket (:meth:`Trainer._final_graphs`): a frame goes to the
+    first bucket that holds its size.
     """
     frames = list(frames)
-    order = sorted(range(len(frames)), key=lambda k: -len(frames[k]))
     want_stress = any(results_of(a).get("stress") is not None and a.pbc.all() for a in frames)
     graphs = hasattr(model, "graph") and hasattr(model, "results")
-    batch = max(1, min(batch, len(frames))) if like is None else like.layout.n_structures
+    sizes = [len(a) for a in frames]
+    if isinstance(like, list):
+        keys = [_bucket_of(n, like) for n in sizes]
+        groups = [[k for k in range(len(frames)) if keys[k] == atoms] for atoms, _ in like]
+        starts = [graph for _, graph in like]
+    else:
+        groups = [list(rows) for rows in size_buckets(sizes)] if like is None else [list(range(len(frames)))]
+        starts = [like] * len(groups)
     de, df, ds = [], [], []
-    for start in range(0, len(frames), batch):
-        part = [frames[k] for k in order[start:start + batch]]
-        if graphs:
-            padded = part + [part[-1]] * (batch - len(part))
-            graph = model.graph(padded, like=like)
-            like = graph if like is None else like
-            predictions = model.results(model.evaluate_graph(graph, forces=True), padded, stress=want_stress,
-                                        warn=False)[:len(part)]
-        else:
-            predictions = model.predict(part, stress=want_stress, warn=False)
-        for atoms, pred in zip(part, predictions, strict=True):
-            res = results_of(atoms)
-            if res.get("energy") is not None:
-                de.append((pred["energy"] - res["energy"]) / len(atoms))
-            if res.get("forces") is not None:
-                df.append((pred["forces"] - res["forces"]).ravel())
-            if res.get("stress") is not None and pred.get("stress") is not None:
-                ds.append((stress_matrix(pred["stress"]) - stress_matrix(res["stress"])).ravel())
+    for rows, start_like in zip(groups, starts, strict=True):
+        order = sorted(rows, key=lambda k: -sizes[k])
+        size = max(1, min(batch, len(order))) if start_like is None else start_like.layout.n_structures
+        current = start_like
+        for start in range(0, len(order), size):
+            part = [frames[k] for k in order[start:start + size]]
+            if graphs:
+                padded = part + [part[-1]] * (size - len(part))
+                graph = model.graph(padded, like=current)
+                current = graph if current is None else current
+                predictions = model.results(model.evaluate_graph(graph, forces=True), padded, stress=want_stress,
+                                            warn=False)[:len(part)]
+            else:
+                predictions = model.predict(part, stress=want_stress, warn=False)
+            for atoms, pred in zip(part, predictions, strict=True):
+                res = results_of(atoms)
+                if res.get("energy") is not None:
+                    de.append((pred["energy"] - res["energy"]) / len(atoms))
+                if res.get("forces") is not None:
+                    df.append((pred["forces"] - res["forces"]).ravel())
+                if res.get("stress") is not None and pred.get("stress") is not None:
+                    ds.append((stress_matrix(pred["stress"]) - stress_matrix(res["stress"])).ravel())
     out = {"n_frames": len(frames)}
     for name, diffs in (("energy", de), ("force", df), ("stress", ds)):
         if diffs:
@@ -1112,6 +1135,15 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
             out[f"{name}_rmse"] = float(np.sqrt(np.mean(d**2)))
             out[f"{name}_mae"] = float(np.mean(np.abs(d)))
     return out
+
+
+def _bucket_of(n_atoms: int, buckets: list[tuple[int, Any]]) -> int:
+    """The largest-frame atoms of the first of ``buckets`` ((atoms, graph), ascending) that holds ``n_atoms``
+    (the last one if none does)."""
+    for atoms, _ in buckets:
+        if n_atoms <= atoms:
+            return atoms
+    return buckets[-1][0]
 
 
 # ---------------------------------------------------------------------- helpers
