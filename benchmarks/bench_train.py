@@ -385,6 +385,156 @@ def run_scale(n: int, epochs: int) -> None:
     print(f"wrote {write_json('bench_train_scale', {'machine': machine_info(), 'run': r})}")
 
 
+N2P2_CU2S = ROOT / ".." / "shared" / "external" / "n2p2" / "Cu2S_PBE"
+#: Case ``mixed``: frames of each kind (atoms per frame): bulk Cu2S (144), water boxes (192), water clusters of 8
+#: molecules (24), single water molecules (3).
+MIXED_KINDS = {"Cu2S bulk": 100, "water box": 100, "water cluster": 200, "water molecule": 400}
+
+
+def _molecules(atoms):
+    """Per water molecule of a periodic water frame, its O and two H indices and its positions unwrapped around O."""
+    import numpy as np
+    from ase.geometry import get_distances
+
+    symbols = np.array(atoms.get_chemical_symbols())
+    oxygens, hydrogens = np.flatnonzero(symbols == "O"), np.flatnonzero(symbols == "H")
+    vectors, distances = get_distances(atoms.positions[oxygens], atoms.positions[hydrogens], atoms.cell, atoms.pbc)
+    owner = np.argmin(distances, axis=0)  # each H to its nearest O
+    molecules = []
+    for k, o in enumerate(oxygens):
+        hs = np.flatnonzero(owner == k)
+        molecules.append((o, atoms.positions[o] + np.vstack([np.zeros(3), vectors[k, hs]])))
+    return molecules
+
+
+def mixed_frames(seed: int = 0):
+    """The mixed set of :data:`MIXED_KINDS`, labelled (energy, forces) through mlmd_lab by n2p2's potentials: Cu2S
+    by its Cu2S potential (rattled copies of its 20-structure set, 0.05 Å), water boxes, clusters and molecules
+    by its H2O potential (DeePMD frames rattled by 0.05 Å; clusters: a molecule and its 7 nearest neighbours,
+    unwrapped, in vacuum; molecules: one molecule in vacuum). Clusters and molecules are not periodic. Cached in
+    ``benchmarks/results/mixed_set.extxyz`` (deterministic for the seed)."""
+    import numpy as np
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.geometry import get_distances
+    from ase.io import read, write
+
+    cache = RESULTS_DIR / "mixed_set.extxyz"
+    if cache.exists():
+        return read(cache, ":")
+    from mlmd_lab.io import read as read_any
+    from mlmd_lab.potentials import HDNNP
+
+    rng = np.random.default_rng(seed)
+    water_model = HDNNP.from_n2p2(N2P2_WATER, energy_unit="Ha", length_unit="Bohr")
+    cu2s_model = HDNNP.from_n2p2(N2P2_CU2S)
+    cu2s = read_any(N2P2_CU2S / "input.data.set20", units=("eV", "Angstrom")).frames
+    water = read_water()
+    made = {kind: [] for kind in MIXED_KINDS}
+    for k in range(MIXED_KINDS["Cu2S bulk"]):
+        made["Cu2S bulk"].append(cu2s[k % len(cu2s)].copy())
+    for k in range(MIXED_KINDS["water box"]):
+        made["water box"].append(water[(7 * k) % len(water)].copy())
+    for k in range(MIXED_KINDS["water cluster"]):
+        frame = water[(3 * k + 1) % len(water)]
+        molecules = _molecules(frame)
+        centre = molecules[rng.integers(len(molecules))][1][0]
+        oxygens = np.array([m[1][0] for m in molecules])
+        vectors, distances = get_distances(centre[None], oxygens, frame.cell, frame.pbc)
+        nearest = np.argsort(distances[0])[:8]
+        positions = np.vstack([molecules[m][1] + (centre + vectors[0, m] - molecules[m][1][0]) for m in nearest])
+        made["water cluster"].append(Atoms("OH2" * 8, positions=positions - positions.mean(0) + 10.0,
+                                           cell=[20.0] * 3, pbc=False))
+    for k in range(MIXED_KINDS["water molecule"]):
+        molecules = _molecules(water[(5 * k + 2) % len(water)])
+        positions = molecules[rng.integers(len(molecules))][1]
+        made["water molecule"].append(Atoms("OH2", positions=positions - positions.mean(0) + 5.0, cell=[10.0] * 3,
+                                            pbc=False))
+    frames = []
+    for kind, group in made.items():
+        model = cu2s_model if kind == "Cu2S bulk" else water_model
+        for atoms in group:
+            atoms.calc = None
+            atoms.info.clear()
+            atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        for start in range(0, len(group), 32):
+            batch = group[start:start + 32]
+            for atoms, result in zip(batch, model.predict(batch, stress=False, warn=False), strict=True):
+                atoms.calc = SinglePointCalculator(atoms, energy=result["energy"], forces=result["forces"])
+                atoms.info["kind"] = kind
+                frames.append(atoms)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    write(cache, frames)
+    return frames
+
+
+def mixed_worker(time_limit: float) -> dict:
+    """Defaults on the mixed set with a time limit: the records per size bucket (bytes per atom), the bytes the same
+    records would take padded to one layout (the largest frame's), peak memory, and test errors per kind."""
+    import warnings
+
+    from mlmd_lab.train.data import caps_of_counts
+    from mlmd_lab.train.features import block_columns, plan_features
+    from mlmd_lab.train.trainer import Trainer, _record_bytes
+
+    frames = mixed_frames()
+    atoms = sum(len(a) for a in frames)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = Trainer(frames, time_limit=time_limit, progress=False)
+        trainer.fit()
+        wall = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = trainer.model
+        pool = [*trainer.split.train, *trainer.split.validation]
+        _, counts = plan_features(model, pool)  # one layout for every frame: what padding to the largest costs
+        widths = (tuple(model.plan.n_features), tuple(len(c) for c in block_columns(model)))
+        dtype = __import__("numpy").float32 if trainer.config.dtype == "float32" else __import__("numpy").float64
+        one_layout = _record_bytes(caps_of_counts(counts), widths, dtype) * len(pool)
+        kinds = {}
+        for kind in MIXED_KINDS:
+            test = [a for a in trainer.split.test if a.info.get("kind") == kind]
+            if test:
+                errors = trainer.evaluate(test)
+                kinds[kind] = {"test_frames": len(test), "force_mev": errors["force_rmse"] * 1e3,
+                               "energy_mev": errors["energy_rmse"] * 1e3}
+    test = trainer.errors["test"]
+    return {"frames": len(frames), "atoms": atoms, "pool_atoms": sum(len(a) for a in pool), "storage": trainer.storage,
+            "one_layout_bytes": one_layout, "peak_bytes": peak, "wall_s": wall, "features_s": trainer.budget.features_s,
+            "epochs": trainer.budget.epochs_run, "test_force_mev": test["force_rmse"] * 1e3,
+            "test_energy_mev": test["energy_rmse"] * 1e3, "kinds": kinds, "summary": trainer.summary()}
+
+
+def run_mixed(time_limit: float) -> None:
+    """Case ``mixed``: bulk Cu2S, water boxes, clusters and molecules in one set; memory per bucket against one
+    padded layout, in one run."""
+    t0 = time.perf_counter()
+    frames = mixed_frames()
+    print(f"mixed set: {len(frames)} frames ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    r = run_json_worker([sys.executable, __file__, "--mixed-worker", "--time-limit", str(time_limit)], "mixed")
+    if not r:
+        return
+    s = r["storage"]
+    rows = [(f"{b['atoms'][0]}-{b['atoms'][1]}", b["frames"], b["atoms_total"], round(b["bytes"] / 2**20, 1),
+             round(b["bytes"] / b["atoms_total"] / 1e3, 1)) for b in s["buckets"]]
+    rows.append(("all, size buckets (mlmd_lab)", s["frames"], r["pool_atoms"], round(s["bytes"] / 2**20, 1),
+                 round(s["bytes"] / r["pool_atoms"] / 1e3, 1)))
+    rows.append(("all, one layout padded to the largest", s["frames"], r["pool_atoms"],
+                 round(r["one_layout_bytes"] / 2**20, 1), round(r["one_layout_bytes"] / r["pool_atoms"] / 1e3, 1)))
+    print_table(["bucket (atoms per frame)", "frames", "atoms", "records MiB", "KB per atom"], rows,
+                title=f"Mixed sizes: {len(frames)} frames ({', '.join(f'{n} {k}' for k, n in MIXED_KINDS.items())}), "
+                      f"training and validation records, {s['mode']}, force fraction {s['force_fraction']:g}")
+    print_table(["kind", "test frames", "test F (meV/Å)", "test E (meV/atom)"],
+                [(k, v["test_frames"], round(v["force_mev"], 1), round(v["energy_mev"], 3))
+                 for k, v in r["kinds"].items()]
+                + [("all", "-", round(r["test_force_mev"], 1), round(r["test_energy_mev"], 3))],
+                title=f"Test errors per kind after {r['epochs']} epochs (time limit {time_limit:.0f} s); peak memory "
+                      f"{r['peak_bytes'] / 2**30:.2f} GiB, {r['peak_bytes'] / r['atoms'] / 1e3:.1f} KB per atom")
+    print(r["summary"])
+    print(f"wrote {write_json('bench_train_mixed', {'machine': machine_info(), 'time_limit_s': time_limit, 'run': r})}")
+
+
 def run_worker(platform: str, ensemble: int = 0, overrides: dict | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble),
            "--overrides", json.dumps(overrides or {})]
@@ -397,11 +547,12 @@ def main() -> None:
     parser.add_argument("--ensemble-members", type=int, default=0)
     parser.add_argument("--no-ensemble", action="store_true")
     parser.add_argument("--ensemble-only", action="store_true", help="only the committee and its calibration table")
-    parser.add_argument("--case", choices=("water", "elemental", "scale"), default="water")
+    parser.add_argument("--case", choices=("water", "elemental", "scale", "mixed"), default="water")
     parser.add_argument("--scale-frames", type=int, default=10000, help="case scale: synthetic water frames")
     parser.add_argument("--scale-epochs", type=int, default=2, help="case scale: epochs timed")
     parser.add_argument("--scale-worker", type=int)
-    parser.add_argument("--time-limit", type=float, default=300.0, help="case elemental: seconds per run")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="cases elemental, mixed: seconds per run")
+    parser.add_argument("--mixed-worker", action="store_true")
     parser.add_argument("--elemental-worker")
     parser.add_argument("--frames")
     parser.add_argument("--overrides", default="{}", help="worker: TrainingConfig fields as JSON")
@@ -411,6 +562,12 @@ def main() -> None:
         return
     if args.scale_worker:
         print(json.dumps(scale_worker(args.scale_worker, args.scale_epochs)))
+        return
+    if args.mixed_worker:
+        print(json.dumps(mixed_worker(args.time_limit)))
+        return
+    if args.case == "mixed":
+        run_mixed(args.time_limit)
         return
     if args.case == "scale":
         run_scale(args.scale_frames, args.scale_epochs)
