@@ -507,32 +507,18 @@ def _triplet_rows(plan: DescriptorPlan, functions, d_ij, d_ik, mask):
 
     Each function's terms are computed as (K, T) arrays in one piece (see :func:`_cutoff_rows` for why).
     """
-    return triplet_rows_of(plan, functions, *triplet_scalars(functions, d_ij, d_ik, mask), mask)
-
-
-def triplet_scalars(functions, d_ij, d_ik, mask):
-    """(r_ij, r_ik, cos theta_ijk, r_jk) of each triplet from its pair vectors (3, T) (Å); r_jk is None when no
-    function of ``functions`` uses it (type 9 only). Padded triplets may repeat a pair (r_jk = 0): their r_jk is
-    kept away from 0 so that derivatives stay finite."""
     r_ij = jnp.sqrt(jnp.sum(d_ij * d_ij, axis=0))
     r_ik = jnp.sqrt(jnp.sum(d_ik * d_ik, axis=0))
     cos = jnp.sum(d_ij * d_ik, axis=0) / (r_ij * r_ik)
-    if not any(sf.type == 3 for sf in functions):
-        return r_ij, r_ik, cos, None
-    d_jk = d_ik - d_ij
-    return r_ij, r_ik, cos, jnp.sqrt(jnp.where(mask, jnp.sum(d_jk * d_jk, axis=0), 1.0))
-
-
-def triplet_rows_of(plan: DescriptorPlan, functions, r_ij, r_ik, cos, r_jk, mask):
-    """(K, triplets) angular values from the scalars of :func:`triplet_scalars` (T,) each; 0 where not ``mask``.
-    Separate from the vectors so that the training features can take derivatives by the 3-4 scalars (then
-    chained to the pair vectors in closed form) instead of by six vector components."""
     narrow = [sf.type == 3 for sf in functions]
-    dt = r_ij.dtype
+    dt = d_ij.dtype
     eta, rs, lam = (_column([getattr(sf, name) for sf in functions], dt) for name in ("eta", "rs", "lam"))
     s = (r_ij[None, :] - rs) ** 2 + (r_ik[None, :] - rs) ** 2
     distances = [r_ij, r_ik]
     if any(narrow):
+        d_jk = d_ik - d_ij
+        # Padded triplets may repeat a pair (r_jk = 0); keep their sqrt away from 0 so gradients stay finite.
+        r_jk = jnp.sqrt(jnp.where(mask, jnp.sum(d_jk * d_jk, axis=0), 1.0))
         s = s + _column(narrow, dt) * (r_jk[None, :] - rs) ** 2
         distances.append(r_jk)
     else:

@@ -14,9 +14,8 @@ radial functions of c with neighbour e and the angular functions of c whose neig
 block keeps just those columns (a third fewer for two elements).
 
 Derivatives come from forward-mode JAX (``jvp``) through the same code that evaluates the potential
-(:mod:`mlmd_lab.potentials.descriptors`): radial terms depend on one distance, angular terms on r_ij, r_ik,
-cos theta (and r_jk), so one tangent per scalar gives every per-pair derivative at once, chained to the pair
-vectors in closed form.
+(:mod:`mlmd_lab.potentials.descriptors`): radial terms depend on one pair, angular terms on two, so one
+tangent per Cartesian component gives every per-pair derivative at once.
 """
 
 from __future__ import annotations
@@ -34,14 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 
-from mlmd_lab.potentials.descriptors import (
-    _chunks,
-    _radial_values,
-    pair_vectors,
-    symmetry_functions,
-    triplet_rows_of,
-    triplet_scalars,
-)
+from mlmd_lab.potentials.descriptors import _chunks, _radial_values, _triplet_rows, pair_vectors, symmetry_functions
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.neighbours import Layout, bucket
 
@@ -295,48 +287,30 @@ def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_
     """One angular group's derivatives summed per pair: ((cap_1, K, 3) with respect to d_ij over the pairs of the
     block of e1, (cap_2, K, 3) with respect to d_ik over the block of e2). dT is (3, P).
 
-    An angular function depends on the pair vectors only through r_ij, r_ik, cos theta and (type 3) r_jk, so its
-    derivatives are 3-4 scalar partials (forward mode through :func:`triplet_rows_of`, one tangent per scalar)
-    chained to the vectors in closed form:
-
-        dG/dd_ij = G_rij u_ij + G_cos (u_ik - cos u_ij) / r_ij + G_rjk (d_ij - d_ik) / r_jk
-        dG/dd_ik = G_rik u_ik + G_cos (u_ij - cos u_ik) / r_ik + G_rjk (d_ik - d_ij) / r_jk
-
-    (u: unit vectors): 3-4 tangents instead of six vector components, each through fewer operations.
-
     Why a loop over chunks of triplets (:func:`~mlmd_lab.potentials.descriptors._chunks`, as the MD descriptors):
-    the tangents of a whole group at once are (tangents, K, triplets) arrays of ~300 MB for a 192-atom water
-    frame, and moving them through memory took 4x the time of computing them chunk by chunk in cache."""
+    the six tangents of a whole group at once are (6, K, triplets) arrays of ~300 MB for a 192-atom water frame,
+    and moving them through memory took 4x the time of computing them chunk by chunk in cache (0.58 -> 0.14 s per
+    frame, same values to 1e-15)."""
     (o1, cap1), (o2, cap2) = pair_blocks
     K = len(functions)
+    eye = np.eye(3)[:, :, None]
 
     def body(start, size, totals):
         at = offset + start
         ij = jax.lax.dynamic_slice_in_dim(arrays["trip_ij"], at, size)
         ik = jax.lax.dynamic_slice_in_dim(arrays["trip_ik"], at, size)
         mask = jax.lax.dynamic_slice_in_dim(arrays["trip_mask"], at, size)
-        d_ij, d_ik = dT[:, ij], dT[:, ik]
-        r_ij, r_ik, cos, r_jk = triplet_scalars(functions, d_ij, d_ik, mask)
-        # Padded triplets (masked) may hold zero-length pairs: safe values, and their derivatives zeroed below.
-        r_ij, r_ik = jnp.where(mask, r_ij, 1.0), jnp.where(mask, r_ik, 1.0)
-        cos = jnp.where(mask, cos, 0.0)
-        scalars = (r_ij, r_ik, cos) if r_jk is None else (r_ij, r_ik, cos, r_jk)
 
-        def values(*x):
-            return triplet_rows_of(plan, functions, *x, *((None,) if r_jk is None else ()), mask)
+        def values(a, b):
+            return _triplet_rows(plan, functions, a, b, mask)
 
-        eye = jnp.eye(len(scalars), dtype=dT.dtype)
-        partials = jax.vmap(lambda t: jax.jvp(values, scalars, tuple(t[q] * jnp.ones_like(r_ij)
-                                                                     for q in range(len(scalars))))[1])(eye)
-        partials = jnp.where(mask[None, None, :], partials, 0.0)  # (scalars, K, size)
-        u_ij, u_ik = d_ij / r_ij, d_ik / r_ik
-        g_ij = partials[0][None] * u_ij[:, None] + partials[2][None] * ((u_ik - cos * u_ij) / r_ij)[:, None]
-        g_ik = partials[1][None] * u_ik[:, None] + partials[2][None] * ((u_ij - cos * u_ik) / r_ik)[:, None]
-        if r_jk is not None:
-            jk = ((d_ij - d_ik) / r_jk)[:, None]
-            g_ij, g_ik = g_ij + partials[3][None] * jk, g_ik - partials[3][None] * jk
-        first = totals[0].at[ij - o1].add(jnp.transpose(g_ij, (2, 1, 0)))  # (3, K, size) -> (size, K, 3)
-        return first, totals[1].at[ik - o2].add(jnp.transpose(g_ik, (2, 1, 0)))
+        unit = jnp.broadcast_to(jnp.asarray(eye, dT.dtype), (3, 3, size))
+        zero = jnp.zeros((3, 3, size), dT.dtype)
+        tangents = (jnp.concatenate([unit, zero]), jnp.concatenate([zero, unit]))  # d_ij's x, y, z, then d_ik's
+        jvps = jax.vmap(lambda u, v: jax.jvp(values, (dT[:, ij], dT[:, ik]), (u, v))[1])(*tangents)  # (6, K, size)
+        jvps = jnp.where(mask[None, None, :], jvps, 0.0)
+        first = totals[0].at[ij - o1].add(jnp.transpose(jvps[:3], (2, 1, 0)))
+        return first, totals[1].at[ik - o2].add(jnp.transpose(jvps[3:], (2, 1, 0)))
 
     init = (jnp.zeros((cap1, K, 3), dT.dtype), jnp.zeros((cap2, K, 3), dT.dtype))
     return _chunks(cap, body, init)
