@@ -339,24 +339,29 @@ def scale_frames(n: int, rattle: float = 0.05, seed: int = 0):
     return frames, float(data["label_s"])
 
 
-def scale_worker(n: int, epochs: int) -> dict:
-    """Defaults on ``n`` synthetic water frames for ``epochs`` epochs: what the trainer chose (force subset,
-    storage), the feature stage's time, seconds per epoch and the peak memory of the process per atom."""
+def fit_quietly(frames, **config):
+    """(trainer, wall s, peak resident bytes of the process so far) of the defaults plus ``config`` on ``frames``,
+    warnings silenced; the peak is read right after training, before any later measurement."""
     import warnings
 
     from mlmd_lab.train.trainer import Trainer
 
-    frames, label_s = scale_frames(n)
-    atoms = sum(len(a) for a in frames)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(frames, max_epochs=epochs, progress=False)
+        trainer = Trainer(frames, progress=False, **config)
         trainer.fit()
-    wall = time.perf_counter() - t0
+    return trainer, time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def scale_worker(n: int, epochs: int) -> dict:
+    """Defaults on ``n`` synthetic water frames for ``epochs`` epochs: what the trainer chose (force subset,
+    storage), the feature stage's time, seconds per epoch and the peak memory of the process per atom."""
+    frames, label_s = scale_frames(n)
+    atoms = sum(len(a) for a in frames)
+    trainer, wall, peak = fit_quietly(frames, max_epochs=epochs)
     epochs_done = trainer.history
     per_epoch = [b.elapsed - a.elapsed for a, b in zip(epochs_done[:-1], epochs_done[1:], strict=True)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     b = trainer.budget
     test = trainer.errors["test"]
     return {"frames": n, "atoms": atoms, "label_s": label_s, "storage": trainer.storage, "features_s": b.features_s,
@@ -473,24 +478,22 @@ def mixed_worker(time_limit: float) -> dict:
     records would take padded to one layout (the largest frame's), peak memory, and test errors per kind."""
     import warnings
 
+    import numpy as np
+
     from mlmd_lab.train.data import caps_of_counts
     from mlmd_lab.train.features import block_columns, plan_features
-    from mlmd_lab.train.trainer import Trainer, _record_bytes
+    from mlmd_lab.train.trainer import _record_bytes
 
     frames = mixed_frames()
     atoms = sum(len(a) for a in frames)
-    t0 = time.perf_counter()
+    trainer, wall, peak = fit_quietly(frames, time_limit=time_limit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = Trainer(frames, time_limit=time_limit, progress=False)
-        trainer.fit()
-        wall = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         model = trainer.model
         pool = [*trainer.split.train, *trainer.split.validation]
         _, counts = plan_features(model, pool)  # one layout for every frame: what padding to the largest costs
         widths = (tuple(model.plan.n_features), tuple(len(c) for c in block_columns(model)))
-        dtype = __import__("numpy").float32 if trainer.config.dtype == "float32" else __import__("numpy").float64
+        dtype = np.float32 if trainer.config.dtype == "float32" else np.float64
         one_layout = _record_bytes(caps_of_counts(counts), widths, dtype) * len(pool)
         kinds = {}
         for kind in MIXED_KINDS:
