@@ -38,6 +38,26 @@ def bucket(count: int, minimum: int = 8) -> int:
     return -(-need // step) * step
 
 
+#: Evaluation graphs' capacities up to this many entries are powers of two (:func:`graph_capacity`).
+SMALL_CAPACITY = 4096
+
+
+def graph_capacity(count: int) -> int:
+    """Capacity of an evaluation graph's atom, pair or triplet slots (single points, batches, the calculator): a
+    power of two up to :data:`SMALL_CAPACITY`, else :func:`bucket`.
+
+    Each new capacity is a new XLA compilation (5-15 s for a potential's energy and forces on a CPU), while
+    padding a small graph costs microseconds. With steps of 1/8, rattled copies of one 16-atom cell fell into
+    different pair and triplet capacities and each compiled again: on tests/test_potentials_physics.py, 478 s of
+    worker time with :func:`bucket`, 439 s with powers of two up to 1,024 entries, 258 s up to 4,096 (2 workers).
+    MD graphs (:meth:`NeighbourBuilder.build_one`) and training records keep :func:`bucket`: there the padding is
+    paid at every step or in memory, and the shapes are fixed for the whole run anyway."""
+    need = max(int(count) + 1, 8)
+    if need <= SMALL_CAPACITY:
+        return 1 << (need - 1).bit_length()
+    return bucket(count)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Static shape information (hashable: a jit static argument).
@@ -369,10 +389,13 @@ class NeighbourBuilder:
             trip_counts = np.zeros(len(self.group_keys), np.int64)
             for raw in raws:
                 trip_counts += np.bincount(raw.t_group, minlength=len(self.group_keys))
-        atom_cap = bucket(n_atoms)
-        pair_caps = [bucket(math.ceil(n * headroom)) for n in pair_counts]
-        trip_caps = [bucket(math.ceil(n * headroom)) for n in trip_counts]
-        if capacities is not None and _fits(capacities, atom_cap, pair_caps, trip_caps, len(structures)):
+        pair_need = [math.ceil(n * headroom) for n in pair_counts]
+        trip_need = [math.ceil(n * headroom) for n in trip_counts]
+        capacity = bucket if lean else graph_capacity  # lean graphs are MD's (see graph_capacity)
+        atom_cap = capacity(n_atoms)
+        pair_caps = [capacity(n) for n in pair_need]
+        trip_caps = [capacity(n) for n in trip_need]
+        if capacities is not None and _fits(capacities, n_atoms, pair_need, trip_need, len(structures)):
             atom_cap = capacities.n_atoms
             pair_caps = [cap for _, cap in capacities.pair_blocks]
             trip_caps = [cap for _, _, cap in capacities.triplet_groups]
@@ -475,12 +498,14 @@ def _slots(block: np.ndarray, first: np.ndarray, n_elements: int) -> np.ndarray:
     return where
 
 
-def _fits(layout: Layout, atom_cap, pair_caps, trip_caps, n_structures) -> bool:
+def _fits(layout: Layout, n_atoms, pair_counts, trip_counts, n_structures) -> bool:
+    """Whether ``layout`` holds these counts, each with its padding slot (the layout may come from either
+    rounding, :func:`bucket` or :func:`graph_capacity`: what matters is room, not how it was rounded)."""
     return (
         layout.n_structures == n_structures
-        and layout.n_atoms >= atom_cap
-        and len(layout.pair_blocks) == len(pair_caps)
-        and all(old >= new for (_, old), new in zip(layout.pair_blocks, pair_caps, strict=True))
-        and len(layout.triplet_groups) == len(trip_caps)
-        and all(old >= new for (_, _, old), new in zip(layout.triplet_groups, trip_caps, strict=True))
+        and layout.n_atoms > n_atoms
+        and len(layout.pair_blocks) == len(pair_counts)
+        and all(old > new for (_, old), new in zip(layout.pair_blocks, pair_counts, strict=True))
+        and len(layout.triplet_groups) == len(trip_counts)
+        and all(old > new for (_, _, old), new in zip(layout.triplet_groups, trip_counts, strict=True))
     )
