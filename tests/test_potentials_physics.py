@@ -320,6 +320,25 @@ def test_calculator_keeps_neighbours_under_a_small_cell_change(model):
     assert atoms.calc.rebuilds == rebuilds + 1
 
 
+def test_graph_capacities_are_powers_of_two_when_small_and_fine_when_large():
+    """Evaluation graphs round small counts to powers of two (rattled copies of a cell share one compilation) and
+    large ones in steps of at most 1/8; every capacity keeps a padding slot."""
+    from mlmd_lab.potentials.neighbours import SMALL_CAPACITY, bucket, graph_capacity
+
+    for count in [0, 1, 7, 8, 100, 127, 128, 1000, SMALL_CAPACITY - 1, SMALL_CAPACITY, 10_000, 123_457]:
+        cap = graph_capacity(count)
+        assert cap > count
+        if count < SMALL_CAPACITY:
+            assert cap & (cap - 1) == 0 and cap < 2 * max(count + 1, 8)
+        else:
+            assert cap == bucket(count) <= count + 1 + count / 8
+    model = _model()
+    rattled = [_zno(seed=seed) for seed in range(20, 30)]  # one cell, ten rattles: 4 layouts to compile, not 6
+    md = model.neighbour_builder()  # MD graphs keep the steps of 1/8
+    evaluation = {model.graph([atoms]).layout for atoms in rattled}
+    assert len(evaluation) < len({md.build_one(*model.structure(atoms)).layout for atoms in rattled})
+
+
 def test_skin_rule_is_one_function_for_numpy_and_jax():
     import jax.numpy as jnp
 
