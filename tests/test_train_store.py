@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from test_train import FAST, emt_frames
 
+import mlmd_lab.potentials.model as model_module
 import mlmd_lab.train.trainer as trainer_module
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.train.callbacks import Callback
@@ -171,6 +172,46 @@ def test_final_errors_of_mixed_sizes_are_evaluated_per_bucket_and_equal_frame_by
         assert errors["n_frames"] == len(test)
         for key, value in expected.items():
             assert errors[key] == pytest.approx(value, rel=1e-10)
+
+
+def _al_rich(n: int, seed: int):
+    """Labelled 31-atom CuAl cells (EMT) with 24 Al: one atom fewer than :func:`emt_frames`' cells (the same
+    size bucket, evaluated after them), another composition."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 2))
+        del atoms[int(rng.integers(len(atoms)))]
+        atoms.symbols[rng.choice(len(atoms), 24, replace=False)] = "Al"
+        atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        frames.append(atoms)
+    return frames
+
+
+def test_the_final_pass_compiles_nothing_after_its_estimate(monkeypatch):
+    """The estimate of the final error pass compiles the shapes the pass then reuses: one layout per size bucket
+    that holds every batch of every split, also when frames of one bucket differ in composition (pure Cu cells
+    of 32 atoms, Al-rich ones of 31: a layout sized by the largest frames alone did not hold batches of Al-rich
+    ones, and the pass
+    compiled again, uncounted by the estimate: 72 s of compiling against a 4.7 s estimate on a four-element
+    set of bulk Cu2S, water boxes, clusters and molecules)."""
+    frames = emt_frames(20, seed=12, alloy=False) + _al_rich(16, seed=13)
+    trainer = _fit(frames)
+    monkeypatch.setattr(model_module, "_COMPILED", {})  # forget what the run compiled, its final pass included
+    compiled = trainer.model._compiled()  # one jitted function; _cache_size counts its compiled shapes
+    trainer._measure_final()
+    before = compiled._cache_size()
+    layouts = {graph.layout for _, graph in trainer._final_graphs()}
+    errors = trainer._final_errors()
+    assert compiled._cache_size() == before, "the final pass compiled shapes its estimate did not"
+    assert len(layouts) == 1 and errors["test"] == trainer.errors["test"]
 
 
 def test_size_buckets_hold_frames_within_the_ratio():

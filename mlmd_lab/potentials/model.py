@@ -229,10 +229,18 @@ class HDNNP:
         lf = self.length_factor
         return (atoms.positions / lf, atoms.cell.array / lf, atoms.pbc.copy(), self.species_of(atoms))
 
-    def graph(self, atoms_list: Sequence[Atoms], skin: float = 0.0, like: Graph | None = None) -> Graph:
-        """Padded neighbour data of one or more structures (reuses ``like``'s shapes when they fit)."""
+    def graph(self, atoms_list: Sequence[Atoms], skin: float = 0.0, like: Graph | Layout | None = None) -> Graph:
+        """Padded neighbour data of one or more structures (reuses ``like``'s shapes, a graph's or a layout, when
+        they hold the structures)."""
         builder = self.neighbour_builder(skin)
-        return builder.build([self.structure(a) for a in atoms_list], like.layout if like is not None else None)
+        layout = like.layout if isinstance(like, Graph) else like
+        return builder.build([self.structure(a) for a in atoms_list], layout)
+
+    def batch_layout(self, atoms_list: Sequence[Atoms], batches: Sequence[Sequence[int]]) -> Layout:
+        """The evaluation layout that holds every batch of structures (lists of indices into ``atoms_list``, all
+        of one length): evaluating the batches in it (``graph(batch, like=layout)``) compiles once. See
+        :meth:`~mlmd_lab.potentials.neighbours.NeighbourBuilder.holding`."""
+        return self.neighbour_builder().holding([self.structure(a) for a in atoms_list], batches)
 
     # ------------------------------------------------------------------ evaluation
     def parameters(self) -> dict:

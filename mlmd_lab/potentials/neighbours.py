@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -364,6 +365,47 @@ class NeighbourBuilder:
             triplets.fill(where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
         return graph
 
+    def _layout(self, atom_cap: int, n_structures: int, pair_caps, trip_caps) -> Layout:
+        """The layout of these capacities: blocks and groups one after another, in the builder's order."""
+        pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]].astype(np.int64)
+        trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]].astype(np.int64) if len(trip_caps) else []
+        return Layout(
+            n_atoms=int(atom_cap),
+            n_structures=int(n_structures),
+            n_elements=self.n_elements,
+            pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
+            triplet_groups=tuple(
+                (key, int(o), int(c)) for key, o, c in zip(self.group_keys, trip_offsets, trip_caps, strict=True)
+            ),
+        )
+
+    def holding(self, structures, batches: Sequence[Sequence[int]]) -> Layout:
+        """The smallest evaluation layout (:func:`graph_capacity` rounding) that holds every batch: per pair block
+        and triplet group, the largest count of any batch. ``structures``: [(positions, cell, pbc, species), ...];
+        ``batches``: lists of indices into them, all of one length (a structure may repeat).
+
+        Why: a batch evaluated in a layout that does not hold it gets a layout of its own, and a new layout is a
+        new XLA compilation (15-20 s for a four-element potential). A layout sized for the largest structures
+        alone did not hold later batches of smaller ones with more triplets of some group (a final error pass
+        over bulk Cu2S, water boxes, clusters and molecules compiled 4 times after its estimate had compiled 3
+        layouts). Costs one counting pass per structure (pairs and the triplet count, no triplet written)."""
+        lengths = {len(b) for b in batches}
+        if len(lengths) != 1:
+            raise ValueError(f"batches of one layout must have one length, not {sorted(lengths)}")
+        E2, G = self.n_elements**2, len(self.group_keys)
+        counts = {}
+        for k in sorted({k for b in batches for k in b}):
+            positions, cell, pbc, species = structures[k]
+            _, _, block, trips = self.counts(positions, cell, pbc, species)
+            counts[k] = (len(species), np.bincount(block, minlength=E2), np.asarray(trips, np.int64).reshape(G))
+        atoms, pairs, trips = 0, np.zeros(E2, np.int64), np.zeros(G, np.int64)
+        for b in batches:
+            atoms = max(atoms, sum(counts[k][0] for k in b))
+            pairs = np.maximum(pairs, sum(counts[k][1] for k in b))
+            trips = np.maximum(trips, sum(counts[k][2] for k in b) if G else trips)
+        return self._layout(graph_capacity(atoms), lengths.pop(), [graph_capacity(n) for n in pairs],
+                            [graph_capacity(n) for n in trips])
+
     def build(self, structures, capacities: Layout | None = None) -> Graph:
         """Pack structures [(positions, cell, pbc, species), ...] into one padded graph.
 
@@ -395,13 +437,14 @@ class NeighbourBuilder:
         atom_cap = capacity(n_atoms)
         pair_caps = [capacity(n) for n in pair_need]
         trip_caps = [capacity(n) for n in trip_need]
+        layout = self._layout(atom_cap, len(structures), pair_caps, trip_caps)
         if capacities is not None and _fits(capacities, n_atoms, pair_need, trip_need, len(structures)):
-            atom_cap = capacities.n_atoms
-            pair_caps = [cap for _, cap in capacities.pair_blocks]
-            trip_caps = [cap for _, _, cap in capacities.triplet_groups]
-        pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]].astype(np.int64)
-        trip_offsets = np.r_[0, np.cumsum(trip_caps)[:-1]].astype(np.int64) if trip_caps else np.zeros(0, np.int64)
-        n_pairs, n_trip = int(sum(pair_caps)), int(sum(trip_caps))
+            layout = capacities
+        atom_cap = layout.n_atoms
+        pair_offsets = np.array([o for o, _ in layout.pair_blocks], np.int64)
+        trip_offsets = np.array([o for _, o, _ in layout.triplet_groups], np.int64)
+        n_pairs = int(sum(c for _, c in layout.pair_blocks))
+        n_trip = int(sum(c for _, _, c in layout.triplet_groups))
         if max(n_pairs, n_atoms) >= 2**31:
             raise MLMDError(f"{n_pairs} pair slots exceed the int32 indices of the neighbour data; split the structure "
                             "or run it with LAMMPS (mlmd_lab.md.write_lammps)")
@@ -451,15 +494,6 @@ class NeighbourBuilder:
             atom_struct[sl] = s
             cells[s] = cell
         # Padded triplets point at a padded pair (masked), so their gathers stay in range.
-        layout = Layout(
-            n_atoms=atom_cap,
-            n_structures=len(structures),
-            n_elements=E,
-            pair_blocks=tuple((int(o), int(c)) for o, c in zip(pair_offsets, pair_caps, strict=True)),
-            triplet_groups=tuple(
-                (key, int(o), int(c)) for key, o, c in zip(self.group_keys, trip_offsets, trip_caps, strict=True)
-            ),
-        )
         return Graph(positions=positions, cells=cells, species=species, atom_struct=atom_struct, layout=layout,
                      n_real=n_real, **g)
 

@@ -54,7 +54,7 @@ from ase import Atoms
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.frames import results_of
 from mlmd_lab.potentials.model import HDNNP
-from mlmd_lab.potentials.neighbours import Graph
+from mlmd_lab.potentials.neighbours import Graph, Layout
 
 #: Elements with fewer calibration atoms than this share the factor fitted on all atoms.
 MIN_CALIBRATION_ATOMS = 50
@@ -138,8 +138,11 @@ class Ensemble:
     def cutoff(self) -> float:
         return self.members[0].cutoff
 
-    def graph(self, atoms_list: Sequence[Atoms], skin: float = 0.0, like: Graph | None = None) -> Graph:
+    def graph(self, atoms_list: Sequence[Atoms], skin: float = 0.0, like: Graph | Layout | None = None) -> Graph:
         return self.members[0].graph(atoms_list, skin=skin, like=like)
+
+    def batch_layout(self, atoms_list: Sequence[Atoms], batches: Sequence[Sequence[int]]) -> Layout:
+        return self.members[0].batch_layout(atoms_list, batches)
 
     def evaluate_graph(self, graph: Graph, forces: bool = True) -> dict:
         """Members' mean of every quantity (model units) plus ``energy_std`` (B,), ``atomic_std`` (N,) and,

@@ -55,6 +55,7 @@ from mlmd_lab.files import atomic_path
 from mlmd_lab.frames import results_of
 from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
+from mlmd_lab.potentials.neighbours import Layout
 from mlmd_lab.potentials.symfunc import sort_elements
 from mlmd_lab.train.budget import (
     EPOCH_MARGIN,
@@ -837,35 +838,50 @@ class Trainer:
         keep = np.sort(np.random.default_rng(self.config.seed).choice(len(frames), FINAL_TRAIN_FRAMES, replace=False))
         return [frames[k] for k in keep]
 
-    def _final_graphs(self) -> list[tuple[int, Any]]:
-        """Per size bucket of the final frames (:func:`~mlmd_lab.train.store.size_buckets`), (its largest frame's
-        atoms, the padded graph of its largest frames): each batch of the final error pass reuses the shapes of
-        its bucket, so molecules are not evaluated in the padding of the largest cell (one compilation per
-        bucket)."""
-        frames = [a for name in ("train", "validation", "test") for a in self._final_frames(name)]
+    def _final_plan(self) -> list[tuple[int, Layout, list[Atoms], int]]:
+        """Per size bucket of the final frames (:func:`~mlmd_lab.train.store.size_buckets`): (its largest frame's
+        atoms, the layout that holds every batch :func:`evaluate_model` forms of it in any split, the frames of
+        the first of these batches, the number of batches over the splits). So molecules are not evaluated in the
+        padding of the largest cell, and the final pass compiles once per bucket, in :meth:`_measure_final`
+        (where the estimate runs it) or in the pass itself."""
+        splits = [self._final_frames(name) for name in ("train", "validation", "test")]
+        frames = [a for part in splits for a in part]
+        starts = np.cumsum([0] + [len(part) for part in splits])
+        buckets = size_buckets([len(a) for a in frames])
+        largest = [max(len(frames[k]) for k in rows) for rows in buckets]
         out = []
-        for rows in size_buckets([len(a) for a in frames]):
-            part = sorted((frames[k] for k in rows), key=len, reverse=True)
-            out.append((len(part[0]), self.model.graph(part[:FINAL_BATCH])))
+        keys = [_bucket_of(len(a), [(n, None) for n in largest]) for a in frames]
+        for rows, atoms in zip(buckets, largest, strict=True):
+            size = min(FINAL_BATCH, len(rows))
+            batches = []
+            for part, start in zip(splits, starts[:-1], strict=True):  # as evaluate_model forms them, per split
+                mine = [k for k in range(len(part)) if keys[start + k] == atoms]
+                batches += [[start + k for k in b] for b in _batches(_largest_first(mine, part), size)]
+            first = [frames[k] for k in batches[0]]  # a batch of the pass (any other mix may not fit the layout)
+            out.append((atoms, self.model.batch_layout(frames, batches), first, len(batches)))
         return out
 
+    def _final_graphs(self) -> list[tuple[int, Any]]:
+        """Per size bucket of the final frames, (its largest frame's atoms, a graph of one of its batches in the
+        layout that holds every batch of the final pass): the ``like`` of :func:`evaluate_model`."""
+        return [(atoms, self.model.graph(first, like=layout)) for atoms, layout, first, _ in self._final_plan()]
+
     def _measure_final(self) -> float:
-        """Estimated seconds of the final error pass, from one batch per size bucket evaluated twice with the
-        current weights (the first call compiles the shapes the final pass reuses, so only the second is
-        extrapolated to the bucket's batches)."""
+        """Estimated seconds of the final error pass: its layouts (counted as the pass counts them again), then
+        per size bucket one batch's neighbour lists and its evaluation, timed on a second call (the first compiles
+        the shapes the whole pass reuses, see :meth:`_final_plan`) and extrapolated to the bucket's batches."""
         clock = self.clock
-        total = 0.0
         t0 = clock()
-        graphs = self._final_graphs()
-        per_graph = (clock() - t0) / max(1, len(graphs))  # neighbour lists of one batch
-        for atoms, graph in graphs:
+        plan = self._final_plan()
+        total = clock() - t0
+        for _, layout, first, n_batches in plan:
+            t1 = clock()
+            graph = self.model.graph(first, like=layout)
+            built = clock() - t1
             self.model.evaluate_graph(graph)  # compiles
             t2 = clock()
             self.model.evaluate_graph(graph)
-            seconds = per_graph + clock() - t2
-            for name in ("train", "validation", "test"):
-                n = sum(1 for a in self._final_frames(name) if _bucket_of(len(a), graphs) == atoms)
-                total += seconds * -(-n // graph.layout.n_structures)
+            total += (built + clock() - t2) * n_batches
         self.model._cache.clear()
         return float(total)
 
@@ -1088,11 +1104,12 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
     left out.
 
     Frames go in size buckets (:func:`~mlmd_lab.train.store.size_buckets`), largest first within each, in
-    batches of ``batch``, the last one of a bucket padded with repeats (their predictions are dropped), so that
-    every batch of a bucket fits its first one's shapes: one compilation per bucket instead of one per batch
-    shape, and small frames are not padded to the largest. ``like``: a graph of ``model`` for every batch, or
-    a list of (largest frame's atoms, graph) per bucket (:meth:`Trainer._final_graphs`): a frame goes to the
-    first bucket that holds its size.
+    batches of ``batch``, the last one of a bucket padded with repeats (their predictions are dropped), all in
+    one layout that holds every batch of the bucket (counted first, :meth:`HDNNP.batch_layout`): one compilation
+    per bucket instead of one per batch shape, and small frames are not padded to the largest. ``like``: a graph
+    of ``model`` whose layout every batch uses (a batch it does not hold gets its own), or a list of (largest
+    frame's atoms, graph) per bucket (:meth:`Trainer._final_graphs`): a frame goes to the first bucket that holds
+    its size.
     """
     frames = list(frames)
     want_stress = any(results_of(a).get("stress") is not None and a.pbc.all() for a in frames)
@@ -1107,15 +1124,18 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
         starts = [like] * len(groups)
     de, df, ds = [], [], []
     for rows, start_like in zip(groups, starts, strict=True):
-        order = sorted(rows, key=lambda k: -sizes[k])
+        order = _largest_first(rows, frames)
         size = max(1, min(batch, len(order))) if start_like is None else start_like.layout.n_structures
-        current = start_like
-        for start in range(0, len(order), size):
+        batches = _batches(order, size)
+        layout = None
+        if graphs and batches:
+            # One layout that holds every batch of the group: one compilation (see NeighbourBuilder.holding).
+            layout = start_like.layout if start_like is not None else model.batch_layout(frames, batches)
+        for start, padded_rows in zip(range(0, len(order), size), batches, strict=True):
             part = [frames[k] for k in order[start:start + size]]
             if graphs:
-                padded = part + [part[-1]] * (size - len(part))
-                graph = model.graph(padded, like=current)
-                current = graph if current is None else current
+                padded = [frames[k] for k in padded_rows]
+                graph = model.graph(padded, like=layout)
                 predictions = model.results(model.evaluate_graph(graph, forces=True), padded, stress=want_stress,
                                             warn=False)[:len(part)]
             else:
@@ -1134,6 +1154,21 @@ def evaluate_model(model, frames: Iterable[Atoms], batch: int = 16, like=None) -
             d = np.concatenate([np.atleast_1d(x) for x in diffs])
             out[f"{name}_rmse"] = float(np.sqrt(np.mean(d**2)))
             out[f"{name}_mae"] = float(np.mean(np.abs(d)))
+    return out
+
+
+def _largest_first(rows: Sequence[int], frames: Sequence[Atoms]) -> list[int]:
+    """``rows`` ordered by decreasing atoms of their frames (ties in their order)."""
+    return sorted(rows, key=lambda k: -len(frames[k]))
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    """``order`` in batches of ``size``, the last one padded with repeats of its last entry (their predictions
+    are dropped): every batch has the shapes of one layout."""
+    out = []
+    for start in range(0, len(order), size):
+        part = list(order[start:start + size])
+        out.append(part + [part[-1]] * (size - len(part)))
     return out
 
 
