@@ -17,6 +17,7 @@ symmetry functions, force normalisation): 98 meV/Å after its first epoch (39 s)
 36.5 meV/Å and 0.33 meV/atom after 30 epochs (9.8 min).
 
     python benchmarks/bench_train.py [--no-ensemble | --ensemble-only] [--gpu]
+    python benchmarks/bench_train.py --case optimizers --time-limit 600   # Adam against the Kalman filter
 
 Writes ``benchmarks/results/bench_train.json`` (``bench_train_ensemble.json`` with ``--ensemble-only``). The committee
 part reports its calibration table: per bin of predicted (calibrated) force uncertainty, mean predicted against
@@ -538,6 +539,27 @@ def run_mixed(time_limit: float) -> None:
     print(f"wrote {write_json('bench_train_mixed', {'machine': machine_info(), 'time_limit_s': time_limit, 'run': r})}")
 
 
+def run_optimizers(time_limit: float) -> None:
+    """Case ``optimizers``: Adam (the default) against the extended Kalman filter (``optimizer="kalman"``, n2p2's
+    standard filter, one frame per update) on the water set, each with the same time limit (features, training
+    and final errors), in one run beside n2p2's own Kalman figures."""
+    results = {name: run_worker("cpu", 0, dict(overrides, time_limit=time_limit))
+               for name, overrides in (("adam", {}), ("kalman", {"optimizer": "kalman"}))}
+    rows = [("n2p2 Kalman (reference, 2 ranks)", "-", N2P2["first_epoch_force_mev"], "-", N2P2["time_to_50_s"],
+             N2P2["final_force_mev"], N2P2["final_energy_mev"], N2P2["final_time_s"])]
+    for name, r in results.items():
+        if r:
+            rows.append((f"mlmd_lab {name}", f"{r['epoch_s']:.2f}", round(r["first_epoch_force_mev"], 1),
+                         r["epochs"], r["time_to_50_s"] and round(r["time_to_50_s"]), round(r["test_force_mev"], 1),
+                         round(r["test_energy_mev"], 3), round(r["total_s"])))
+    print_table(["run", "s/epoch", "epoch 1 F (meV/Å)", "epochs", "to 50 (s)", "final F (meV/Å)",
+                 "final E (meV/atom)", "total (s)"], rows,
+                title=f"Optimisers on DeePMD water (320 x 192 atoms), time limit {time_limit:.0f} s, 2 CPU cores")
+    path = write_json("bench_train_optimizers", {"machine": machine_info(), "reference_n2p2": N2P2,
+                                                 "time_limit_s": time_limit, "runs": results})
+    print(f"wrote {path}")
+
+
 def run_worker(platform: str, ensemble: int = 0, overrides: dict | None = None) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", platform, "--ensemble-members", str(ensemble),
            "--overrides", json.dumps(overrides or {})]
@@ -550,7 +572,7 @@ def main() -> None:
     parser.add_argument("--ensemble-members", type=int, default=0)
     parser.add_argument("--no-ensemble", action="store_true")
     parser.add_argument("--ensemble-only", action="store_true", help="only the committee and its calibration table")
-    parser.add_argument("--case", choices=("water", "elemental", "scale", "mixed"), default="water")
+    parser.add_argument("--case", choices=("water", "elemental", "scale", "mixed", "optimizers"), default="water")
     parser.add_argument("--scale-frames", type=int, default=10000, help="case scale: synthetic water frames")
     parser.add_argument("--scale-epochs", type=int, default=2, help="case scale: epochs timed")
     parser.add_argument("--scale-worker", type=int)
@@ -571,6 +593,9 @@ def main() -> None:
         return
     if args.case == "mixed":
         run_mixed(args.time_limit)
+        return
+    if args.case == "optimizers":
+        run_optimizers(args.time_limit)
         return
     if args.case == "scale":
         run_scale(args.scale_frames, args.scale_epochs)

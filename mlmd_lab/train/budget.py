@@ -81,7 +81,7 @@ def final_reserve(time_limit: float, final_estimate: float) -> float:
 
 def plan_epochs(steps_per_epoch: int, *, max_epochs: int | None = None, time_limit: float | None = None,
                 spent: float = 0.0, epoch_seconds: float | None = None,
-                final_estimate: float = 0.0) -> tuple[int, str, str]:
+                final_estimate: float = 0.0, data_epochs: int | None = None) -> tuple[int, str, str]:
     """(epochs, rule, why) by the rules of this module.
 
     Args:
@@ -91,8 +91,9 @@ def plan_epochs(steps_per_epoch: int, *, max_epochs: int | None = None, time_lim
         spent: seconds already used (features, setup, measurements).
         epoch_seconds: measured seconds per epoch (without margin); needed with ``time_limit``.
         final_estimate: measured seconds of the final error pass.
+        data_epochs: the data-size rule's epochs when the optimiser has its own (the Kalman filter's).
     """
-    data = epochs_for_data(steps_per_epoch)
+    data = epochs_for_data(steps_per_epoch) if data_epochs is None else int(data_epochs)
     if max_epochs is not None:
         return int(max_epochs), "max_epochs", f"max_epochs={int(max_epochs)} given"
     if time_limit is not None and epoch_seconds is not None:
@@ -104,6 +105,8 @@ def plan_epochs(steps_per_epoch: int, *, max_epochs: int | None = None, time_lim
                f"{reserve:.1f} s kept for the final errors, at {epoch_seconds:.3g} s per epoch measured"
                + (f" (capped at {TIME_PLAN_FACTOR} x the data-size plan)" if epochs == most else ""))
         return epochs, "time_limit", why
+    if data_epochs is not None:
+        return data, "data_size", f"{data} epochs, the optimiser's own default"
     why = (f"data size: ~{TARGET_STEPS:,} optimiser steps at {steps_per_epoch} steps per epoch, within "
            f"{MIN_EPOCHS}-{MAX_EPOCHS} epochs")
     return data, "data_size", why

@@ -57,6 +57,7 @@ from mlmd_lab.frameset import FrameSet
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.neighbours import Layout
 from mlmd_lab.potentials.symfunc import sort_elements
+from mlmd_lab.train import kalman
 from mlmd_lab.train.budget import (
     EPOCH_MARGIN,
     FEW_EPOCHS,
@@ -97,6 +98,9 @@ DIVERGED = 100.0
 PROBE_STEPS = 10
 #: Frames per batch of the final error pass.
 FINAL_BATCH = 16
+#: Epochs of a Kalman-filter run without max_epochs or time_limit: n2p2's filter converges in tens of epochs
+#: (its recommended input.nn runs 10; water here was measured in benchmarks/bench_train.py), not hundreds.
+KALMAN_EPOCHS = 30
 #: feature_storage="auto" keeps the records in memory up to this many bytes and puts larger sets in a file:
 #: a notebook on a shared hub should not hold gigabytes for data that the page cache serves as fast (measured
 #: in benchmarks/bench_train.py: the epoch time of the 320-frame water set in memory and on disk).
@@ -161,6 +165,9 @@ class TrainingConfig:
         time_limit: seconds for the whole run: symmetry functions, training and the final error pass (None: no
             limit). Training stops when the next epoch and the final pass would not fit.
         clip: gradient-norm clipping (robustness against rare huge forces in the data).
+        optimizer: "adam" (default) or "kalman": n2p2's extended Kalman filter (:mod:`mlmd_lab.train.kalman`;
+            one frame per update, learning_rate, batch_size and clip unused; without max_epochs or time_limit
+            :data:`KALMAN_EPOCHS` epochs). Measured against each other in benchmarks/bench_train.py.
     Data:
         fractions: train, validation, test fractions. The test split is held out from everything (training and
             model selection); :meth:`Trainer.summary` says how many frames it took.
@@ -206,6 +213,7 @@ class TrainingConfig:
     validation_smoothing: int = 10
     time_limit: float | None = None
     clip: float = 10.0
+    optimizer: str = "adam"
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     group_by: str | None = None
     seed: int = 0
@@ -399,6 +407,8 @@ class Trainer:
         cfg, model = self.config, self.model
         if cfg.feature_storage not in ("auto", "memory", "disk"):  # before the counting pass, which takes minutes
             raise MLMDError(f"feature_storage must be 'auto', 'memory' or 'disk', not {cfg.feature_storage!r}")
+        if cfg.optimizer not in ("adam", "kalman"):
+            raise MLMDError(f"optimizer must be 'adam' or 'kalman', not {cfg.optimizer!r}")
         dtype = np.float32 if cfg.dtype == "float32" else np.float64
         frames = list(pool)
         sizes = np.array([len(a) for a in frames])
@@ -645,6 +655,8 @@ class Trainer:
     def _batch_sizes(self, parts: list[np.ndarray]) -> tuple[int, ...]:
         """Frames per batch in each size bucket: ``batch_size``, or enough frames for ~256 atoms (at least 1), at
         most the bucket's training frames."""
+        if self.config.optimizer == "kalman":  # one frame per filter update
+            return tuple(1 for _ in parts)
         out = []
         for rows in parts:
             if self.config.batch_size:
@@ -666,12 +678,17 @@ class Trainer:
         n_train, n_valid = len(self.split.train), len(self.split.validation)
         batch = self._batch_sizes(train_parts)
         steps_per_epoch = sum(-(-part.size // size) for part, size in zip(train_parts, batch, strict=True))
-        optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.scale_by_adam())
-        train_step, evaluate = make_functions(step_cfg, optimizer)
         dt = jnp.float32 if cfg.dtype == "float32" else jnp.float64
         params = [[(jnp.asarray(W, dt), jnp.asarray(b, dt)) for W, b in self.model.networks[e]]
                   for e in self.model.elements]
-        state = {"epoch": 0, "step": 0, "params": params, "opt_state": optimizer.init(params), "best_params": params,
+        if cfg.optimizer == "kalman":
+            train_step, evaluate = kalman.make_functions(step_cfg, params, steps_per_epoch)
+            opt_state = kalman.init_state(params)
+        else:
+            optimizer = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.scale_by_adam())
+            train_step, evaluate = make_functions(step_cfg, optimizer)
+            opt_state = optimizer.init(params)
+        state = {"epoch": 0, "step": 0, "params": params, "opt_state": opt_state, "best_params": params,
                  "best_epoch": 0, "selection": asdict(Selection(span=cfg.validation_smoothing)), "plan": None,
                  "elapsed": 0.0, "history": []}
         checkpoint = self.workdir / CHECKPOINT if self.workdir is not None else None
@@ -784,7 +801,8 @@ class Trainer:
             epoch_s = measure_epoch() if explicit is None and cfg.time_limit is not None else None
             now = spent()
             n, rule, why = plan_epochs(steps_per_epoch, max_epochs=explicit, time_limit=cfg.time_limit, spent=now,
-                                       epoch_seconds=epoch_s, final_estimate=final_estimate or 0.0)
+                                       epoch_seconds=epoch_s, final_estimate=final_estimate or 0.0,
+                                       data_epochs=KALMAN_EPOCHS if cfg.optimizer == "kalman" else None)
             patience = int(cfg.patience) if cfg.patience is not None else patience_for(n)
             budget = TrainingBudget(rule=rule, why=why, epochs=n, patience=patience, steps_per_epoch=steps_per_epoch,
                                     planned_at_s=now, epoch_estimate_s=epoch_s)
