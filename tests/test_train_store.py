@@ -113,8 +113,6 @@ def test_the_feature_stage_reports_progress_with_time_left():
 def _small_cells(n: int, seed: int):
     """Labelled 4-atom CuAl cells (EMT), to mix with the 32-atom ones."""
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
     rng = np.random.default_rng(seed)
     frames = []
@@ -122,11 +120,19 @@ def _small_cells(n: int, seed: int):
         atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
         atoms.symbols[rng.integers(4)] = "Al"
         atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
-        atoms.calc = EMT()
-        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
-        atoms.calc = SinglePointCalculator(atoms, **results)
-        frames.append(atoms)
+        frames.append(_emt_labelled(atoms))
     return frames
+
+
+def _emt_labelled(atoms):
+    """``atoms`` with EMT's energy, forces and stress as fixed labels."""
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.calc = EMT()
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    return atoms
 
 
 def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(monkeypatch):
@@ -178,8 +184,6 @@ def _al_rich(n: int, seed: int):
     """Labelled 31-atom CuAl cells (EMT) with 24 Al: one atom fewer than :func:`emt_frames`' cells (the same
     size bucket, evaluated after them), another composition."""
     from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
 
     rng = np.random.default_rng(seed)
     frames = []
@@ -188,10 +192,7 @@ def _al_rich(n: int, seed: int):
         del atoms[int(rng.integers(len(atoms)))]
         atoms.symbols[rng.choice(len(atoms), 24, replace=False)] = "Al"
         atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
-        atoms.calc = EMT()
-        results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
-        atoms.calc = SinglePointCalculator(atoms, **results)
-        frames.append(atoms)
+        frames.append(_emt_labelled(atoms))
     return frames
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from mlmd_lab.train.step import StepConfig, batch_errors, frame_predict, loss_of
+from mlmd_lab.train.step import StepConfig, batch_predict, errors_of, frame_predict, loss_of, make_evaluate
 
 #: P starts as I / epsilon (n2p2's recommendation for tanh networks: 0.01).
 EPSILON = 1e-2
@@ -106,10 +106,11 @@ def make_functions(cfg: StepConfig, params, updates_per_epoch: int):
 
     @jax.jit
     def train_step(params, state, consts, batch, valid, learning_rate):
-        errors = batch_errors(cfg, params, consts, batch, valid)
+        predictions = batch_predict(cfg, params, consts, batch)  # one forward pass for the errors and the filter
+        errors = errors_of(batch, valid, predictions)
         fr = {k: v[0] for k, v in batch.items() if not k.startswith("_")}
         w, _ = ravel_pytree(params)
-        energy, forces, virial = frame_predict(cfg, params, consts, fr)
+        energy, forces, virial = (x[0] for x in predictions)
         f_ok = jnp.broadcast_to((fr["force_mask"] & fr["has_forces"] & valid[0])[:, None], forces.shape).ravel()
         d_f = jnp.where(f_ok, (fr["forces"] - forces).ravel(), 0.0)
         _, idx = jax.lax.top_k(jnp.abs(d_f), min(FORCES_PER_UPDATE, d_f.size))
@@ -125,8 +126,4 @@ def make_functions(cfg: StepConfig, params, updates_per_epoch: int):
         state = {"P": P, "q": jnp.maximum(state["q"] * q_decay, QMIN), "eta": eta}
         return unravel(w_new.astype(w.dtype)), state, loss_of(cfg, errors), errors
 
-    @jax.jit
-    def evaluate(params, consts, batch, valid):
-        return batch_errors(cfg, params, consts, batch, valid)
-
-    return train_step, evaluate
+    return train_step, make_evaluate(cfg)

@@ -74,9 +74,20 @@ def batch_errors(cfg: StepConfig, params, consts, batch: dict, valid):
     ``batch``: the frames' records with a leading batch axis (B, ...) (:mod:`mlmd_lab.train.data`); ``valid`` (B,)
     False for slots that only pad the last batch.
     """
+    return errors_of(batch, valid, batch_predict(cfg, params, consts, batch))
+
+
+def batch_predict(cfg: StepConfig, params, consts, batch: dict):
+    """(energies (B,), forces (B, n_cap, 3), virials (B, 3, 3)) of a batch's frames (:func:`frame_predict`)."""
+    fr = {k: v for k, v in batch.items() if not k.startswith("_")}
+    return jax.vmap(lambda f: frame_predict(cfg, params, consts, f))(fr)
+
+
+def errors_of(batch: dict, valid, predictions):
+    """:func:`batch_errors` of given predictions (:func:`batch_predict`'s)."""
     fr = {k: v for k, v in batch.items() if not k.startswith("_")}
     fr["valid"] = valid
-    energy, forces, virial = jax.vmap(lambda f: frame_predict(cfg, params, consts, f))(fr)
+    energy, forces, virial = predictions
     de = (energy - fr["energy"]) / fr["n_atoms"]
     e_mask = fr["has_energy"] & fr["valid"]
     f_mask = (fr["force_mask"] & (fr["has_forces"] & fr["valid"])[:, None])[:, :, None]
@@ -120,8 +131,15 @@ def make_functions(cfg: StepConfig, optimizer):
         params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
         return params, opt_state, loss, errors
 
+    return train_step, make_evaluate(cfg)
+
+
+def make_evaluate(cfg: StepConfig):
+    """``evaluate(params, consts, batch, valid) -> errors`` compiled (sums, see :func:`batch_errors`); every
+    optimiser's validation uses it."""
+
     @jax.jit
     def evaluate(params, consts, batch, valid):
         return batch_errors(cfg, params, consts, batch, valid)
 
-    return train_step, evaluate
+    return evaluate
