@@ -100,6 +100,96 @@ def test_feature_derivatives_match_finite_differences():
             assert grad[k, x] == pytest.approx((total(plus) - total(minus)) / (2 * h), rel=1e-6, abs=1e-7)
 
 
+_GROUPED_PROGRAM = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+import numpy as np
+from test_train import emt_frames
+from mlmd_lab.potentials import HDNNP
+from mlmd_lab.train import features
+from mlmd_lab.train.features import compute_features
+features.PARALLEL_SLOTS = 0  # a device per frame even for these few small frames
+frames = [f[:n] for f, n in zip(emt_frames(7, rattle=0.1, seed=4), (32, 30, 32, 29, 32, 31, 32))]
+model = HDNNP.create(["Al", "Cu"], cutoff=4.0)
+feats = compute_features(model, frames, dtype="float64")
+used = len(features._devices_for(features.plan_features(model, frames)[0], len(frames)))
+np.savez({out!r}, devices=used,
+         **{{f"{{k}}_{{name}}": v for k, f in enumerate(feats) for name, v in
+            [*((f"G{{c}}", g) for c, g in enumerate(f.G)), *((f"dG{{b}}", blk["dG"]) for b, blk in enumerate(f.blocks)),
+             *((f"j{{b}}", blk["j"]) for b, blk in enumerate(f.blocks))]}})
+"""
+
+
+def test_features_computed_a_frame_per_cpu_device_equal_the_one_device_result(tmp_path):
+    """With three JAX CPU devices (MLMD_CPU_DEVICES=3) frame k is computed on device k mod 3 by two threads: every
+    frame's features are those of one device, in the frames' order."""
+    from pathlib import Path
+
+    results = {}
+    for devices in ("1", "3"):
+        env = {**os.environ, "MLMD_CPU_DEVICES": devices, "JAX_PLATFORMS": "cpu"}
+        env.pop("XLA_FLAGS", None)
+        out = tmp_path / f"features{devices}.npz"
+        program = _GROUPED_PROGRAM.format(tests=str(Path(__file__).parent), out=str(out))
+        run = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[devices] = dict(np.load(out))
+    one, three = results["1"], results["3"]
+    assert int(one.pop("devices")) == 1 and int(three.pop("devices")) == 3
+    assert sorted(one) == sorted(three) and any(key.startswith("6_dG") for key in one)
+    for key in one:
+        np.testing.assert_allclose(three[key], one[key], rtol=1e-13, atol=1e-13, err_msg=key)
+
+
+@pytest.mark.parametrize("cutoff_type, alpha", [("poly2", 0.3), ("tanh", 0.0)])
+def test_angular_feature_derivatives_equal_autodiff(cutoff_type, alpha):
+    """The hand-written angular partials (features._triplet_gradients) give, per pair, what reverse-mode autodiff
+    of the descriptors gives, to 1e-10: narrow and wide functions, shifted centres, non-integer zeta, two cutoff
+    radii in one group, every shiftable cutoff kind."""
+    import jax
+    import jax.numpy as jnp
+
+    from mlmd_lab.potentials.descriptors import pair_vectors, symmetry_functions
+
+    atoms = emt_frames(1, rattle=0.2, seed=5)[0][:14]
+    atoms.set_cell(atoms.cell * 0.9, scale_atoms=True)
+    functions = [SymmetryFunction("Al", 2, (e,), eta=0.5, rc=4.0, rs=2.0) for e in ("Al", "Cu")]
+    functions += [SymmetryFunction("Cu", 2, (e,), eta=0.5, rc=4.0, rs=2.0) for e in ("Al", "Cu")]
+    for c in ("Al", "Cu"):
+        for pair in (("Al", "Al"), ("Al", "Cu"), ("Cu", "Cu")):
+            functions += [SymmetryFunction(c, 3, pair, eta=0.1, rc=4.0, lam=-1.0, zeta=2.5),
+                          SymmetryFunction(c, 3, pair, eta=0.3, rc=3.5, rs=1.0, lam=1.0, zeta=1.0),
+                          SymmetryFunction(c, 9, pair, eta=0.05, rc=4.0, rs=0.5, lam=1.0, zeta=4.0)]
+    model = HDNNP.create(["Al", "Cu"], functions, cutoff_type=cutoff_type, cutoff_alpha=alpha)
+    feats = compute_features(model, [atoms], dtype="float64")[0]
+    rng = np.random.default_rng(2)
+    weights = [rng.normal(size=g.shape) for g in feats.G]
+    columns = block_columns(model)
+
+    graph = model.graph([atoms])
+    arrays = {k: jnp.asarray(v) for k, v in graph.arrays().items()}
+    species = graph.species
+
+    def total(d):
+        G = symmetry_functions(model.plan, graph.layout, arrays, d)
+        return sum(jnp.sum(jnp.asarray(weights[c]) * G[c][species == c]) for c in range(2))
+
+    d = pair_vectors(arrays, model._far())
+    reference = np.asarray(jax.grad(total)(d))  # (P, 3): one row per pair slot of the graph
+    slot = {(int(i), int(j), tuple(np.round(dd, 9))): p for p, (i, j, dd, m) in
+            enumerate(zip(graph.pair_i, graph.pair_j, np.asarray(d), graph.pair_mask, strict=True)) if m}
+    checked = 0
+    for b, blk in enumerate(feats.blocks):
+        c = b // 2
+        mine = np.einsum("pk,pkx->px", weights[c][blk["row"]][:, columns[b]], blk["dG"])
+        for i, j, dd, row in zip(blk["i"], blk["j"], blk["d"], mine, strict=True):
+            expected = reference[slot[(int(i), int(j), tuple(np.round(dd, 9)))]]
+            np.testing.assert_allclose(row, expected, rtol=1e-10, atol=1e-12 * np.abs(reference).max())
+            checked += 1
+    assert checked == int(graph.pair_mask.sum()) and np.abs(reference).max() > 1e-3
+
+
 # ---------------------------------------------------------------------- defaults train well
 @pytest.mark.slow
 @pytest.mark.parametrize("strain", [0.0, 0.06], ids=["tiny-energy-spread", "large-energy-spread"])

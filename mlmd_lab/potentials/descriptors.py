@@ -114,7 +114,7 @@ def chunk_size() -> int:
     return CHUNK if jax.default_backend() == "cpu" else GPU_CHUNK
 
 
-def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
+def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d, shards: int | None = None):
     """Raw (unscaled) symmetry functions.
 
     Args:
@@ -123,6 +123,8 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
         arrays: graph arrays (see :class:`~mlmd_lab.potentials.neighbours.Graph`); only the integer index
             arrays are read (pair_i, trip_ij, trip_ik, and trip_i, trip_mask where given).
         d: pair vectors (P, 3) from :func:`pair_vectors` (or strained versions of them).
+        shards: CPU devices the loops are split over (None: :func:`cpu_shards`; 1 keeps the computation on the
+            device of its inputs, so that several computations can run side by side, one per device).
 
     Returns:
         list over elements of arrays (n_atoms, n_features[c]) in ``d``'s dtype; rows of atoms of other elements
@@ -133,7 +135,8 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d):
     pairs, instead of autodiff's scatter of whole (triplets x functions) arrays (see :data:`CHUNK`).
     """
     index = {k: arrays[k] for k in _INDEX_NAMES if k in arrays}
-    return [G.T.astype(d.dtype) for G in _features(plan, layout, index, d.T)]
+    shards = cpu_shards(layout) if shards is None else int(shards)
+    return [G.T.astype(d.dtype) for G in _features(plan, layout, shards, index, d.T)]
 
 
 _INDEX_NAMES = ("pair_i", "trip_ij", "trip_ik", "trip_i", "trip_mask")
@@ -227,10 +230,10 @@ def device_arrays(arrays: dict, layout: Layout) -> dict:
     return out
 
 
-def _on_devices(layout: Layout, function, *args):
-    """function(*args, shard=(s, n)) summed over the CPU devices (shard_map + psum); plain function(*args,
-    shard=None) on one device."""
-    n = cpu_shards(layout)
+def _on_devices(layout: Layout, function, *args, shards: int | None = None):
+    """function(*args, shard=(s, n)) summed over the CPU devices (shard_map + psum; n = ``shards``, by default
+    :func:`cpu_shards`); plain function(*args, shard=None) on one device."""
+    n = cpu_shards(layout) if shards is None else shards
     if n == 1:
         return function(*args, shard=None)
     mesh = _mesh(n)
@@ -326,24 +329,24 @@ def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
     return d_bar
 
 
-def _features_forward(plan, layout, index, dT):
+def _features_forward(plan, layout, shards, index, dT):
     """Per element (n_features[c], N) raw functions, accumulated in float64; dT is (3, P)."""
-    rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT)
+    rows = _on_devices(layout, partial(_block_sums, plan, layout), index, dT, shards=shards)
     return _assemble(plan, layout, rows, accumulator_dtype(dT.dtype))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _features(plan, layout, index, dT):
-    return _features_forward(plan, layout, index, dT)
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _features(plan, layout, shards, index, dT):
+    return _features_forward(plan, layout, shards, index, dT)
 
 
-def _features_fwd(plan, layout, index, dT):
-    return _features_forward(plan, layout, index, dT), (index, dT)
+def _features_fwd(plan, layout, shards, index, dT):
+    return _features_forward(plan, layout, shards, index, dT), (index, dT)
 
 
-def _features_bwd(plan, layout, residuals, cotangents):
+def _features_bwd(plan, layout, shards, residuals, cotangents):
     index, dT = residuals
-    d_bar = _on_devices(layout, partial(_pair_gradient, plan, layout), index, dT, cotangents)
+    d_bar = _on_devices(layout, partial(_pair_gradient, plan, layout), index, dT, cotangents, shards=shards)
     return None, d_bar.astype(dT.dtype)
 
 

@@ -13,9 +13,9 @@ Storage is per pair block (central element c, neighbour element e): a pair of bl
 radial functions of c with neighbour e and the angular functions of c whose neighbour pair contains e, so each
 block keeps just those columns (a third fewer for two elements).
 
-Derivatives come from forward-mode JAX (``jvp``) through the same code that evaluates the potential
-(:mod:`mlmd_lab.potentials.descriptors`): radial terms depend on one pair, angular terms on two, so one
-tangent per Cartesian component gives every per-pair derivative at once.
+Radial derivatives come from forward-mode JAX (``jvp``) through the same code that evaluates the potential
+(:mod:`mlmd_lab.potentials.descriptors`); angular ones from four scalar partials per triplet, written out in
+:func:`_triplet_gradients` (2x faster than six Cartesian tangents through the same code).
 """
 
 from __future__ import annotations
@@ -33,7 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from ase import Atoms
 
-from mlmd_lab.potentials.descriptors import _chunks, _radial_values, _triplet_rows, pair_vectors, symmetry_functions
+from mlmd_lab.potentials.cutoff import cutoff as cutoff_fn
+from mlmd_lab.potentials.descriptors import (
+    _chunks,
+    _column,
+    _power_rows,
+    _radial_values,
+    pair_vectors,
+    symmetry_functions,
+)
 from mlmd_lab.potentials.model import HDNNP
 from mlmd_lab.potentials.neighbours import Layout, bucket
 
@@ -148,9 +156,18 @@ AHEAD = 4
 
 def iter_features(model: HDNNP, frames: Sequence[Atoms], layout: Layout, dtype: str = "float32",
                   force_atoms: Sequence[np.ndarray] | None = None) -> Iterator[FrameFeatures]:
-    """Each frame's :class:`FrameFeatures`, in order, computed in ``layout`` (from :func:`plan_features`) by two
+    """Each frame's :class:`FrameFeatures`, in order, computed in ``layout`` (from :func:`plan_features`) by
     threads (neighbour lists in numba and XLA both release the GIL), at most :data:`AHEAD` frames ahead of the
     consumer: memory holds a few frames, not the set.
+
+    On the CPU, frame k is computed on JAX CPU device k mod n (one device per core, see
+    :func:`~mlmd_lab.potentials.descriptors.cpu_shards`), the whole frame on one device, when the frames are
+    enough work to pay for compiling the program once more per device (:data:`PARALLEL_SLOTS`); else all on the
+    first. Why not every frame split over all devices, as the MD engine does: most of a frame's time is in the
+    derivative loops, which are not split, and computations that span the devices run one after the other, so
+    two threads got no more done than one (129 against 138 ms per 192-atom water frame). Measured on 64 water
+    frames, 2 cores: 53 ms per frame with a device per frame, 67-69 ms with frames in groups of two in one
+    ``shard_map`` program (one compilation, but each group built its graphs before the devices started).
 
     Args:
         model: the potential whose symmetry functions (and length unit) are used.
@@ -166,15 +183,17 @@ def iter_features(model: HDNNP, frames: Sequence[Atoms], layout: Layout, dtype: 
     builder = model.neighbour_builder()
     store = np.float32 if dtype == "float32" else np.float64
     force_atoms = _check_force_atoms(force_atoms, len(frames))
+    devices = _devices_for(layout, len(frames))
 
     def one(k):
         graph = builder.build([model.structure(frames[k])], layout)
-        arrays = {key: jnp.asarray(v) for key, v in graph.arrays().items()}
+        device = devices[k % len(devices)]
+        arrays = {key: jax.device_put(v, device) for key, v in graph.arrays().items()}
         G_all, dG_blocks = fn(arrays, layout=graph.layout)
         return _unpad(graph, [np.asarray(g) for g in G_all], [np.asarray(b) for b in dG_blocks], store,
                       force_atoms[k])
 
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(max(2, len(devices)), os.cpu_count() or 1)) as pool:
         pending: deque = deque()
         for k in range(len(frames)):
             pending.append(pool.submit(one, k))
@@ -182,6 +201,23 @@ def iter_features(model: HDNNP, frames: Sequence[Atoms], layout: Layout, dtype: 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+#: Frames use every CPU device (one frame per device) when frames x (pair + triplet slots of the layout) reach
+#: this; below it, all frames go to the first device. Why: each further device compiles the program again (~3 s
+#: for the default water potential, measured), and one device computes ~1e7 triplet slots per second (192-atom
+#: water: 370,000 slots in ~40 ms), so a second device pays once the work is ~2x the compilation, ~6e7 slots
+#: (the 288 training frames of the DeePMD water set: 1.1e8; a 100-frame 8-atom silicon set: ~1e5).
+PARALLEL_SLOTS = 6e7
+
+
+def _devices_for(layout: Layout, n_frames: int) -> list:
+    """The JAX devices :func:`iter_features` spreads frames over (see :data:`PARALLEL_SLOTS`)."""
+    devices = jax.local_devices()
+    slots = sum(cap for _, cap in layout.pair_blocks) + sum(cap for _, _, cap in layout.triplet_groups)
+    if jax.default_backend() != "cpu" or n_frames * slots < PARALLEL_SLOTS:
+        return devices[:1]
+    return devices[:min(len(devices), n_frames)]
 
 
 def compute_features(model: HDNNP, frames: Sequence[Atoms], dtype: str = "float32",
@@ -254,7 +290,7 @@ def _unpad(graph, G_all, dG_blocks, store, force_atoms=None) -> FrameFeatures:
 def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
     """(per element (N, F_c) raw functions, per block (cap, K_b, 3) dG/dd) of one padded graph."""
     d = pair_vectors(arrays, far)
-    G = symmetry_functions(plan, layout, arrays, d)
+    G = symmetry_functions(plan, layout, arrays, d, shards=1)
     E = len(plan.elements)
     r = jnp.sqrt(jnp.sum(d * d, axis=1))
     unit = d / r[:, None]
@@ -288,29 +324,93 @@ def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_
     block of e1, (cap_2, K, 3) with respect to d_ik over the block of e2). dT is (3, P).
 
     Why a loop over chunks of triplets (:func:`~mlmd_lab.potentials.descriptors._chunks`, as the MD descriptors):
-    the six tangents of a whole group at once are (6, K, triplets) arrays of ~300 MB for a 192-atom water frame,
+    the derivatives of a whole group at once are (6, K, triplets) arrays of ~300 MB for a 192-atom water frame,
     and moving them through memory took 4x the time of computing them chunk by chunk in cache (0.58 -> 0.14 s per
     frame, same values to 1e-15)."""
     (o1, cap1), (o2, cap2) = pair_blocks
     K = len(functions)
-    eye = np.eye(3)[:, :, None]
 
     def body(start, size, totals):
         at = offset + start
         ij = jax.lax.dynamic_slice_in_dim(arrays["trip_ij"], at, size)
         ik = jax.lax.dynamic_slice_in_dim(arrays["trip_ik"], at, size)
         mask = jax.lax.dynamic_slice_in_dim(arrays["trip_mask"], at, size)
-
-        def values(a, b):
-            return _triplet_rows(plan, functions, a, b, mask)
-
-        unit = jnp.broadcast_to(jnp.asarray(eye, dT.dtype), (3, 3, size))
-        zero = jnp.zeros((3, 3, size), dT.dtype)
-        tangents = (jnp.concatenate([unit, zero]), jnp.concatenate([zero, unit]))  # d_ij's x, y, z, then d_ik's
-        jvps = jax.vmap(lambda u, v: jax.jvp(values, (dT[:, ij], dT[:, ik]), (u, v))[1])(*tangents)  # (6, K, size)
-        jvps = jnp.where(mask[None, None, :], jvps, 0.0)
-        first = totals[0].at[ij - o1].add(jnp.transpose(jvps[:3], (2, 1, 0)))
-        return first, totals[1].at[ik - o2].add(jnp.transpose(jvps[3:], (2, 1, 0)))
+        first, second = _triplet_gradients(plan, functions, dT[:, ij], dT[:, ik], mask)
+        first = jnp.where(mask[None, None, :], first, 0.0)
+        second = jnp.where(mask[None, None, :], second, 0.0)
+        return (totals[0].at[ij - o1].add(jnp.transpose(first, (2, 1, 0))),
+                totals[1].at[ik - o2].add(jnp.transpose(second, (2, 1, 0))))
 
     init = (jnp.zeros((cap1, K, 3), dT.dtype), jnp.zeros((cap2, K, 3), dT.dtype))
     return _chunks(cap, body, init)
+
+
+def _triplet_gradients(plan, functions, d_ij, d_ik, mask):
+    """((3, K, T) dg/dd_ij, (3, K, T) dg/dd_ik) of the angular terms g_k of T triplets (pair vectors (3, T) each).
+
+    Each term is g = P(cos) X(r_ij, r_ik, r_jk) with P = 2^(1-zeta) (1 + lambda cos)^zeta and X = exp(-eta s)
+    times the cutoff product (s the sum of (r - r_s)^2 over the triplet's distances; r_jk only for narrow
+    functions), so with unit vectors u and d_jk = d_ik - d_ij:
+
+        dg/dd_ij = (g_rij - g_cos cos / r_ij) u_ij + (g_cos / r_ij) u_ik - g_rjk u_jk
+        dg/dd_ik = (g_rik - g_cos cos / r_ik) u_ik + (g_cos / r_ik) u_ij + g_rjk u_jk
+
+    from the four scalar partials g_cos, g_rij, g_rik, g_rjk. Why written by hand: forward-mode autodiff with six
+    Cartesian tangents carried every tangent through every function (86 ms per 192-atom water frame for the whole
+    feature computation, one thread); the partials cost 40 ms, same values to 2e-15 (measured while writing this).
+    Cutoff slopes and dP/dcos still come from ``jax.jvp`` of the shared functions (elementwise, cheap), so every
+    cutoff type and non-integer zeta are handled as in the values."""
+    dt = d_ij.dtype
+    r_ij = jnp.sqrt(jnp.sum(d_ij * d_ij, axis=0))
+    r_ik = jnp.sqrt(jnp.sum(d_ik * d_ik, axis=0))
+    u_ij, u_ik = d_ij / r_ij, d_ik / r_ik
+    cos = jnp.sum(u_ij * u_ik, axis=0)
+    narrow = np.array([sf.type == 3 for sf in functions])
+    eta, rs, lam = (_column([getattr(sf, name) for sf in functions], dt) for name in ("eta", "rs", "lam"))
+    x_ij, x_ik = r_ij[None, :] - rs, r_ik[None, :] - rs
+    s = x_ij**2 + x_ik**2
+    if narrow.any():
+        d_jk = d_ik - d_ij
+        # Padded triplets may repeat a pair (r_jk = 0): keep the division finite; they are masked out.
+        r_jk = jnp.sqrt(jnp.where(mask, jnp.sum(d_jk * d_jk, axis=0), 1.0))
+        u_jk = d_jk / r_jk
+        x_jk = r_jk[None, :] - rs
+        s = s + _column(narrow, dt) * x_jk**2
+    C, C_ij, C_ik, C_jk = _cutoff_products(plan, functions, narrow, r_ij, r_ik, r_jk if narrow.any() else None, mask)
+    P, dP = jax.jvp(lambda c: _power_rows(1.0 + lam * c[None, :], [sf.zeta for sf in functions]), (cos,),
+                    (jnp.ones_like(cos),))
+    E = jnp.exp(-eta * s)
+    PE = P * E
+    g_cos = dP * E * C
+    a_ij = PE * (C_ij - 2.0 * eta * x_ij * C) - g_cos * cos / r_ij
+    a_ik = PE * (C_ik - 2.0 * eta * x_ik * C) - g_cos * cos / r_ik
+    first = a_ij[None] * u_ij[:, None] + (g_cos / r_ij)[None] * u_ik[:, None]
+    second = a_ik[None] * u_ik[:, None] + (g_cos / r_ik)[None] * u_ij[:, None]
+    if narrow.any():
+        g_jk = PE * (C_jk - 2.0 * eta * x_jk * C) * _column(narrow, dt)
+        first = first - g_jk[None] * u_jk[:, None]
+        second = second + g_jk[None] * u_jk[:, None]
+    return first, second
+
+
+def _cutoff_products(plan, functions, narrow, r_ij, r_ik, r_jk, mask):
+    """(K, T) rows of the cutoff product f(r_ij) f(r_ik) [f(r_jk) for narrow functions] and of its partial
+    derivatives with respect to r_ij, r_ik and r_jk; zero where not ``mask``. One evaluation per distinct
+    (r_c, narrow), broadcast to the functions' rows (as :func:`~mlmd_lab.potentials.descriptors._cutoff_rows`)."""
+    def value_and_slope(rc, r):
+        return jax.jvp(lambda x: cutoff_fn(x, rc, plan.cutoff_type, plan.cutoff_alpha), (r,), (jnp.ones_like(r),))
+
+    keys = [(sf.rc, bool(n)) for sf, n in zip(functions, narrow, strict=True)]
+    distinct = sorted(set(keys))
+    parts = []
+    for rc, is_narrow in distinct:
+        f1, g1 = value_and_slope(rc, r_ij)
+        f2, g2 = value_and_slope(rc, r_ik)
+        f3, g3 = value_and_slope(rc, r_jk) if is_narrow else (jnp.ones_like(r_ij), jnp.zeros_like(r_ij))
+        parts.append((f1 * f2 * f3, g1 * f2 * f3, f1 * g2 * f3, f1 * f2 * g3))
+    pick = np.array([distinct.index(k) for k in keys])
+    out = []
+    for n in range(4):
+        rows = parts[0][n][None, :] if len(distinct) == 1 else jnp.stack([p[n] for p in parts])[pick]
+        out.append(jnp.where(mask[None, :], rows, 0.0))
+    return out
