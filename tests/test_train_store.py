@@ -43,6 +43,30 @@ def test_records_come_back_as_written_in_any_order(where, tmp_path):
         store.write(0, dict(records[0], a=np.zeros((4, 3))))
 
 
+
+@pytest.mark.parametrize("where", ["memory", "disk"])
+def test_large_records_and_gathers_come_back_as_written(where, tmp_path):
+    """Records larger than a write piece (written in 64 KB pieces) and gathers above the large-array size (their
+    own anonymous mappings) hold the bytes written, in any row order, repeats included."""
+    from mlmd_lab.train import store as store_module
+
+    fields = {"dG": ((600, 24, 3), np.float32), "i": ((600,), np.int32), "e": ((), np.float64)}
+    rng = np.random.default_rng(1)
+    n = 64
+    store = FeatureStore(fields, n, None if where == "memory" else tmp_path)
+    assert store.record_bytes > 2 * store_module.WRITE_PIECE
+    records = [{"dG": rng.normal(size=(600, 24, 3)), "i": rng.integers(0, 99, 600), "e": rng.normal()}
+               for _ in range(n)]
+    for k in rng.permutation(n):
+        store.write(int(k), records[k])
+    rows = np.r_[rng.permutation(n), [5, 5]]
+    batch = store.gather(rows)
+    assert batch["dG"].nbytes >= store_module.LARGE and batch["dG"].flags.writeable
+    for m, k in enumerate(rows):
+        np.testing.assert_array_equal(batch["dG"][m], records[k]["dG"].astype(np.float32))
+        np.testing.assert_array_equal(batch["i"][m], records[k]["i"])
+        assert batch["e"][m] == records[k]["e"]
+
 def test_the_disk_file_goes_with_the_store(tmp_path):
     store = FeatureStore(FIELDS, 3, tmp_path)
     path = store.path
