@@ -7,6 +7,7 @@ benchmark (benchmarks/bench_train.py) trains on real DFT water.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -207,6 +208,29 @@ def test_defaults_learn_on_tiny_and_large_energy_spreads(strain):
     test = trainer.errors["test"]
     assert test["force_rmse"] < 0.25 * force_rms
     assert test["energy_rmse"] < max(0.3 * spread, 2e-3)
+
+
+def test_the_exported_energy_zero_removes_the_mean_training_error(frames):
+    """After training, per-element energies fitted to the training frames' energy errors join the reference
+    energies: the exported model's mean energy error on those frames is ~0, its forces are the networks' own, and
+    the shift lowered the validation error (or was not applied)."""
+    trainer = Trainer(frames, max_epochs=4, dtype="float64", **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        model = trainer.fit()
+    shift = trainer._state["energy_shift"]
+    reference = trainer._reference_energies()
+    assert set(shift) == set(model.elements), "a 4-epoch model's energy zero should need (and get) a shift"
+    for e in model.elements:
+        assert model.settings.atom_energy[e] == pytest.approx(reference[e] + shift[e], abs=1e-12)
+    train = list(trainer.split.train)
+    errors = [(model.predict(a)["energy"] - a.get_potential_energy()) / len(a) for a in train]
+    unshifted = copy.deepcopy(model)
+    unshifted.settings.atom_energy = dict(reference)
+    unshifted._cache.clear()
+    before = [(unshifted.predict(a)["energy"] - a.get_potential_energy()) / len(a) for a in train]
+    assert abs(np.mean(errors)) < 1e-6 < abs(np.mean(before)), (np.mean(errors), np.mean(before))
+    np.testing.assert_allclose(model.predict(train[0])["forces"], unshifted.predict(train[0])["forces"], atol=1e-12)
 
 
 # ---------------------------------------------------------------------- exactness of the export
