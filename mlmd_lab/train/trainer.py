@@ -1068,6 +1068,8 @@ class Trainer:
             "energy_offsets": None if self.energy_offsets is None else self.energy_offsets.to_dict(),
             "config": self.config.to_dict(),
             "energy_scale": self._state.get("energy_scale"),
+            "reference_energies": self._state.get("reference_energies"),
+            "energy_shift": self._state.get("energy_shift") or {},  # eV/atom, see Trainer._energy_shift
             "storage": self.storage,
             "errors": self.errors,
             "best_epoch": state.get("best_epoch"),
