@@ -101,6 +101,8 @@ def errors_of(batch: dict, valid, predictions):
         "energy_sse": jnp.sum(jnp.where(e_mask, de, 0.0) ** 2), "energy_n": jnp.sum(e_mask),
         "force_sse": jnp.sum(df**2), "force_n": 3 * jnp.sum(f_mask),
         "stress_sse": jnp.sum(ds**2), "virial_sse": jnp.sum(dv**2), "stress_n": 9 * jnp.sum(s_mask),
+        # per frame (B,): predicted minus reference energy (eV), NaN where the frame has none or is padding
+        "energy_error": jnp.where(e_mask, energy - fr["energy"], jnp.nan),
     }
 
 
