@@ -675,6 +675,7 @@ class Trainer:
         t_begin = clock()
         features_s = float(self._state.get("features_s", 0.0))
         origin = self._origin if self._origin is not None else t_begin - features_s
+        self._state.pop("energy_shift", None)  # an earlier run's; this run's is fitted when it ends
         step_cfg, consts = self._setup()
         records = self._store
         train_parts, valid_parts = records.split(self._rows["train"]), records.split(self._rows["validation"])
