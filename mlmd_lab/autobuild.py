@@ -67,7 +67,9 @@ class AutobuildSettings:
     apart, after as many steps of equilibration); phonon_delta: the finite displacement (Å).
     Pass thresholds: held-out force RMSE at most max_force_share of the held-out frames' RMS force component,
     energy RMSE at most max_energy_rmse_mev (meV/atom); every optical and zone-boundary phonon frequency within
-    phonon_tolerance (relative) of DFT's. They are three times learn's 5 % accuracy target, not that target: with
+    phonon_tolerance (relative) of DFT's; no DFT calculation failed, except SCFs that did not converge (after the
+    recipe's retries) in at most max_unconverged_share of the calls (see :func:`dft_failure_check`). The accuracy
+    thresholds are three times learn's 5 % accuracy target, not that target: with
     the ~36 DFT frames this plan affords, committees trained on the same frames with other seeds scatter between
     8 and 10 % force RMSE and 7-15 % on the softest phonon (TA at X) (measured, Si8 with QE); the checks catch a
     broken construction (untrained or mislabelled: the seed committee is at ~17 %), and the report gives the
@@ -91,6 +93,7 @@ class AutobuildSettings:
     max_force_share: float = 0.15
     max_energy_rmse_mev: float = 5.0
     phonon_tolerance: float = 0.15
+    max_unconverged_share: float = 0.1
 
     def learn_keywords(self) -> dict[str, Any]:
         """The keywords this plan passes to :func:`mlmd_lab.learn.run`."""
@@ -383,6 +386,8 @@ def run_autobuild(db=None, settings: AutobuildSettings | None = None, workdir: s
         raise MLMDError(f"no held-out frame could be labelled: {labelled.failed[:3]}")
     holdout = errors_on(result.model, holdout_frames)
     holdout["label_report"] = str(labelled)
+    holdout["label_calls"] = labelled.submitted
+    holdout["label_failed"] = [list(f) for f in labelled.failed]
     iteration_errors = []
     calls = 0
     for record in result.iterations:
@@ -419,6 +424,37 @@ def run_autobuild(db=None, settings: AutobuildSettings | None = None, workdir: s
     return out
 
 
+def dft_failure_check(failed: list, calls: int, max_unconverged_share: float = 0.1) -> tuple[bool, str]:
+    """The main job's check on its DFT calls: ``(passed, sentence)``.
+
+    failed: ``[task key, error]`` of the failed reference calculations (the ledger's error, ``"Type: message"``);
+    calls: reference calculations run (failed ones included). Passes when every failure is an SCF that did not
+    converge after the recipe's retries (:class:`~mlmd_lab.errors.SCFNotConvergedError`) and these are at most
+    ``max_unconverged_share`` of the calls. Why a share and not none: the main job labels cells from 900 K ML-MD
+    with fixed occupations (chosen in :func:`choose_system` for the phonons), and a hot cell whose gap closes has
+    no converged fixed-occupation ground state (measured: an Si8 cell with 12 meV between the 16th and 17th bands
+    oscillated at 1e-4 Ry for 300 iterations, with Broyden and with local-TF mixing). The loop leaves such a cell
+    out of training and keeps going; DP-GEN does the same (frames whose SCF did not converge are dropped, and the
+    run stops when their share exceeds its ``ratio_failed``). Any other failure (a crash, a killed task, a missing
+    pseudopotential) fails the check.
+    """
+    from mlmd_lab.errors import SCFNotConvergedError
+
+    def unconverged_scf(error) -> bool:
+        return str(error).startswith(SCFNotConvergedError.__name__)
+
+    unconverged = [str(key) for key, error in failed if unconverged_scf(error)]
+    other = [(str(key), str(error)) for key, error in failed if not unconverged_scf(error)]
+    limit = max_unconverged_share * max(calls, 0)
+    passed = not other and len(unconverged) <= limit
+    text = (f"no DFT calculation failed ({len(other)} of {calls} failed"
+            + (f", first: {other[0][1][:160]}" if other else "")
+            + f"); {len(unconverged)} SCF{'s' if len(unconverged) != 1 else ''} did not converge and "
+            f"{'were' if len(unconverged) != 1 else 'was'} left out (≤ {100 * max_unconverged_share:.0f} % of the "
+            f"calls allowed{': ' + ', '.join(k[:24] for k in unconverged[:4]) if unconverged else ''})")
+    return passed, text
+
+
 def _checks(settings: AutobuildSettings, result, holdout: dict, iteration_errors: list[dict],
             phonons: dict) -> list[tuple[bool, str]]:
     checks = [
@@ -432,7 +468,9 @@ def _checks(settings: AutobuildSettings, result, holdout: dict, iteration_errors
          f"phonon frequencies of the potential within {100 * settings.phonon_tolerance:.0f} % of DFT's: largest "
          f"difference {100 * phonons['max_rel_diff']:.1f} %, mean {100 * phonons['mean_abs_rel_diff']:.1f} % over "
          f"{len(phonons['dft_cm1']) - 3} optical and zone-boundary modes"),
-        (not result.failed_tasks, f"no DFT calculation failed ({len(result.failed_tasks)} failed)"),
+        dft_failure_check(result.failed_tasks + [list(f) for f in holdout.get("label_failed", [])],
+                          result.n_reference_calls + int(holdout.get("label_calls", 0)),
+                          settings.max_unconverged_share),
     ]
     # A gate only when the first committee knew nothing but this run's seed set. When the database already held
     # frames for these settings (a rerun of the main job recycles the last run's), the first committee is already

@@ -32,5 +32,11 @@ class DatabaseError(MLMDError):
     """The database cannot be reached, the URI is malformed, or the embedded server failed."""
 
 
+class SCFNotConvergedError(MLMDError):
+    """A DFT code's self-consistent field did not converge, after the recipe's own retries. The setup ran; the
+    structure is the usual cause (a hot or distorted cell whose gap closes cannot converge with fixed occupations).
+    Loops that label many structures leave such a structure out and count it (see ``learn`` and ``autobuild``)."""
+
+
 class MixedSettingsError(MLMDError):
     """Frames of settings signatures whose energy zeros may differ were to be used as one training set."""

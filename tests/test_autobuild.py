@@ -149,3 +149,20 @@ def test_autobuild_with_real_qe_writes_the_report_and_computes_the_checks(db, tm
     assert again.holdout["force_rmse_mev"] == pytest.approx(result.holdout["force_rmse_mev"], rel=1e-9)
     assert np.allclose(again.phonons["dft_cm1"], result.phonons["dft_cm1"])
     assert any("held-out" in line for line in lines) and Path(result.learn.workdir).is_dir()
+
+
+def test_dft_failure_check_allows_a_share_of_unconverged_scfs_and_no_other_failure():
+    """Ledger errors as label() writes them ("Type: message"): unconverged SCFs up to the share pass, anything
+    else (a crash) fails at once, and the sentence says which."""
+    from mlmd_lab.autobuild import dft_failure_check
+
+    scf = ["k1", "SCFNotConvergedError: pw.x's SCF did not converge in /x (2 runs, ...)"]
+    crash = ["k2", "MLMDError: pw.x failed in /y (CalledProcessError: ...); its last words: Error in routine cdiaghg"]
+    assert dft_failure_check([], 0) == (True, dft_failure_check([], 0)[1])
+    ok, text = dft_failure_check([scf], 10)
+    assert ok and "0 of 10 failed" in text and "1 SCF did not converge" in text and "k1" in text
+    assert not dft_failure_check([scf, scf], 10)[0]  # 2 of 10 > 10 %
+    assert dft_failure_check([scf, scf], 10, max_unconverged_share=0.2)[0]
+    ok, text = dft_failure_check([crash], 100)
+    assert not ok and "1 of 100 failed" in text and "cdiaghg" in text
+    assert not dft_failure_check([scf, crash], 100)[0]

@@ -280,6 +280,29 @@ def test_qe_run_that_does_not_converge_is_run_again_with_gentler_mixing(qe_run, 
 
 
 @pytest.mark.slow
+def test_qe_scf_that_stays_unconverged_is_reported_as_such_through_the_ledger(qe_run, db, tmp_path, monkeypatch):
+    """After the recipe's runs, an SCF that still stops with "convergence NOT achieved" raises SCFNotConvergedError
+    (with the fixed-occupations hint), and label() records it in the ledger under that name: the main job's check
+    tells it from a crash by that name (autobuild.dft_failure_check)."""
+    from mlmd_lab.autobuild import dft_failure_check
+    from mlmd_lab.dft.label import label
+    from mlmd_lab.dft.recipes import espresso as espresso_module
+    from mlmd_lab.errors import SCFNotConvergedError
+
+    _, atoms, _, _ = qe_run
+    monkeypatch.setattr(espresso_module, "SCF_ATTEMPTS", 1)  # one 3-iteration run: seconds, not 400 iterations
+    tight = QuantumEspresso(pseudopotentials={"Si": "Si.pbe-rrkj.UPF"}, ecutwfc_ry=20, kpts=(2, 2, 2),
+                            smearing=None, input_data={"electrons": {"electron_maxstep": 3}})
+    with pytest.raises(SCFNotConvergedError, match="did not converge.*fixed occupations.*smearing"):
+        tight.calculate(atoms.copy(), tmp_path / "direct")
+    report = label([atoms.copy()], tight, db=db, workdir=tmp_path / "labelling", retries=0, progress=False)
+    assert report.labelled == 0 and len(report.failed) == 1
+    assert report.failed[0][1].startswith("SCFNotConvergedError: pw.x's SCF did not converge")
+    assert dft_failure_check(report.failed, 10)[0]  # 1 of 10 calls <= 10 %
+    assert not dft_failure_check(report.failed, 9)[0]
+
+
+@pytest.mark.slow
 def test_qe_forces_match_finite_differences(qe_run, tmp_path):
     from mlmd_lab.io.espresso import read_pw_output
 

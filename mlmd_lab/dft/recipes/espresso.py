@@ -18,7 +18,7 @@ from typing import Any
 from ase import Atoms, units
 
 from mlmd_lab.dft.recipes.base import Recipe, _file_md5, _mpi_argv, _tail, file_sha256, kpoint_grid
-from mlmd_lab.errors import MLMDError
+from mlmd_lab.errors import MLMDError, SCFNotConvergedError
 from mlmd_lab.settings import kspacing_from_divisions, normalise_signature
 
 #: Default QE pseudopotential folder (Debian's quantum-espresso-data).
@@ -277,6 +277,8 @@ class QuantumEspresso(Recipe):
                     (folder / "espresso.pwo").replace(folder / f"espresso.unconverged-{attempt + 1}.pwo")
                     input_data = _gentler_scf(input_data)
                     continue
+                if _scf_not_converged(folder / "espresso.pwo"):
+                    raise SCFNotConvergedError(self._unconverged_message(folder, input_data)) from None
                 detail = (_tail(folder / "CRASH") or _tail(folder / "espresso.err")
                           or _tail(folder / "espresso.pwo", 8))
                 raise MLMDError(f"pw.x failed in {folder} ({type(exc).__name__}: {exc}); its last words: "
@@ -288,6 +290,19 @@ class QuantumEspresso(Recipe):
         if not self.keep_save:
             shutil.rmtree(folder / "pwscf.save", ignore_errors=True)
         return out
+
+
+    def _unconverged_message(self, folder: Path, input_data: dict) -> str:
+        electrons = input_data.get("electrons", {})
+        runs = f"{SCF_ATTEMPTS} runs" if SCF_ATTEMPTS > 1 else "1 run"
+        hint = ("with fixed occupations (smearing=None) a structure whose gap closes, e.g. a hot or strongly distorted "
+                "cell, cannot converge: label it with smearing (e.g. smearing=('mv', 0.01), other settings, so other "
+                "frames) or leave it out" if self.smearing is None else
+                "try a larger smearing width, a smaller mixing_beta in input_data['electrons'], or check the "
+                "structure for overlapping atoms")
+        return (f"pw.x's SCF did not converge in {folder} ({runs}, the last with mixing_beta "
+                f"{float(electrons.get('mixing_beta', 0.7)):g} and {int(electrons.get('electron_maxstep', 100))} "
+                f"iterations); {hint}")
 
 
 #: pw.x runs per calculation. A run that stops with "convergence NOT achieved" (charge sloshing in a distorted or

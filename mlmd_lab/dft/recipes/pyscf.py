@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms, units
 
 from mlmd_lab.dft.recipes.base import Recipe, _json_default
-from mlmd_lab.errors import MLMDError
+from mlmd_lab.errors import MLMDError, SCFNotConvergedError
 from mlmd_lab.settings import kspacing_from_divisions, normalise_signature
 
 # -- PySCF -----------------------------------------------------------------------------------------------
@@ -225,9 +225,9 @@ class PySCF(Recipe):
         mf.max_memory = self.max_memory
         energy = mf.kernel()
         if not mf.converged:
-            raise MLMDError(f"PySCF SCF did not converge for {atoms.get_chemical_formula()} ({self._path(periodic)}); "
-                            "check the geometry (overlapping atoms?), try conv_tol larger, method='UKS' with spin=, "
-                            "or a smaller basis")
+            raise SCFNotConvergedError(
+                f"PySCF SCF did not converge for {atoms.get_chemical_formula()} ({self._path(periodic)}); check the "
+                "geometry (overlapping atoms?), try conv_tol larger, method='UKS' with spin=, or a smaller basis")
         out: dict[str, Any] = {"energy": float(energy) * units.Hartree}
         if want_forces or want_stress:
             import pyscf.grad  # noqa: F401  (registers mf.Gradients for molecules)
