@@ -17,6 +17,7 @@ import sys
 import warnings
 
 import numpy as np
+import optax
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
@@ -231,6 +232,71 @@ def test_the_exported_energy_zero_removes_the_mean_training_error(frames):
     before = [(unshifted.predict(a)["energy"] - a.get_potential_energy()) / len(a) for a in train]
     assert abs(np.mean(errors)) < 1e-6 < abs(np.mean(before)), (np.mean(errors), np.mean(before))
     np.testing.assert_allclose(model.predict(train[0])["forces"], unshifted.predict(train[0])["forces"], atol=1e-12)
+
+
+def test_validation_and_export_use_the_averaged_weights():
+    """With the parameter average (default), the epoch's validation error is the averaged weights' and the exported
+    model is the best epoch's averaged weights: its validation force RMSE equals the history's at that epoch. The
+    average is in effect: the curve differs from a run without it, whose export equals its own history too."""
+    from mlmd_lab.train.step import average_step
+
+    small = emt_frames(24, seed=3)
+    runs = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        for decay in (0.99, None):
+            trainer = Trainer(small, max_epochs=5, dtype="float64", average_decay=decay, **FAST)
+            trainer.fit()
+            best = trainer.history[trainer.budget.best_epoch - 1]
+            assert trainer.errors["validation"]["force_rmse"] == pytest.approx(best.validation["force_rmse"],
+                                                                               rel=1e-9), decay
+            runs[decay] = [m.validation["force_rmse"] for m in trainer.history]
+    assert all(abs(a - b) > 1e-6 for a, b in zip(runs[0.99], runs[None], strict=True)), runs
+    # the average itself: TF's warm-up (rate 0.1 at the first step), then the decay
+    import jax.numpy as jnp
+
+    a = average_step({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 0.99)
+    np.testing.assert_allclose(np.asarray(a["w"]), 0.9)
+    a = average_step({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 10_000, 0.99)
+    np.testing.assert_allclose(np.asarray(a["w"]), 0.01, rtol=1e-6)
+
+
+def test_the_energy_weight_follows_the_schedule_and_the_validation_loss_uses_its_final_value():
+    """final_energy_weight: the loss's energy weight moves geometrically from energy_weight to it over the planned
+    steps; the validation loss (kept epoch, early stopping) weighs energies with the final value in every epoch.
+    A step at another weight moves the weights differently; bad weights are refused by name."""
+    small = []
+    for atoms in emt_frames(16, seed=5):
+        atoms.calc.results.pop("stress")  # so the loss is energy and force terms only
+        small.append(atoms)
+    trainer = Trainer(small, max_epochs=3, dtype="float64", energy_weight=30.0, final_energy_weight=300.0, **FAST)
+    assert trainer._energy_weight(0.0) == pytest.approx(30.0)
+    assert trainer._energy_weight(0.5) == pytest.approx(np.sqrt(30.0 * 300.0))
+    assert trainer._energy_weight(1.0) == pytest.approx(300.0) == trainer._energy_weight(1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingWarning)
+        trainer.fit()
+    for m in trainer.history:
+        v = m.validation
+        assert v["loss"] == pytest.approx(300.0 * v["energy_rmse"] ** 2 + v["force_rmse"] ** 2, rel=1e-9)
+    assert Trainer(small, energy_weight=30.0, **FAST)._energy_weight(0.7) == 30.0  # None: constant
+    # the weight reaches the gradient step
+    import jax.numpy as jnp
+
+    from mlmd_lab.train.step import make_functions
+
+    step_cfg, consts = trainer._setup()
+    train_step, _ = make_functions(step_cfg, optax.sgd(1.0))
+    params = [[(jnp.asarray(W), jnp.asarray(b)) for W, b in trainer.model.networks[e]] for e in trainer.model.elements]
+    data = trainer._store.device_gather(trainer._rows["train"][:2])
+    valid = jnp.ones(2, bool)
+    rate = jnp.asarray(1e-3)
+    low = train_step(params, optax.sgd(1.0).init(params), consts, data, valid, rate, jnp.asarray(30.0))[0]
+    high = train_step(params, optax.sgd(1.0).init(params), consts, data, valid, rate, jnp.asarray(300.0))[0]
+    assert float(jnp.abs(low[0][0][0] - high[0][0][0]).max()) > 0
+    for bad in ({"final_energy_weight": -1.0}, {"average_decay": 1.0}):
+        with pytest.raises(MLMDError, match=next(iter(bad))):
+            Trainer(small, max_epochs=1, **FAST, **bad).fit()
 
 
 # ---------------------------------------------------------------------- exactness of the export

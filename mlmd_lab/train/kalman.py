@@ -84,8 +84,9 @@ def kalman_update(w, P, H, xi, eta, q):
 
 def make_functions(cfg: StepConfig, params, updates_per_epoch: int):
     """(train_step, evaluate) as :func:`mlmd_lab.train.step.make_functions`, with the Kalman filter as the
-    optimiser: ``train_step(params, state, consts, batch, valid, learning_rate)`` takes a batch of one frame
-    (its leading axis of 1) and ignores ``learning_rate``; ``state`` is :func:`init_state`'s."""
+    optimiser: ``train_step(params, state, consts, batch, valid, learning_rate, energy_weight)`` takes a batch of
+    one frame (its leading axis of 1) and ignores ``learning_rate`` and ``energy_weight`` (the filter weighs the
+    energy by ``cfg.weights``); ``state`` is :func:`init_state`'s."""
     _, unravel = ravel_pytree(params)
     q_decay = math.exp(-QTAU / max(1, updates_per_epoch))
     eta_growth = math.exp(ETATAU / max(1, updates_per_epoch))
@@ -105,7 +106,7 @@ def make_functions(cfg: StepConfig, params, updates_per_epoch: int):
                                 virial_per_atom(virial, fr)])
 
     @jax.jit
-    def train_step(params, state, consts, batch, valid, learning_rate):
+    def train_step(params, state, consts, batch, valid, learning_rate, energy_weight):
         predictions = batch_predict(cfg, params, consts, batch)  # one forward pass for the errors and the filter
         errors = errors_of(batch, valid, predictions)
         fr = {k: v[0] for k, v in batch.items() if not k.startswith("_")}

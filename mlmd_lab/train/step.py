@@ -106,8 +106,12 @@ def errors_of(batch: dict, valid, predictions):
     }
 
 
-def loss_of(cfg: StepConfig, errors: dict):
+def loss_of(cfg: StepConfig, errors: dict, energy_weight=None):
+    """The weighted mean squared errors; ``energy_weight`` (a traced scalar) replaces ``cfg.weights[0]`` when
+    given (a schedule of it needs no new compilation)."""
     w_e, w_f, w_s = cfg.weights
+    if energy_weight is not None:
+        w_e = energy_weight
     loss = w_e * errors["energy_sse"] / jnp.maximum(errors["energy_n"], 1)
     loss = loss + w_f * errors["force_sse"] / jnp.maximum(errors["force_n"], 1)
     return loss + w_s * errors["virial_sse"] / jnp.maximum(errors["stress_n"], 1)
@@ -116,19 +120,21 @@ def loss_of(cfg: StepConfig, errors: dict):
 def make_functions(cfg: StepConfig, optimizer):
     """(train_step, evaluate): compiled functions over device-resident stacked data.
 
-    ``train_step(params, opt_state, consts, batch, valid, learning_rate) -> (params, opt_state, loss, errors)``
-    moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's scaled gradient,
-    ``optax.scale_by_adam``); the rate is an argument, so a schedule of any length needs one compilation.
+    ``train_step(params, opt_state, consts, batch, valid, learning_rate, energy_weight) -> (params, opt_state,
+    loss, errors)`` moves the parameters by ``-learning_rate`` times the ``optimizer``'s update (e.g. Adam's
+    scaled gradient, ``optax.scale_by_adam``) of the loss with this energy weight; both are arguments, so
+    schedules of any length need one compilation.
     ``evaluate(params, consts, batch, valid) -> errors`` (sums, see :func:`batch_errors`).
     """
 
-    def loss_fn(params, consts, batch, valid):
+    def loss_fn(params, consts, batch, valid, energy_weight):
         errors = batch_errors(cfg, params, consts, batch, valid)
-        return loss_of(cfg, errors), errors
+        return loss_of(cfg, errors, energy_weight), errors
 
     @jax.jit
-    def train_step(params, opt_state, consts, batch, valid, learning_rate):
-        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, valid)
+    def train_step(params, opt_state, consts, batch, valid, learning_rate, energy_weight):
+        (loss, errors), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, consts, batch, valid,
+                                                                          energy_weight)
         updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
         params = jax.tree.map(lambda p, u: p - learning_rate * u, params, updates)
         return params, opt_state, loss, errors
@@ -145,3 +151,13 @@ def make_evaluate(cfg: StepConfig):
         return batch_errors(cfg, params, consts, batch, valid)
 
     return evaluate
+
+
+@jax.jit
+def average_step(average, params, count, decay):
+    """The exponential moving average of the parameters after one more optimiser step: ``decay`` per step, with
+    TensorFlow's warm-up ``min(decay, (1 + count) / (10 + count))`` (``count``: steps averaged before), so the
+    first steps do not keep the untrained weights."""
+    rate = jnp.minimum(decay, (1.0 + count) / (10.0 + count)).astype(jax.tree.leaves(params)[0].dtype)
+    return jax.tree.map(lambda a, p: rate * a + (1 - rate) * p, average, params)
+
