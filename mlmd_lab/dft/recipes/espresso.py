@@ -291,7 +291,6 @@ class QuantumEspresso(Recipe):
             shutil.rmtree(folder / "pwscf.save", ignore_errors=True)
         return out
 
-
     def _unconverged_message(self, folder: Path, input_data: dict) -> str:
         electrons = input_data.get("electrons", {})
         runs = f"{SCF_ATTEMPTS} runs" if SCF_ATTEMPTS > 1 else "1 run"
