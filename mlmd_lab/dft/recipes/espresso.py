@@ -272,12 +272,13 @@ class QuantumEspresso(Recipe):
                 calc.calculate(atoms, props, all_changes)
                 break
             except Exception as exc:  # pw.x exit status, or ASE failing to parse a broken output
-                if attempt + 1 < SCF_ATTEMPTS and _scf_not_converged(folder / "espresso.pwo"):
+                unconverged = _scf_not_converged(folder / "espresso.pwo")
+                if unconverged and attempt + 1 < SCF_ATTEMPTS:
                     # The same physics, gentler mixing: kept for the record, tried again (see SCF_ATTEMPTS).
                     (folder / "espresso.pwo").replace(folder / f"espresso.unconverged-{attempt + 1}.pwo")
                     input_data = _gentler_scf(input_data)
                     continue
-                if _scf_not_converged(folder / "espresso.pwo"):
+                if unconverged:
                     raise SCFNotConvergedError(self._unconverged_message(folder, input_data)) from None
                 detail = (_tail(folder / "CRASH") or _tail(folder / "espresso.err")
                           or _tail(folder / "espresso.pwo", 8))
