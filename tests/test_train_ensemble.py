@@ -161,6 +161,71 @@ def test_md_forcefield_uses_the_calibrated_uncertainty(committee, labelled):
     factor = np.array([TRUE_SCALE[s] for s in atoms.get_chemical_symbols()])
     np.testing.assert_allclose(out["force_std"], factor * out["force_std_raw"], rtol=1e-12)
     assert forcefield(committee).force_scale is None  # uncalibrated: force_std is the raw spread
+    # members of one kind are evaluated as one program over their stacked weights (the comparison above is with
+    # the members' own predictions, one by one)
+    assert not isinstance(forcefield(ensemble).parameters()["members"], list)
+
+
+def test_members_of_other_kinds_are_evaluated_one_by_one():
+    from mlmd_lab.md.forcefield import _stack_members
+
+    same = forcefield(Ensemble([_member(0), _member(1)])).members
+    assert jax_leading(_stack_members(same)) == {2}
+    narrow = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(4, 4), seed=3)
+    assert _stack_members(same[:1] + forcefield(narrow).members) is None  # other shapes
+    other_far = HDNNP.create(["Cu", "S"], cutoff=3.5, hidden=(5, 5), seed=3)
+    assert _stack_members(same[:1] + forcefield(other_far).members) is None  # other energy function
+    assert _stack_members(same[:1]) is None  # a single potential
+
+
+def jax_leading(tree) -> set[int]:
+    import jax
+
+    return {np.shape(leaf)[0] for leaf in jax.tree.leaves(tree)}
+
+
+_RETRAINED_SCRIPT = """
+import sys
+from pathlib import Path
+import numpy as np
+from ase import Atoms
+sys.path.insert(0, {tests!r})
+from conftest import random_cu_s_model
+from mlmd_lab.jaxconfig import cache_folder
+from mlmd_lab.md import run
+from mlmd_lab.train.ensemble import Ensemble
+
+rng = np.random.default_rng(0)
+grid = np.array([(i, j, k) for i in range(3) for j in range(2) for k in range(2)], float) * 2.3
+atoms = Atoms("Cu8S4", positions=grid + rng.normal(0, 0.1, grid.shape), cell=[6.9, 4.6, 4.6], pbc=True)
+counts = []
+for seeds in ((0, 1, 2), (3, 4, 5)):  # a committee, then a retrained one of the same kind
+    run(Ensemble([random_cu_s_model(s) for s in seeds]), atoms.copy(), "langevin", temperature=10.0, timestep=0.05,
+        steps=4, block=2)
+    counts.append(sum(1 for p in cache_folder().rglob("*") if p.is_file()))
+print(counts)
+"""
+
+
+@pytest.mark.slow
+def test_a_retrained_committee_runs_md_from_the_compilation_cache(tmp_path):
+    """The weights are an argument of the compiled MD program, not constants in it: a committee of the same kind
+    (as each iteration of the learning loop trains) finds the first one's programs in the persistent compilation
+    cache and adds none (with the weights baked in, every new committee compiled and cached the block again)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = dict(os.environ, MLMD_JAX_CACHE=str(tmp_path / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", _RETRAINED_SCRIPT.format(tests=str(ROOT / "tests"))], env=env,
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    first, second = (int(n) for n in out.stdout.strip().splitlines()[-1].strip("[]").split(","))
+    assert first > 0, "nothing was cached: the test no longer sees the compilation cache"
+    assert second == first, f"the retrained committee compiled {second - first} new programs"
 
 
 @pytest.mark.slow

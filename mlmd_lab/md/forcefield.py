@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,7 @@ class ForceField:
     source: object = None
     force_scale: np.ndarray | None = None  # (E,) raw committee spread -> calibrated uncertainty, per element
     _compiled: dict = field(default_factory=dict, repr=False)
+    _stack: dict = field(default_factory=dict, repr=False)  # holds parameters()
 
     def species(self, atoms: Atoms) -> np.ndarray:
         """Element index of each atom; a clear error for elements the potential does not know."""
@@ -129,31 +131,69 @@ class ForceField:
             return {key: jax.device_put(arrays.pop(key)) for key in list(arrays)}
         return device_arrays(arrays, layout)
 
-    def compute(self, arrays: dict, layout: Layout, positions, cell) -> dict:
+    def parameters(self) -> dict:
+        """What :meth:`compute` reads of the potential, as a pytree of JAX arrays: ``members``, the members'
+        parameters (stacked on a leading axis when they share one energy function, else a list), and
+        ``force_scale`` (the calibration, or None). Compiled code takes it as an argument rather than baking the
+        weights in as constants, so that potentials of one kind (a retrained committee, the next version of a
+        model) run the same compiled program, which the persistent compilation cache (:mod:`mlmd_lab.jaxconfig`)
+        then loads instead of compiling again."""
+        if "parameters" not in self._stack:
+            stacked = _stack_members(self.members)
+            scale = None if self.force_scale is None else jnp.asarray(self.force_scale, jnp.float64)
+            self._stack["parameters"] = {
+                "members": stacked if stacked is not None else [params for _, params in self.members],
+                "force_scale": scale}
+        return self._stack["parameters"]
+
+    def compute(self, arrays: dict, layout: Layout, positions, cell, params: dict | None = None) -> dict:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
         extrapolation (N,) counts, force_std (N,) eV/Å, the calibrated committee force uncertainty (raw spread
         times the ensemble's per-element :attr:`force_scale`), and force_std_raw (N,) eV/Å, the raw spread
-        sqrt(mean_m |F_m - F_mean|^2) (both zero for a single potential). Pure JAX."""
+        sqrt(mean_m |F_m - F_mean|^2) (both zero for a single potential). Pure JAX. ``params``: :meth:`parameters`
+        (the default), passed in by compiled callers."""
+        params = self.parameters() if params is None else params
         n = positions.shape[0]
         lf, ef = self.length_factor, self.energy_factor
-        outs = [evaluate(fn, self.far, params, self._with_positions(fn, arrays, layout, positions, cell), layout, True)
-                for fn, params in self.members]
-        energies = jnp.stack([o["energy"][0] for o in outs]).astype(jnp.float64) * ef
-        forces = jnp.stack([o["forces"][:n] for o in outs]).astype(jnp.float64) * (ef / lf)
-        virials = jnp.stack([o["virial"][0] for o in outs]).astype(jnp.float64) * ef
+        outs = self._member_outputs(params["members"], arrays, layout, positions, cell)
+        energies = outs["energy"][:, 0].astype(jnp.float64) * ef
+        forces = outs["forces"][:, :n].astype(jnp.float64) * (ef / lf)
+        virials = outs["virial"][:, 0].astype(jnp.float64) * ef
         mean_forces = jnp.mean(forces, axis=0)
         spread = jnp.sqrt(jnp.mean(jnp.sum((forces - mean_forces) ** 2, axis=2), axis=0))
         calibrated = spread
-        if self.force_scale is not None:
-            calibrated = spread * jnp.asarray(self.force_scale, jnp.float64)[arrays["species"][:n]]
-        extrapolation = jnp.max(jnp.stack([o["extrapolation"][:n] for o in outs]), axis=0)
+        if params["force_scale"] is not None:
+            calibrated = spread * params["force_scale"][arrays["species"][:n]]
+        extrapolation = jnp.max(outs["extrapolation"][:, :n], axis=0)
         return {"energy": jnp.mean(energies), "forces": mean_forces, "virial": jnp.mean(virials, axis=0),
                 "extrapolation": extrapolation, "force_std": calibrated, "force_std_raw": spread}
 
+    def _member_outputs(self, members, arrays: dict, layout: Layout, positions, cell) -> dict:
+        """Every member's :func:`~mlmd_lab.potentials.model.evaluate` results (model units), stacked on a leading
+        member axis: ``energy`` (M, 1), ``forces`` (M, N, 3), ``virial`` (M, 1, 3, 3), ``extrapolation`` (M, N).
+
+        A committee whose members share one energy function (same symmetry functions and architecture, as
+        :func:`~mlmd_lab.train.trainer.train_ensemble` makes them) is evaluated as one program mapped over the
+        stacked parameters (``jax.vmap``): the symmetry functions, which do not depend on the parameters, are
+        computed once instead of once per member, and XLA compiles one copy of the graph instead of M (the
+        compilation dominated short committee runs). Other committees are evaluated member by member.
+        ``members``: :meth:`parameters`' ``members``."""
+        keys = ("energy", "forces", "virial", "extrapolation")
+        if not isinstance(members, list):  # stacked
+            fn = self.members[0][0]
+            data = self._with_positions(fn, arrays, layout, positions, cell)
+            out = jax.vmap(lambda params: evaluate(fn, self.far, params, data, layout, True))(members)
+            return {key: out[key] for key in keys}
+        outs = [evaluate(fn, self.far, params, self._with_positions(fn, arrays, layout, positions, cell), layout, True)
+                for (fn, _), params in zip(self.members, members, strict=True)]
+        return {key: jnp.stack([o[key] for o in outs]) for key in keys}
+
     def compiled(self, layout: Layout):
-        """:meth:`compute` jit-compiled for ``layout``: f(arrays, positions, cell), compiled once per layout."""
+        """:meth:`compute` jit-compiled for ``layout``: f(arrays, positions, cell), compiled once per layout (the
+        parameters are an argument of the compiled program, see :meth:`parameters`)."""
         if layout not in self._compiled:
-            self._compiled[layout] = jax.jit(lambda arrays, R, h: self.compute(arrays, layout, R, h))
+            jitted = jax.jit(lambda arrays, R, h, params: self.compute(arrays, layout, R, h, params))
+            self._compiled[layout] = partial(jitted, params=self.parameters())
         return self._compiled[layout]
 
     def describe(self, layout: Layout | None, lists: str = "neighbour lists on the host") -> str:
@@ -235,6 +275,21 @@ def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceF
         energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
         members=[(m.energy_function(), m.parameters()) for m in models], far=first.padding_distance,
         is_ensemble=members is not None, source=potential, force_scale=_force_scale(potential))
+
+
+def _stack_members(members: list):
+    """Stacked parameter pytree of ``members`` [(energy_fn, params)] that share one energy function and one
+    parameter structure (shapes and dtypes included); None for a single member or members that differ."""
+    if len(members) < 2 or any(fn is not members[0][0] for fn, _ in members):
+        return None
+    trees = [params for _, params in members]
+    structure = jax.tree.structure(trees[0])
+    signature = [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(trees[0])]
+    for tree in trees[1:]:
+        if (jax.tree.structure(tree) != structure
+                or [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)] != signature):
+            return None
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _force_scale(potential) -> np.ndarray | None:

@@ -365,6 +365,8 @@ class _Engine:
             / (settings["barostat_time_fs"] * units.fs),
         }
         self.constants = {k: jnp.asarray(v) for k, v in self.constants.items()}
+        # the potential's weights enter the compiled block as an argument (ForceField.parameters)
+        self.constants["potential"] = self.ff.parameters()
         limit = settings["max_temperature_K"]
         self.max_temperature = float(limit) if limit is not None else 10.0 * float(T or 0.0) + 1000.0
         self.step = 0
@@ -481,7 +483,9 @@ class _Engine:
             """Up to ``length`` steps from ``state`` with the neighbour lists built at (ref_R, ref_h). Off the device
             route ``lists`` is empty (``fixed`` holds every array) and a step leaving the skin ends the block; on it
             the lists are rebuilt here (the step is then taken again) and come back with their reference."""
-            skipped = jax.eval_shape(lambda: ff.compute({**fixed, **lists}, layout, state.positions, state.cell))
+            params = constants["potential"]
+            skipped = jax.eval_shape(
+                lambda: ff.compute({**fixed, **lists}, layout, state.positions, state.cell, params))
 
             def advance(s, lists, ref_R, ref_h):
                 def force(R, h):
@@ -491,7 +495,7 @@ class _Engine:
                     # skin).
                     valid = neighbours_valid(ff, R, h, ref_R, ref_h, variable_cell)
                     zeros = lambda: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), skipped)  # noqa: E731
-                    return jax.lax.cond(valid, lambda: ff.compute({**fixed, **lists}, layout, R, h), zeros)
+                    return jax.lax.cond(valid, lambda: ff.compute({**fixed, **lists}, layout, R, h, params), zeros)
 
                 step_fn = integ.make_step(kind, force, anisotropic)
                 return step_fn(s, constants, jax.random.fold_in(key, s.step))
