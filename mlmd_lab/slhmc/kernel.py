@@ -168,9 +168,11 @@ class JaxPropagator:
         ff, dt = self.ff, self.dt
         masses, free = jnp.asarray(self.masses), jnp.asarray(self.free)
 
-        def segment(arrays, R, P, h, n_left):
+        def segment(arrays, R, P, h, n_left, params):
+            # the weights are an argument: a retrained surrogate of the same kind runs the cached program
+            # (ForceField.parameters)
             def force(x):
-                out = ff.compute(arrays, layout, x, h)
+                out = ff.compute(arrays, layout, x, h, params)
                 return out["forces"], out["energy"]
 
             F0, E0 = force(R)
@@ -200,7 +202,7 @@ class JaxPropagator:
             arrays, self.layout = self.ff.build(R, h, self.pbc, self.species, self.layout)
             self.rebuilds += 1
             k, R_j, P_j, E0, E = self._segment(self.layout)(arrays, jnp.asarray(R), jnp.asarray(P), jnp.asarray(h),
-                                                           jnp.asarray(self.n_steps - done))
+                                                           jnp.asarray(self.n_steps - done), self.ff.parameters())
             k = int(k)
             e_start = float(E0) if e_start is None else e_start
             if k == 0 or not np.isfinite(float(E)):
