@@ -28,6 +28,8 @@ float64 and float32: linear-fit total-energy drift in meV/atom/ps (target <= 0.1
     python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--huge-steps 2] [--skin 0.5]
                                   [--skin-scan 0.25 0.5 1.0] [--drift] [--only-drift] [--no-huge]
     python benchmarks/bench_md.py --large float64 100   # 103,680 atoms, 100 steps (bench_md_large.json)
+    python benchmarks/bench_md.py --committee            # committee MD: stacked vs one-by-one, first and
+                                                         # retrained committee (bench_md_committee.json)
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -241,6 +243,71 @@ def drift_worker(steps: int, dtype: str = "float64") -> dict:
     }
 
 
+def committee_worker(mode: str, steps: int) -> dict:
+    """MD with a committee of 3 water potentials (the n2p2 H2O potential with each member's weights perturbed by
+    1 %), then with a retrained committee of the same kind (other perturbations), in a fresh process with an empty
+    compilation cache of its own. ``mode``: "stacked" (mlmd_lab's evaluation: one program over the stacked
+    weights) or "one-by-one" (each member's graph in turn, as before). Per committee: the first run's wall time
+    and compile time (s) and the steady state per atom-step (a run of ``steps`` less its compilation, less a run
+    of 0 steps)."""
+    import tempfile
+
+    os.environ["MLMD_JAX_CACHE"] = tempfile.mkdtemp(prefix="bench-md-committee-")
+    _setup("cpu", 2)
+    import numpy as np
+
+    import mlmd_lab.md.forcefield as forcefield_module
+    from mlmd_lab.io.deepmd import read_deepmd
+    from mlmd_lab.md import run
+    from mlmd_lab.potentials import HDNNP
+    from mlmd_lab.train.ensemble import Ensemble
+
+    if mode == "one-by-one":
+        forcefield_module._stack_members = lambda members: None
+    atoms = read_deepmd(DEEPMD)[0]
+    n = len(atoms)
+    kw = dict(temperature=300, timestep=0.5, log_interval=10, trajectory_interval=0, restart_interval=0)
+
+    def member(seed: int) -> HDNNP:
+        model = HDNNP.from_n2p2(WATER, energy_unit="Ha", length_unit="Bohr")
+        rng = np.random.default_rng(seed)
+        model.networks = {e: [(W * (1 + 0.01 * rng.standard_normal(np.shape(W))), b) for W, b in layers]
+                          for e, layers in model.networks.items()}
+        model._cache.clear()
+        return model
+
+    rows = []
+    for label, seeds in (("first committee", (1, 2, 3)), ("retrained committee", (4, 5, 6))):
+        committee = Ensemble([member(s) for s in seeds])
+        t0 = time.perf_counter()
+        first = run(committee, atoms, "nve", steps=steps, **kw)
+        wall = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run(committee, atoms, "nve", steps=0, **kw)
+        start = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        again = run(committee, atoms, "nve", steps=steps, **kw)
+        steady = (time.perf_counter() - t0 - again.compile_s - start) / (steps * n) * 1e6
+        th = first.thermo
+        rows.append({"committee": label, "first_run_s": wall, "compile_s": first.compile_s,
+                     "us_per_atom_step": steady, "max_force_std_eV_A": float(np.max(th["max_force_std_eV_A"])),
+                     "etot_eV": [float(th["etot_eV"][0]), float(th["etot_eV"][-1])]})
+    return {"mode": mode, "atoms": n, "members": 3, "steps": steps, "rows": rows,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_committee(steps: int) -> None:
+    """``--committee``: both modes of :func:`committee_worker`, each in its own process, one table."""
+    results = [run_json_worker([sys.executable, __file__, "--committee-worker", mode, str(steps)], mode)
+               for mode in ("one-by-one", "stacked")]
+    rows = [[r["mode"], row["committee"], row["first_run_s"], row["compile_s"], row["us_per_atom_step"]]
+            for r in results if r for row in r["rows"]]
+    print_table(["evaluation", "run", "first run s", "compile s", "µs/atom-step (steady)"], rows,
+                title=f"MD with a committee of 3 (192-atom water, n2p2 H2O potential, float64, {steps} NVE steps, "
+                      "2 threads, empty compilation cache per process)")
+    print(f"wrote {write_json('bench_md_committee', {'machine': machine_info(), 'results': results})}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps for 1080 atoms")
@@ -260,7 +327,18 @@ def main() -> None:
     parser.add_argument("--large", nargs=2, metavar=("DTYPE", "STEPS"),
                         help="only the 103,680-atom run (e.g. float64 100); writes bench_md_large.json")
     parser.add_argument("--large-worker", nargs=2, metavar=("DTYPE", "STEPS"))
+    parser.add_argument("--committee", action="store_true",
+                        help="only the committee case: stacked vs one-by-one evaluation, first and retrained "
+                             "committee (bench_md_committee.json)")
+    parser.add_argument("--committee-steps", type=int, default=40)
+    parser.add_argument("--committee-worker", nargs=2, metavar=("MODE", "STEPS"))
     args = parser.parse_args()
+    if args.committee_worker:
+        print(json.dumps(committee_worker(args.committee_worker[0], int(args.committee_worker[1]))))
+        return
+    if args.committee:
+        run_committee(args.committee_steps)
+        return
     if args.large_worker:
         print(json.dumps(large_worker(args.large_worker[0], int(args.large_worker[1]))))
         return
