@@ -187,6 +187,38 @@ def test_labelled_frames_with_forces_far_beyond_the_explored_rms_are_left_out_of
     assert left_out is not None and np.linalg.norm(left_out.get_forces(), axis=1).max() > 4.0
 
 
+def test_later_iterations_keep_the_first_iterations_symmetry_functions(db, tmp_path):
+    """Iteration 2 trains on frames with shorter distances than iteration 1's; a set generated from its data would
+    move its innermost functions (r_lower follows the shortest distance), but the committee keeps iteration 1's
+    functions: the iterations' potentials are of one kind (comparable, and their compiled MD is cached)."""
+    from mlmd_lab.dft import CalculatorRecipe, rattle
+    from mlmd_lab.dft.label import label
+    from mlmd_lab.learn.loop import _Loop
+    from mlmd_lab.potentials.defaults import r_lower_from
+
+    recipe = CalculatorRecipe(EMT())
+    first = rattle(copper(), 6, amplitude=0.03, seed=1)
+    closer = rattle(copper(), 3, amplitude=0.12, seed=2)
+    label(first + closer, recipe, db=db, workdir=tmp_path / "label", progress=False)
+    # the database's frames, the ones with the longest shortest distance first
+    pairs = np.triu_indices(8, 1)
+    frames = sorted(db.frames(elements=["Cu"]), key=lambda a: -a.get_all_distances(mic=True)[pairs].min())
+    frames_1, frames_2 = frames[:6], frames
+    assert r_lower_from(frames_2) < r_lower_from(frames_1) - 0.05  # generated anew, the set would move
+    loop = _Loop(recipe, [copper()], [300.0], [None], db, tmp_path / "learn", dict(
+        committee=2, trust=None, per_iteration=4, seed=0, train_config=dict(FAST_TRAINING, max_epochs=5), md={}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loop._committee(1, frames_1)
+        loop._committee(2, frames_2)
+
+    def functions(k: int, member: int) -> list[str]:
+        text = (tmp_path / "learn" / f"model-{k:03d}" / f"member_{member}" / "input.nn").read_text()
+        return [line for line in text.splitlines() if line.startswith("symfunction_short")]
+
+    assert functions(1, 0) and all(functions(k, m) == functions(1, 0) for k in (1, 2) for m in (0, 1))
+
+
 def test_frames_of_the_same_calculator_with_other_parameters_are_not_recycled(db, tmp_path):
     from ase.calculators.lj import LennardJones
 

@@ -533,6 +533,8 @@ class _Loop:
             self._phase("training", iteration=k, frames=len(frames), committee=self.o["committee"])
             t0 = time.perf_counter()
             config = replace(self._train_config(), seed=self.o["seed"] + 100 * k)
+            if config.symmetry_functions is None and k > 1:
+                config = replace(config, symmetry_functions=self._first_descriptor())
             with warnings.catch_warnings():  # "only N frames": expected in the first iterations
                 warnings.simplefilter("ignore", TrainingWarning)
                 ensemble = train_ensemble(frames, self.o["committee"], config, progress=False,
@@ -545,6 +547,21 @@ class _Loop:
                 (tmp / "metadata.json").write_text(_json(meta))
         model = self._load_model(k)
         return model, json.loads((folder / "metadata.json").read_text())
+
+    def _first_descriptor(self) -> list:
+        """The symmetry functions (Å) of iteration 1's committee, which later iterations keep.
+
+        Generated anew, the set would follow each iteration's data: its innermost functions sit at 0.9 x the
+        shortest distance in a sample of the frames, which moved by ~2 % between iterations of one run (the
+        main job's Si: 4.97 Å, then 4.96, then 4.97 again), so the committees of two iterations described atoms
+        differently and every iteration compiled its MD anew. With one set, the potentials of all iterations are
+        of one kind: comparable, and their compiled MD programs are found in the compilation cache."""
+        from mlmd_lab.potentials.model import HDNNP
+
+        model = HDNNP.from_n2p2(self._path("model", 1) / "member_0")
+        if model.length_unit != "Angstrom":  # trained here: always Å; a foreign folder is refused, not converted
+            raise MLMDError(f"{self._path('model', 1)} holds a potential in {model.length_unit}, not Å")
+        return [sf for element in model.elements for sf in model.functions[element]]
 
     def _load_model(self, k: int):
         return load_committee(self._path("model", k), iteration=k)
