@@ -28,8 +28,8 @@ float64 and float32: linear-fit total-energy drift in meV/atom/ps (target <= 0.1
     python benchmarks/bench_md.py [--steps 60] [--big-steps 6] [--huge-steps 2] [--skin 0.5]
                                   [--skin-scan 0.25 0.5 1.0] [--drift] [--only-drift] [--no-huge]
     python benchmarks/bench_md.py --large float64 100   # 103,680 atoms, 100 steps (bench_md_large.json)
-    python benchmarks/bench_md.py --committee            # committee MD: stacked vs one-by-one, first and
-                                                         # retrained committee (bench_md_committee.json)
+    python benchmarks/bench_md.py --committee            # committee MD: weights as constants or arguments,
+                                                         # first and retrained committee (bench_md_committee.json)
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -246,24 +246,32 @@ def drift_worker(steps: int, dtype: str = "float64") -> dict:
 def committee_worker(mode: str, steps: int) -> dict:
     """MD with a committee of 3 water potentials (the n2p2 H2O potential with each member's weights perturbed by
     1 %), then with a retrained committee of the same kind (other perturbations), in a fresh process with an empty
-    compilation cache of its own. ``mode``: "stacked" (mlmd_lab's evaluation: one program over the stacked
-    weights) or "one-by-one" (each member's graph in turn, as before). Per committee: the first run's wall time
-    and compile time (s) and the steady state per atom-step (a run of ``steps`` less its compilation, less a run
-    of 0 steps)."""
+    compilation cache of its own. ``mode``: "arguments" (mlmd_lab: the weights are an argument of the compiled
+    programs, :meth:`~mlmd_lab.md.forcefield.ForceField.parameters`), "constants" (the weights baked into the
+    programs as constants, as before: the force call ignores the weights passed in and reads its own) or
+    "stacked" (the members mapped over their stacked weights with ``jax.vmap``, tried and measured no faster:
+    symmetry functions once, one graph). Per committee: the first run's wall time and compile time (s) and the
+    steady state per atom-step (a run of ``steps`` less its compilation, less a run of 0 steps)."""
     import tempfile
 
     os.environ["MLMD_JAX_CACHE"] = tempfile.mkdtemp(prefix="bench-md-committee-")
     _setup("cpu", 2)
+    import importlib
+
     import numpy as np
 
-    import mlmd_lab.md.forcefield as forcefield_module
+    # the module (mlmd_lab.md's attribute "forcefield" is the function of that name)
+    forcefield_module = importlib.import_module("mlmd_lab.md.forcefield")
     from mlmd_lab.io.deepmd import read_deepmd
     from mlmd_lab.md import run
     from mlmd_lab.potentials import HDNNP
     from mlmd_lab.train.ensemble import Ensemble
 
-    if mode == "one-by-one":
-        forcefield_module._stack_members = lambda members: None
+    if mode == "constants":
+        compute = forcefield_module.ForceField.compute
+        forcefield_module.ForceField.compute = lambda self, a, lay, R, h, params=None: compute(self, a, lay, R, h)
+    elif mode == "stacked":
+        forcefield_module.ForceField._member_outputs = _stacked_member_outputs
     atoms = read_deepmd(DEEPMD)[0]
     n = len(atoms)
     kw = dict(temperature=300, timestep=0.5, log_interval=10, trajectory_interval=0, restart_interval=0)
@@ -296,13 +304,28 @@ def committee_worker(mode: str, steps: int) -> dict:
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+def _stacked_member_outputs(self, members, arrays, layout, positions, cell):
+    """ForceField._member_outputs with the members mapped over their stacked weights (``jax.vmap``; members of one
+    kind only): the variant ``committee_worker`` measures as "stacked"."""
+    import jax
+    import jax.numpy as jnp
+
+    from mlmd_lab.potentials.model import evaluate
+
+    fn = self.members[0][0]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
+    data = self._with_positions(fn, arrays, layout, positions, cell)
+    out = jax.vmap(lambda params: evaluate(fn, self.far, params, data, layout, True))(stacked)
+    return {key: out[key] for key in ("energy", "forces", "virial", "extrapolation")}
+
+
 def run_committee(steps: int) -> None:
     """``--committee``: both modes of :func:`committee_worker`, each in its own process, one table."""
     results = [run_json_worker([sys.executable, __file__, "--committee-worker", mode, str(steps)], mode)
-               for mode in ("one-by-one", "stacked")]
+               for mode in ("constants", "arguments", "stacked")]
     rows = [[r["mode"], row["committee"], row["first_run_s"], row["compile_s"], row["us_per_atom_step"]]
             for r in results if r for row in r["rows"]]
-    print_table(["evaluation", "run", "first run s", "compile s", "µs/atom-step (steady)"], rows,
+    print_table(["weights", "run", "first run s", "compile s", "µs/atom-step (steady)"], rows,
                 title=f"MD with a committee of 3 (192-atom water, n2p2 H2O potential, float64, {steps} NVE steps, "
                       "2 threads, empty compilation cache per process)")
     print(f"wrote {write_json('bench_md_committee', {'machine': machine_info(), 'results': results})}")
@@ -328,8 +351,8 @@ def main() -> None:
                         help="only the 103,680-atom run (e.g. float64 100); writes bench_md_large.json")
     parser.add_argument("--large-worker", nargs=2, metavar=("DTYPE", "STEPS"))
     parser.add_argument("--committee", action="store_true",
-                        help="only the committee case: stacked vs one-by-one evaluation, first and retrained "
-                             "committee (bench_md_committee.json)")
+                        help="only the committee case: weights as constants, as arguments, stacked; first and "
+                             "retrained committee (bench_md_committee.json)")
     parser.add_argument("--committee-steps", type=int, default=40)
     parser.add_argument("--committee-worker", nargs=2, metavar=("MODE", "STEPS"))
     args = parser.parse_args()

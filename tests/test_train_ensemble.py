@@ -161,27 +161,6 @@ def test_md_forcefield_uses_the_calibrated_uncertainty(committee, labelled):
     factor = np.array([TRUE_SCALE[s] for s in atoms.get_chemical_symbols()])
     np.testing.assert_allclose(out["force_std"], factor * out["force_std_raw"], rtol=1e-12)
     assert forcefield(committee).force_scale is None  # uncalibrated: force_std is the raw spread
-    # members of one kind are evaluated as one program over their stacked weights (the comparison above is with
-    # the members' own predictions, one by one)
-    assert not isinstance(forcefield(ensemble).parameters()["members"], list)
-
-
-def test_members_of_other_kinds_are_evaluated_one_by_one():
-    from mlmd_lab.md.forcefield import _stack_members
-
-    same = forcefield(Ensemble([_member(0), _member(1)])).members
-    assert jax_leading(_stack_members(same)) == {2}
-    narrow = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(4, 4), seed=3)
-    assert _stack_members(same[:1] + forcefield(narrow).members) is None  # other shapes
-    other_far = HDNNP.create(["Cu", "S"], cutoff=3.5, hidden=(5, 5), seed=3)
-    assert _stack_members(same[:1] + forcefield(other_far).members) is None  # other energy function
-    assert _stack_members(same[:1]) is None  # a single potential
-
-
-def jax_leading(tree) -> set[int]:
-    import jax
-
-    return {np.shape(leaf)[0] for leaf in jax.tree.leaves(tree)}
 
 
 _RETRAINED_SCRIPT = """

@@ -80,7 +80,7 @@ class ForceField:
     source: object = None
     force_scale: np.ndarray | None = None  # (E,) raw committee spread -> calibrated uncertainty, per element
     _compiled: dict = field(default_factory=dict, repr=False)
-    _stack: dict = field(default_factory=dict, repr=False)  # holds parameters()
+    _parameters: dict = field(default_factory=dict, repr=False)  # holds parameters()
 
     def species(self, atoms: Atoms) -> np.ndarray:
         """Element index of each atom; a clear error for elements the potential does not know."""
@@ -132,19 +132,16 @@ class ForceField:
         return device_arrays(arrays, layout)
 
     def parameters(self) -> dict:
-        """What :meth:`compute` reads of the potential, as a pytree of JAX arrays: ``members``, the members'
-        parameters (stacked on a leading axis when they share one energy function, else a list), and
-        ``force_scale`` (the calibration, or None). Compiled code takes it as an argument rather than baking the
-        weights in as constants, so that potentials of one kind (a retrained committee, the next version of a
-        model) run the same compiled program, which the persistent compilation cache (:mod:`mlmd_lab.jaxconfig`)
-        then loads instead of compiling again."""
-        if "parameters" not in self._stack:
-            stacked = _stack_members(self.members)
+        """What :meth:`compute` reads of the potential, as a pytree of JAX arrays: ``members``, the list of the
+        members' parameters, and ``force_scale`` (the calibration, or None). Compiled code takes it as an argument
+        rather than baking the weights in as constants, so that potentials of one kind (a retrained committee, the
+        next version of a model) run the same compiled program, which the persistent compilation cache
+        (:mod:`mlmd_lab.jaxconfig`) then loads instead of compiling again (``benchmarks/bench_md.py
+        --committee``)."""
+        if "parameters" not in self._parameters:
             scale = None if self.force_scale is None else jnp.asarray(self.force_scale, jnp.float64)
-            self._stack["parameters"] = {
-                "members": stacked if stacked is not None else [params for _, params in self.members],
-                "force_scale": scale}
-        return self._stack["parameters"]
+            self._parameters["parameters"] = {"members": [params for _, params in self.members], "force_scale": scale}
+        return self._parameters["parameters"]
 
     def compute(self, arrays: dict, layout: Layout, positions, cell, params: dict | None = None) -> dict:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
@@ -168,22 +165,12 @@ class ForceField:
         return {"energy": jnp.mean(energies), "forces": mean_forces, "virial": jnp.mean(virials, axis=0),
                 "extrapolation": extrapolation, "force_std": calibrated, "force_std_raw": spread}
 
-    def _member_outputs(self, members, arrays: dict, layout: Layout, positions, cell) -> dict:
+    def _member_outputs(self, members: list, arrays: dict, layout: Layout, positions, cell) -> dict:
         """Every member's :func:`~mlmd_lab.potentials.model.evaluate` results (model units), stacked on a leading
         member axis: ``energy`` (M, 1), ``forces`` (M, N, 3), ``virial`` (M, 1, 3, 3), ``extrapolation`` (M, N).
-
-        A committee whose members share one energy function (same symmetry functions and architecture, as
-        :func:`~mlmd_lab.train.trainer.train_ensemble` makes them) is evaluated as one program mapped over the
-        stacked parameters (``jax.vmap``): the symmetry functions, which do not depend on the parameters, are
-        computed once instead of once per member, and XLA compiles one copy of the graph instead of M (the
-        compilation dominated short committee runs). Other committees are evaluated member by member.
-        ``members``: :meth:`parameters`' ``members``."""
+        ``members``: :meth:`parameters`' ``members``. (Mapping one program over the stacked weights with
+        ``jax.vmap`` was measured and is not faster: ``benchmarks/bench_md.py --committee``.)"""
         keys = ("energy", "forces", "virial", "extrapolation")
-        if not isinstance(members, list):  # stacked
-            fn = self.members[0][0]
-            data = self._with_positions(fn, arrays, layout, positions, cell)
-            out = jax.vmap(lambda params: evaluate(fn, self.far, params, data, layout, True))(members)
-            return {key: out[key] for key in keys}
         outs = [evaluate(fn, self.far, params, self._with_positions(fn, arrays, layout, positions, cell), layout, True)
                 for (fn, _), params in zip(self.members, members, strict=True)]
         return {key: jnp.stack([o[key] for o in outs]) for key in keys}
@@ -275,21 +262,6 @@ def forcefield(potential, skin: float = 1.0, dtype: str | None = None) -> ForceF
         energy_factor=first.energy_factor, dtype=first.dtype, builder=first.neighbour_builder(skin),
         members=[(m.energy_function(), m.parameters()) for m in models], far=first.padding_distance,
         is_ensemble=members is not None, source=potential, force_scale=_force_scale(potential))
-
-
-def _stack_members(members: list):
-    """Stacked parameter pytree of ``members`` [(energy_fn, params)] that share one energy function and one
-    parameter structure (shapes and dtypes included); None for a single member or members that differ."""
-    if len(members) < 2 or any(fn is not members[0][0] for fn, _ in members):
-        return None
-    trees = [params for _, params in members]
-    structure = jax.tree.structure(trees[0])
-    signature = [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(trees[0])]
-    for tree in trees[1:]:
-        if (jax.tree.structure(tree) != structure
-                or [(np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(tree)] != signature):
-            return None
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 def _force_scale(potential) -> np.ndarray | None:

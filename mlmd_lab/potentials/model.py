@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -396,7 +396,6 @@ class HDNNP:
 _COMPILED: dict = {}
 
 
-@lru_cache(maxsize=64)  # one function per kind of model: committee members then share it (mlmd_lab.md.forcefield)
 def _energy_function(plan, smin, acts, normalize, far):
     """f(params, arrays, d, layout) as :meth:`HDNNP.energy_function` describes, with ``f.at_positions(params,
     arrays, positions, cells, layout)``: the same energies from positions (N, 3) and cells (B, 3, 3), whose
