@@ -320,7 +320,7 @@ def _stacked_member_outputs(self, members, arrays, layout, positions, cell):
 
 
 def run_committee(steps: int) -> None:
-    """``--committee``: both modes of :func:`committee_worker`, each in its own process, one table."""
+    """``--committee``: the three modes of :func:`committee_worker`, each in its own process, one table."""
     results = [run_json_worker([sys.executable, __file__, "--committee-worker", mode, str(steps)], mode)
                for mode in ("constants", "arguments", "stacked")]
     rows = [[r["mode"], row["committee"], row["first_run_s"], row["compile_s"], row["us_per_atom_step"]]

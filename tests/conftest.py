@@ -118,6 +118,17 @@ def db(mongo_uri):
     database.close()
 
 
+def random_cu_s_cell(seed: int = 0):
+    """A Cu8S4 cell (6.9 x 4.6 x 4.6 Å, periodic) on a 2.3 Å grid with 0.1 Å Gaussian noise: the structure the
+    random Cu–S models of :func:`random_cu_s_model` are evaluated on."""
+    import numpy as np
+    from ase import Atoms
+
+    rng = np.random.default_rng(seed)
+    grid = np.array([(i, j, k) for i in range(3) for j in range(2) for k in range(2)], float) * 2.3
+    return Atoms("Cu8S4", positions=grid + rng.normal(0, 0.1, grid.shape), cell=[6.9, 4.6, 4.6], pbc=True)
+
+
 def random_cu_s_model(seed: int = 0):
     """A random Cu–S HDNNP (cutoff 4 Å, 5x5) with perturbed weights and wide random scaling statistics.
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from conftest import random_cu_s_model
+from conftest import random_cu_s_cell, random_cu_s_model
 from test_train import FAST, emt_frames
 
 from mlmd_lab.errors import MLMDError
@@ -40,9 +40,7 @@ def _member(seed: int) -> HDNNP:
 
 
 def _structure(seed: int) -> Atoms:
-    rng = np.random.default_rng(seed)
-    grid = np.array([(i, j, k) for i in range(3) for j in range(2) for k in range(2)], float) * 2.3
-    return Atoms("Cu8S4", positions=grid + rng.normal(0, 0.1, grid.shape), cell=[6.9, 4.6, 4.6], pbc=True)
+    return random_cu_s_cell(seed)
 
 
 @pytest.fixture(scope="module")
@@ -165,18 +163,13 @@ def test_md_forcefield_uses_the_calibrated_uncertainty(committee, labelled):
 
 _RETRAINED_SCRIPT = """
 import sys
-from pathlib import Path
-import numpy as np
-from ase import Atoms
 sys.path.insert(0, {tests!r})
-from conftest import random_cu_s_model
+from conftest import random_cu_s_cell, random_cu_s_model
 from mlmd_lab.jaxconfig import cache_folder
 from mlmd_lab.md import run
 from mlmd_lab.train.ensemble import Ensemble
 
-rng = np.random.default_rng(0)
-grid = np.array([(i, j, k) for i in range(3) for j in range(2) for k in range(2)], float) * 2.3
-atoms = Atoms("Cu8S4", positions=grid + rng.normal(0, 0.1, grid.shape), cell=[6.9, 4.6, 4.6], pbc=True)
+atoms = random_cu_s_cell(0)
 counts = []
 for seeds in ((0, 1, 2), (3, 4, 5)):  # a committee, then a retrained one of the same kind
     run(Ensemble([random_cu_s_model(s) for s in seeds]), atoms.copy(), "langevin", temperature=10.0, timestep=0.05,

@@ -80,7 +80,7 @@ class ForceField:
     source: object = None
     force_scale: np.ndarray | None = None  # (E,) raw committee spread -> calibrated uncertainty, per element
     _compiled: dict = field(default_factory=dict, repr=False)
-    _parameters: dict = field(default_factory=dict, repr=False)  # holds parameters()
+    _parameters: dict | None = field(default=None, repr=False)  # parameters(), made on first use
 
     def species(self, atoms: Atoms) -> np.ndarray:
         """Element index of each atom; a clear error for elements the potential does not know."""
@@ -138,10 +138,10 @@ class ForceField:
         next version of a model) run the same compiled program, which the persistent compilation cache
         (:mod:`mlmd_lab.jaxconfig`) then loads instead of compiling again (``benchmarks/bench_md.py
         --committee``)."""
-        if "parameters" not in self._parameters:
+        if self._parameters is None:
             scale = None if self.force_scale is None else jnp.asarray(self.force_scale, jnp.float64)
-            self._parameters["parameters"] = {"members": [params for _, params in self.members], "force_scale": scale}
-        return self._parameters["parameters"]
+            self._parameters = {"members": [params for _, params in self.members], "force_scale": scale}
+        return self._parameters
 
     def compute(self, arrays: dict, layout: Layout, positions, cell, params: dict | None = None) -> dict:
         """Energy (eV), forces (N, 3) eV/Å, virial (3, 3) eV (= dE/d strain, ASE's convention: stress = virial / V),
