@@ -129,8 +129,8 @@ def random_cu_s_cell(seed: int = 0):
     return Atoms("Cu8S4", positions=grid + rng.normal(0, 0.1, grid.shape), cell=[6.9, 4.6, 4.6], pbc=True)
 
 
-def random_cu_s_model(seed: int = 0):
-    """A random Cu–S HDNNP (cutoff 4 Å, 5x5) with perturbed weights and wide random scaling statistics.
+def random_cu_s_model(seed: int = 0, hidden: tuple[int, ...] = (5, 5)):
+    """A random Cu–S HDNNP (cutoff 4 Å, ``hidden`` nodes) with perturbed weights and wide random scaling statistics.
 
     The statistics are random rather than from ``fit_scaling`` (seconds of eager JAX); their wide min/max keep
     test structures inside the "training range", so no extrapolation warnings.
@@ -139,7 +139,7 @@ def random_cu_s_model(seed: int = 0):
 
     from mlmd_lab.potentials import HDNNP
 
-    model = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=(5, 5), seed=seed)
+    model = HDNNP.create(["Cu", "S"], cutoff=4.0, hidden=hidden, seed=seed)
     rng = np.random.default_rng(seed + 10)
     model.networks = {e: [(W + rng.normal(0, 0.3, np.shape(W)), b + rng.normal(0, 0.1, np.shape(b)))
                           for W, b in layers] for e, layers in model.networks.items()}
