@@ -412,12 +412,8 @@ class _Engine:
         atoms = self.atoms
         self._rebuild(atoms.positions, atoms.cell.array)
         R, h = jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array)
-        force_call = self.ff.compiled(self.layout)  # partial(jitted f(arrays, R, h, params), params=...)
-        params = force_call.keywords["params"]
-        t0 = time.perf_counter()
-        executable = force_call.func.lower(self.arrays, R, h, params).compile()
-        compile_s = time.perf_counter() - t0
-        out = executable(self.arrays, R, h, params)
+        force_call, compile_s = self.ff.compiled_ahead(self.layout, self.arrays, R, h)
+        out = force_call(self.arrays, R, h)
         return integ.MDState(
             positions=R, momenta=jnp.asarray(self.momenta), forces=out["forces"] * self.constants["free"],
             energy=out["energy"], virial=out["virial"], cell=h, extrapolation=out["extrapolation"],
