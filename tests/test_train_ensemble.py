@@ -39,10 +39,6 @@ def _member(seed: int) -> HDNNP:
     return random_cu_s_model(seed)
 
 
-def _structure(seed: int) -> Atoms:
-    return random_cu_s_cell(seed)
-
-
 @pytest.fixture(scope="module")
 def committee() -> Ensemble:
     return Ensemble([_member(0), _member(1), _member(2)])
@@ -53,7 +49,7 @@ def labelled(committee) -> list[Atoms]:
     """Frames whose reference force on atom i is off the committee mean by TRUE_SCALE[element] x raw spread_i,
     in a random direction: |error_i| / spread_i is known exactly."""
     rng = np.random.default_rng(5)
-    frames = [_structure(seed) for seed in range(6)]
+    frames = [random_cu_s_cell(seed) for seed in range(6)]
     for atoms, pred in zip(frames, committee.predict(frames, stress=False, warn=False), strict=True):
         direction = rng.normal(size=(len(atoms), 3))
         direction /= np.linalg.norm(direction, axis=1, keepdims=True)
@@ -118,7 +114,7 @@ def test_calibration_table_compares_predicted_and_actual_per_bin(committee, labe
 
 
 def test_bad_calibration_input_is_refused(committee, labelled):
-    unlabelled = [_structure(9)]
+    unlabelled = [random_cu_s_cell(9)]
     with pytest.raises(MLMDError, match="no labelled forces"):
         Ensemble(committee.members).calibrate(unlabelled)
     with pytest.raises(MLMDError, match="identical forces"):
