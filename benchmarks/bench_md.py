@@ -30,6 +30,8 @@ float64 and float32: linear-fit total-energy drift in meV/atom/ps (target <= 0.1
     python benchmarks/bench_md.py --large float64 100   # 103,680 atoms, 100 steps (bench_md_large.json)
     python benchmarks/bench_md.py --committee            # committee MD: weights as constants or arguments,
                                                          # first and retrained committee (bench_md_committee.json)
+    python benchmarks/bench_md.py --one-device           # one JAX CPU device on 2 cores: XLA's thread pool of 2
+                                                         # threads against 1 (bench_md_one_device.json)
 
 Writes ``benchmarks/results/bench_md.json``.
 """
@@ -332,6 +334,36 @@ def run_committee(steps: int) -> None:
     print(f"wrote {write_json('bench_md_committee', {'machine': machine_info(), 'results': results})}")
 
 
+def run_one_device(steps: int, skin: float) -> None:
+    """One JAX CPU device (MLMD_CPU_DEVICES=1, as in each test worker) on 2 cores, 1,080 atoms, float64: XLA's
+    thread pool at its default size (the cores: PJRT_NPROC=2) against one thread (what mlmd_lab.jaxconfig sets
+    for one device). Alternating pairs, median of each worker's repeats."""
+    results = []
+    for pair in range(2):
+        for pool in ("2", "1"):
+            env = {"MLMD_CPU_DEVICES": "1", "PJRT_NPROC": pool}
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                cmd = [sys.executable, __file__, "--worker", "cpu", "2", "float64", "1", str(steps), str(skin), "auto"]
+                r = run_json_worker(cmd, f"one device, pool {pool}")
+            finally:
+                for k, v in saved.items():
+                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if r is not None:
+                results.append(dict(r, xla_pool_threads=int(pool), pair=pair))
+    print_table(["XLA pool threads", "pair", "atoms", "steps", "µs/atom-step", "repeats µs/atom-step", "compile s"],
+                [[r["xla_pool_threads"], r["pair"], r["atoms"], r["steps"], r["us_per_atom_step"],
+                  " ".join(f"{x:.0f}" for x in r["us_per_atom_step_all"]), r["compile_s"]] for r in results],
+                title="One JAX CPU device on 2 cores, 1,080-atom water, float64, NVE 0.5 fs (pool 2: XLA's default; "
+                      "pool 1: mlmd_lab's for one device)")
+    by_pool = {p: sorted(r["us_per_atom_step"] for r in results if r["xla_pool_threads"] == p) for p in (1, 2)}
+    if by_pool[1] and by_pool[2]:
+        ratio = by_pool[2][len(by_pool[2]) // 2] / by_pool[1][len(by_pool[1]) // 2]
+        print(f"pool of 2 threads over pool of 1 (time per atom-step, medians): {ratio:.2f}x")
+    print(f"wrote {write_json('bench_md_one_device', {'machine': machine_info(), 'runs': results})}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="timed steps for 1080 atoms")
@@ -356,7 +388,13 @@ def main() -> None:
                              "retrained committee (bench_md_committee.json)")
     parser.add_argument("--committee-steps", type=int, default=40)
     parser.add_argument("--committee-worker", nargs=2, metavar=("MODE", "STEPS"))
+    parser.add_argument("--one-device", action="store_true",
+                        help="only one JAX CPU device on 2 cores, XLA's thread pool of 2 threads (PJRT_NPROC=2, "
+                             "XLA's default) against 1 (mlmd_lab's); bench_md_one_device.json")
     args = parser.parse_args()
+    if args.one_device:
+        run_one_device(args.steps, args.skin)
+        return
     if args.committee_worker:
         print(json.dumps(committee_worker(args.committee_worker[0], int(args.committee_worker[1]))))
         return

@@ -80,3 +80,30 @@ def test_one_cpu_device_per_core_in_a_fresh_process():
     assert out.returncode == 0, out.stderr
     devices, cores = map(int, out.stdout.split())
     assert devices == min(cores, 16)
+
+
+_POOL_PROGRAM = """
+import os
+import mlmd_lab.potentials, jax
+jax.devices()
+names = [open(f"/proc/self/task/{t}/comm").read() for t in os.listdir("/proc/self/task")]
+print(jax.local_device_count("cpu"), sum("XLAEigen" in n for n in names), os.environ.get("PJRT_NPROC"))
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not os.path.isdir("/proc/self/task"),
+                    reason="needs 2 cores (the pool follows the cores) and Linux's /proc thread names")
+@pytest.mark.parametrize(("devices", "user_nproc", "pool"), [("1", None, 1), ("1", "2", 2), ("2", None, 2)])
+def test_one_device_gets_one_xla_helper_thread(devices, user_nproc, pool):
+    """One CPU device on several cores: XLA's thread pool (its threads are named *XLAEigen*) has one thread; a
+    PJRT_NPROC the user set wins; several devices keep a pool as large as the device count (XLA's own floor)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PJRT_NPROC")}
+    env.update(JAX_PLATFORMS="cpu", MLMD_CPU_DEVICES=devices, MLMD_JAX_CACHE="off")
+    if user_nproc:
+        env["PJRT_NPROC"] = user_nproc
+    out = subprocess.run([sys.executable, "-c", _POOL_PROGRAM], env=env, capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2])))
+    assert out.returncode == 0, out.stderr
+    count, threads, nproc = out.stdout.split()
+    assert (int(count), int(threads)) == (int(devices), pool)
+    assert nproc == (user_nproc or ("1" if devices == "1" else "None"))
