@@ -349,7 +349,10 @@ def run_one_device(steps: int, skin: float) -> None:
                 r = run_json_worker(cmd, f"one device, pool {pool}")
             finally:
                 for k, v in saved.items():
-                    os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+                    if v is None:
+                        os.environ.pop(k)
+                    else:
+                        os.environ[k] = v
             if r is not None:
                 results.append(dict(r, xla_pool_threads=int(pool), pair=pair))
     print_table(["XLA pool threads", "pair", "atoms", "steps", "µs/atom-step", "repeats µs/atom-step", "compile s"],

@@ -18,11 +18,12 @@
 - With one CPU device on several cores (``MLMD_CPU_DEVICES=1``, e.g. each worker of the test suite), XLA's pool
   of helper threads is cut to one (``PJRT_NPROC=1``, read by XLA's CPU client when it starts). Why: XLA sizes
   that pool by the cores and runs independent kernels of a loop body on it concurrently; for the descriptor
-  loops' small chunk kernels the hand-offs cost more than they gain. Measured on this 2-core machine (one force
-  call of the 1,080-atom water, n2p2's H2O potential, float64, one device): 335-350 ms with the pool of two
-  threads, using ~1.4 cores, against 267 ms with one thread, using one core; the largest angular block alone
-  33 ms against 15 ms. XLA makes the pool at least as large as the device count, so several devices are not
-  affected. A ``PJRT_NPROC`` the user set wins.
+  loops' small chunk kernels the hand-offs cost more than they gain. Measured on a 2-core machine, one device,
+  NVE MD of the 1,080-atom water with n2p2's H2O potential in float64: 350 µs/atom-step with the pool of two
+  threads (using ~1.4 cores in the force call), 285 with one (``benchmarks/bench_md.py --one-device``); the
+  largest angular block alone 33 ms against 15 ms. XLA makes the pool at least as large as the device count, so
+  several devices are not affected. A ``PJRT_NPROC`` the user set wins; being an environment variable, it is
+  inherited by processes started from this one.
 
 Environment:
     MLMD_CPU_DEVICES: how many JAX CPU devices to make (default: the cores this process may use, at most
