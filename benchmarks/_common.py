@@ -125,9 +125,10 @@ def gpu_available() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def run_json_worker(cmd: Sequence[str], label: str) -> dict[str, Any] | None:
-    """Run a benchmark worker process; its last stdout line is its JSON result (None, reported, on failure)."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True)
+def run_json_worker(cmd: Sequence[str], label: str, env: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """Run a benchmark worker process (``env``: variables set for it on top of this process's environment); its last
+    stdout line is its JSON result (None, reported, on failure)."""
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         print(f"[{label}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None

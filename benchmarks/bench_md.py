@@ -341,18 +341,8 @@ def run_one_device(steps: int, skin: float) -> None:
     results = []
     for pair in range(2):
         for pool in ("2", "1"):
-            env = {"MLMD_CPU_DEVICES": "1", "PJRT_NPROC": pool}
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            try:
-                cmd = [sys.executable, __file__, "--worker", "cpu", "2", "float64", "1", str(steps), str(skin), "auto"]
-                r = run_json_worker(cmd, f"one device, pool {pool}")
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k)
-                    else:
-                        os.environ[k] = v
+            cmd = [sys.executable, __file__, "--worker", "cpu", "2", "float64", "1", str(steps), str(skin), "auto"]
+            r = run_json_worker(cmd, f"one device, pool {pool}", env={"MLMD_CPU_DEVICES": "1", "PJRT_NPROC": pool})
             if r is not None:
                 results.append(dict(r, xla_pool_threads=int(pool), pair=pair))
     print_table(["XLA pool threads", "pair", "atoms", "steps", "µs/atom-step", "repeats µs/atom-step", "compile s"],

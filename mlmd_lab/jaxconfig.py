@@ -74,14 +74,12 @@ def _ask_for_cpu_devices() -> None:
         started = xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):  # a JAX without this (private) query: leave its devices alone
         return
-    if started:
+    if started or "xla_force_host_platform_device_count" in flags:
         return
-    if count <= 1:
-        if "PJRT_NPROC" not in os.environ and "xla_force_host_platform_device_count" not in flags:
-            os.environ["PJRT_NPROC"] = "1"  # one device: one helper thread (see the module docstring)
-        return
-    if "xla_force_host_platform_device_count" not in flags:
+    if count > 1:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    elif "PJRT_NPROC" not in os.environ:
+        os.environ["PJRT_NPROC"] = "1"  # one device: one helper thread (see the module docstring)
 
 
 def host_tag() -> str:
