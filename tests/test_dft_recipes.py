@@ -365,6 +365,31 @@ def test_pyscf_water_energy_forces_and_extxyz_output(tmp_path, db):
     assert json.loads(got[0].info["provenance"])["name"] == "rattle"
 
 
+def test_pyscf_molecules_run_on_one_thread_and_the_callers_threads_come_back(tmp_path):
+    """One OpenMP and BLAS thread per molecular calculation (PySCF's docstring: more were measured slower, and up
+    to 10x slower on a busy machine); an explicit ``threads`` wins; cells keep PySCF's default; the limits end
+    with the calculation. PySCF's log header says how many threads it ran on."""
+    pytest.importorskip("pyscf")
+    from pyscf import lib
+    from threadpoolctl import threadpool_info
+
+    def counts() -> list[tuple[str, int]]:
+        return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info())
+
+    water = molecule("H2O")
+    before, before_pyscf = counts(), lib.num_threads()
+    energies = {}
+    for threads in (None, 2):
+        log = tmp_path / f"threads-{threads}.log"
+        energies[threads] = PySCF(threads=threads).compute(water, ("energy",), log=log)["energy"]
+        header = next(line for line in log.read_text().splitlines() if "Threads" in line)
+        assert header.split()[-1] == str(threads or 1), header
+        assert counts() == before and lib.num_threads() == before_pyscf
+    assert energies[None] == pytest.approx(energies[2], abs=1e-7)  # same SCF, 1e-9 Ha convergence
+    assert (PySCF().threads_for(water), PySCF().threads_for(si8(False)), PySCF(threads=3).threads_for(water)) \
+        == (1, None, 3)
+
+
 @pytest.mark.slow
 def test_pyscf_periodic_stress_is_corrected_and_matches_strain_derivative():
     pytest.importorskip("pyscf")

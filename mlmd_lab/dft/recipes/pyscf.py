@@ -4,6 +4,7 @@ pseudopotentials for cells; writes extxyz (energy eV, forces eV/Å, stress eV/Å
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -49,7 +50,16 @@ class PySCF(Recipe):
         kpts: None (Γ point) or Monkhorst-Pack divisions ``(n1, n2, n3)``.
         stress: compute the stress of periodic cells (k-point code; several times slower).
         charge, spin: total charge and 2S (number of unpaired electrons).
-        conv_tol: SCF convergence (Hartree); max_memory: MB; threads: OpenMP threads (None: PySCF's default).
+        conv_tol: SCF convergence (Hartree); max_memory: MB.
+        threads: OpenMP and BLAS threads of one calculation. None (default): 1 for molecules, PySCF's default (the
+            cores) for cells. Molecules get one thread because more were measured slower, on an idle machine too
+            (``benchmarks/bench_pyscf_threads.py``, 2 cores, PBE/def2-SVP energy+forces, medians of two runs):
+            water 0.32-0.35 s per calculation on one thread, 0.71-0.72 s on two; methanol 1.9-2.0 s against
+            2.1-2.9 s. With another process on one of the cores (a shared JupyterHub, the test suite): water 0.32-0.35
+            s against 0.70-0.99 s, methanol 1.9-2.0 s against 4.8-5.5 s, and water 3.5-4.9 s on two threads against
+            0.33-0.63 s on one during a test-suite run: OpenMP threads spin while they wait for a thread whose
+            core is taken. Run calculations side by side for parallelism (:func:`~mlmd_lab.dft.label` with a
+            cluster). The limits hold during the calculation only; the caller's settings come back afterwards.
     """
 
     name = "pyscf"
@@ -192,14 +202,35 @@ class PySCF(Recipe):
         Raises MLMDError when the SCF does not converge.
         """
         self.check(atoms)
-        from pyscf import lib
+        with self._thread_limits(atoms):
+            if log is None:
+                return self._compute(atoms, properties, None, chkfile)
+            with open(log, "w") as fh:
+                return self._compute(atoms, properties, fh, chkfile)
 
-        if self.threads:
-            lib.num_threads(int(self.threads))
-        if log is None:
-            return self._compute(atoms, properties, None, chkfile)
-        with open(log, "w") as fh:
-            return self._compute(atoms, properties, fh, chkfile)
+    def threads_for(self, atoms: Atoms | None) -> int | None:
+        """Threads of one calculation of ``atoms`` (see ``threads``); None: PySCF's default."""
+        if self.threads is not None:
+            return int(self.threads)
+        return None if self._periodic(atoms) else 1
+
+    @contextlib.contextmanager
+    def _thread_limits(self, atoms: Atoms):
+        """Limit PySCF's OpenMP and numpy's BLAS threads to :meth:`threads_for` while the block runs."""
+        threads = self.threads_for(atoms)
+        if threads is None:
+            yield
+            return
+        from pyscf import lib
+        from threadpoolctl import threadpool_limits
+
+        previous = lib.num_threads()
+        lib.num_threads(threads)  # PySCF's own count (its log and its block sizes read it)
+        try:
+            with threadpool_limits(limits=threads):  # every OpenMP and BLAS library loaded (PySCF's, numpy's)
+                yield
+        finally:
+            lib.num_threads(previous)
 
     def _compute(self, atoms: Atoms, properties: Sequence[str], stdout: Any, chkfile: Any) -> dict[str, Any]:
         periodic = self._periodic(atoms)
