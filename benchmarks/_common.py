@@ -125,10 +125,11 @@ def gpu_available() -> bool:
     return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
-def run_json_worker(cmd: Sequence[str], label: str, env: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """Run a benchmark worker process (``env``: variables set for it on top of this process's environment); its last
-    stdout line is its JSON result (None, reported, on failure)."""
-    proc = subprocess.run(list(cmd), capture_output=True, text=True, env={**os.environ, **(env or {})})
+def run_json_worker(cmd: Sequence[str], label: str, env: dict[str, str | None] | None = None) -> dict[str, Any] | None:
+    """Run a benchmark worker process (``env``: variables set for it on top of this process's environment, None
+    removes one); its last stdout line is its JSON result (None, reported, on failure)."""
+    merged = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, env=merged)
     if proc.returncode != 0:
         print(f"[{label}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None

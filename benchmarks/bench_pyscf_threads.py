@@ -71,12 +71,11 @@ def worker(molecule_name: str, repeat: int, threads: int) -> dict:
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
-def _busy(stop_at: float) -> None:
-    """Keep one core busy with pure Python until ``stop_at`` (time.time())."""
+def _busy() -> None:
+    """Keep one core busy with pure Python until the process is terminated."""
     x = 0
-    while time.time() < stop_at:
-        for i in range(10_000):
-            x += i * i
+    while True:
+        x = (x + 1) % 1_000_003
 
 
 def run(repeat: int) -> dict:
@@ -87,15 +86,12 @@ def run(repeat: int) -> dict:
             for setting, (threads, policy) in SETTINGS.items():
                 busy = None
                 if state != "idle":
-                    busy = multiprocessing.Process(target=_busy, args=(time.time() + 3600,), daemon=True)
+                    busy = multiprocessing.Process(target=_busy, daemon=True)
                     busy.start()
                 try:
                     cmd = [sys.executable, __file__, "--worker", name, "--repeat", str(repeat),
                            "--threads", str(threads or 0)]
-                    if policy is None:
-                        cmd = ["env", "-u", "OMP_WAIT_POLICY", *cmd]
-                    out = run_json_worker(cmd, f"{state} {name} {setting}",
-                                          env={"OMP_WAIT_POLICY": policy} if policy else None)
+                    out = run_json_worker(cmd, f"{state} {name} {setting}", env={"OMP_WAIT_POLICY": policy})
                 finally:
                     if busy is not None:
                         busy.terminate()

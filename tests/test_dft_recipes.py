@@ -198,6 +198,9 @@ def test_pyscf_settings_and_checks():
         PySCF(xc="SCAN").check(cell)
     with pytest.raises(MLMDError, match="RKS"):
         PySCF(method="CCSD")
+    for threads in (0, -2, 1.5):
+        with pytest.raises(MLMDError, match=f"threads={threads!r}"):
+            PySCF(threads=threads)
     slab = cell.copy()
     slab.pbc = [True, True, False]
     with pytest.raises(MLMDError, match="slabs"):

@@ -84,6 +84,9 @@ class PySCF(Recipe):
         self.spin = int(spin)
         self.conv_tol = float(conv_tol)
         self.max_memory = int(max_memory)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise MLMDError(f"PySCF threads={threads!r}: give a whole number of threads >= 1, or None for the default "
+                            "(1 for molecules, PySCF's own for cells)")
         self.threads = threads
 
     @staticmethod
