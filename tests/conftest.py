@@ -32,20 +32,20 @@ if "MLMD_JAX_CACHE" not in os.environ:
     atexit.register(shutil.rmtree, _jax_cache, True)
 
 
-#: The longest tests (seconds in a clean suite on 2 cores, tests/ durations of the last full runs), started first:
+#: The longest tests (seconds in a clean suite on 2 cores, --durations of the run of 2026-12-06), started first:
 #: xdist hands tests to the workers in collection order, so a 6-minute test collected last kept one worker busy
 #: while the other idled (longest-first is the classic remedy). Only the order changes; a stale entry costs nothing.
 LONGEST_FIRST = (
-    "test_quickstart.py::test_quickstart_notebook_in_the_browser",  # 389 s
-    "test_notebooks.py::test_notebook_executes[04_md_analysis.ipynb]",  # 171 s
-    "test_learn.py::test_loop_on_emt_copper_ends_with_a_better_model_than_its_seed_model",  # 134 s
-    "test_md.py::test_water_run_gives_sensible_structure_diffusion_and_spectrum",  # 115 s
-    "test_slhmc_dft.py::test_qe_reference_run_survives_sigkill_and_repeats_no_dft",  # 91 s
-    "test_train_store.py::test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest",  # 80 s
-    "test_label.py::test_label_20_si8_through_slurm_survives_a_killed_worker",  # 79 s
-    "test_md.py::test_npt_pressure_and_volume_fluctuations",  # 78 s
-    "test_train_ensemble.py::test_md_thresholds_on_the_calibrated_uncertainty",  # 65 s
-    "test_slhmc.py::test_learning_phase_raises_the_acceptance_of_a_potential_trained_on_30_frames",  # 63 s
+    "test_notebooks.py::test_notebook_executes[04_md_analysis.ipynb]",  # 121 s
+    "test_quickstart.py::test_quickstart_notebook_in_the_browser",  # 110 s (389 s before PySCF ran on one thread)
+    "test_slhmc_dft.py::test_qe_reference_run_survives_sigkill_and_repeats_no_dft",  # 76 s
+    "test_label.py::test_label_20_si8_through_slurm_survives_a_killed_worker",  # 71 s
+    "test_train_ensemble.py::test_md_thresholds_on_the_calibrated_uncertainty",  # 64 s
+    "test_md.py::test_water_run_gives_sensible_structure_diffusion_and_spectrum",  # 63 s
+    "test_learn.py::test_loop_on_emt_copper_ends_with_a_better_model_than_its_seed_model",  # 58 s
+    "test_md.py::test_npt_pressure_and_volume_fluctuations",  # 48 s
+    "test_slhmc.py::test_learning_phase_raises_the_acceptance_of_a_potential_trained_on_30_frames",  # 44 s
+    "test_autobuild.py::test_autobuild_with_real_qe_writes_the_report_and_computes_the_checks",  # 43 s
 )
 
 

@@ -553,6 +553,36 @@ def test_lean_md_graph_equals_the_general_one(model):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-13, atol=1e-12)
 
 
+def test_an_outgrown_md_layout_grows_with_headroom_where_it_overflowed(model):
+    """An MD rebuild whose counts no longer fit the previous layout (a compressed cell: more pairs and triplets) gives
+    the blocks and groups that overflowed room for REGROW_HEADROOM times their count, keeps the others' capacities
+    (padded slots are masked: the lean-graph test above shows that padding leaves the results alone); a layout that
+    still fits is reused as it is."""
+    from mlmd_lab.potentials.neighbours import REGROW_HEADROOM, bucket
+
+    builder = model.neighbour_builder(skin=0.4)
+    loose = _zno(rattle=0.05, seed=52).repeat((2, 1, 1))
+    dense = loose.copy()
+    dense.set_cell(dense.cell.array * 0.9, scale_atoms=True)
+    old = builder.build_one(*model.structure(loose)).layout
+    tight = builder.build_one(*model.structure(dense))
+    grown = builder.build_one(*model.structure(dense), old)
+    assert builder.build_one(*model.structure(loose), grown.layout).layout == grown.layout
+    pairs = [np.count_nonzero(tight.pair_mask[o:o + c]) for o, c in tight.layout.pair_blocks]
+    trips = [np.count_nonzero(tight.trip_ij[o:o + c] != tight.trip_ik[o:o + c])  # padding: trip_ij == trip_ik
+             for _, o, c in tight.layout.triplet_groups]
+    overflowed = 0
+    for (_, c_old), (_, c_new), n in zip(old.pair_blocks, grown.layout.pair_blocks, pairs, strict=True):
+        assert c_new == (c_old if c_old > n else bucket(int(np.ceil(n * REGROW_HEADROOM))))
+        overflowed += c_old <= n
+    for (_, _, c_old), (_, _, c_new), n in zip(old.triplet_groups, grown.layout.triplet_groups, trips, strict=True):
+        assert c_new == (c_old if c_old > n else bucket(int(np.ceil(n * REGROW_HEADROOM))))
+        overflowed += c_old <= n
+    assert overflowed > 0, "the compressed cell must overflow some block or group for this test to mean anything"
+    assert sum(c for _, c in grown.layout.pair_blocks) > sum(c for _, c in tight.layout.pair_blocks)
+    np.testing.assert_array_equal(grown.pair_mask.sum(), tight.pair_mask.sum())  # the same pairs, more padding
+
+
 def test_positions_path_equals_the_pair_vector_path(model):
     """evaluate's position form (pair vectors built in the loops, gradients straight to positions and cells, virial
     as sum r (x) dE/dr + cell^T dE/dcell) gives the pair-vector form's energies, forces and virials: two structures

@@ -42,6 +42,16 @@ def bucket(count: int, minimum: int = 8) -> int:
 #: Evaluation graphs' capacities up to this many entries are powers of two (:func:`graph_capacity`).
 SMALL_CAPACITY = 4096
 
+#: An MD list that outgrows the layout it was to reuse (:meth:`NeighbourBuilder.build_one` with ``capacities``)
+#: gets room for this many times its new count in the blocks and groups that overflowed: each new layout is a
+#: new XLA compilation of the MD block (10-20 s for n2p2's Cu2S potential), and a count that rose once (a crystal
+#: heating from its DFT structure, a liquid's fluctuations) usually rises again. Without it, 60 NVT steps of the
+#: 144-atom Cu2S cell at 600 K from its DFT structure grew the triplet groups in steps of 1/8 and compiled the block
+#: four times. The first build stays tight (no padding where nothing grows); the slots added here are masked and
+#: cost at most this fraction more work in the groups that grew. jax-md's neighbour lists reallocate with a
+#: capacity multiplier (default 1.25) the same way; 1/8 is one :func:`bucket` step.
+REGROW_HEADROOM = 1.125
+
 
 def graph_capacity(count: int) -> int:
     """Capacity of an evaluation graph's atom, pair or triplet slots (single points, batches, the calculator): a
@@ -365,6 +375,16 @@ class NeighbourBuilder:
             triplets.fill(where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
         return graph
 
+    def _regrown(self, old: Layout, atom_cap: int, pair_need, trip_need) -> Layout:
+        """``old`` grown where the new counts overflow it: those blocks and groups get room for
+        :data:`REGROW_HEADROOM` times their count, the others keep their capacity (never shrunk)."""
+        def grown(capacity: int, need: int) -> int:
+            return capacity if capacity > need else bucket(math.ceil(need * REGROW_HEADROOM))
+
+        return self._layout(max(old.n_atoms, atom_cap), old.n_structures,
+                            [grown(c, n) for (_, c), n in zip(old.pair_blocks, pair_need, strict=True)],
+                            [grown(c, n) for (_, _, c), n in zip(old.triplet_groups, trip_need, strict=True)])
+
     def _layout(self, atom_cap: int, n_structures: int, pair_caps, trip_caps) -> Layout:
         """The layout of these capacities: blocks and groups one after another, in the builder's order."""
         pair_offsets = np.r_[0, np.cumsum(pair_caps)[:-1]].astype(np.int64)
@@ -440,6 +460,8 @@ class NeighbourBuilder:
         layout = self._layout(atom_cap, len(structures), pair_caps, trip_caps)
         if capacities is not None and _fits(capacities, n_atoms, pair_need, trip_need, len(structures)):
             layout = capacities
+        elif capacities is not None and lean and _same_blocks(capacities, pair_need, trip_need, len(structures)):
+            layout = self._regrown(capacities, atom_cap, pair_need, trip_need)
         atom_cap = layout.n_atoms
         pair_offsets = np.array([o for o, _ in layout.pair_blocks], np.int64)
         trip_offsets = np.array([o for _, o, _ in layout.triplet_groups], np.int64)
@@ -530,6 +552,12 @@ def _slots(block: np.ndarray, first: np.ndarray, n_elements: int) -> np.ndarray:
     where = np.empty(block.size, np.int64)
     where[order] = first[block_sorted] + (np.arange(block.size) - starts[block_sorted])
     return where
+
+
+def _same_blocks(layout: Layout, pair_counts, trip_counts, n_structures) -> bool:
+    """Whether ``layout`` has the blocks and groups of these counts (then it can be grown, see ``_regrown``)."""
+    return (layout.n_structures == n_structures and len(layout.pair_blocks) == len(pair_counts)
+            and len(layout.triplet_groups) == len(trip_counts))
 
 
 def _fits(layout: Layout, n_atoms, pair_counts, trip_counts, n_structures) -> bool:
