@@ -178,7 +178,8 @@ def test_angular_feature_derivatives_equal_autodiff(cutoff_type, alpha):
         return sum(jnp.sum(jnp.asarray(weights[c]) * G[c][species == c]) for c in range(2))
 
     d = pair_vectors(arrays, model._far())
-    reference = np.asarray(jax.grad(total)(d))  # (P, 3): one row per pair slot of the graph
+    # (P, 3), one row per pair slot; compiled: op by op (eager) it took 26 s of this test, compiled 7 s in all
+    reference = np.asarray(jax.jit(jax.grad(total))(d))
     slot = {(int(i), int(j), tuple(np.round(dd, 9))): p for p, (i, j, dd, m) in
             enumerate(zip(graph.pair_i, graph.pair_j, np.asarray(d), graph.pair_mask, strict=True)) if m}
     checked = 0
