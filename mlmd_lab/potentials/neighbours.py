@@ -44,14 +44,14 @@ SMALL_CAPACITY = 4096
 
 #: An MD list that outgrows the layout it was to reuse (:meth:`NeighbourBuilder.build_one` with ``capacities``)
 #: gets room for this many times its new count in the blocks and groups that overflowed: each new layout is a
-#: new XLA compilation of the MD block (10-20 s for n2p2's Cu2S potential), and a count that rose once (a crystal
-#: heating from its DFT structure, a liquid's fluctuations) usually rises again. Without it, 60 NVT steps of the
-#: 144-atom Cu2S cell at 600 K from its DFT structure grew the triplet groups in steps of 1/8 and compiled the block
-#: four times (34 s), with it twice (23 s); the 200 NVE steps that follow compile three times either way, at the
-#: same speed per step (1,115 and 1,126 atom-steps/s). 1/16 gave the same counts. The first build stays tight (no
-#: padding where nothing grows); the slots added here are masked and cost at most this fraction more work in the
-#: groups that grew. jax-md's neighbour lists reallocate with a
-#: capacity multiplier (default 1.25) the same way; 1/8 is one :func:`bucket` step.
+#: new XLA compilation of the MD block (~6 s for n2p2's Cu2S potential on an idle core, 15-20 s on a busy machine),
+#: and a count that rose once (a crystal heating from its DFT structure, a liquid's fluctuations) usually rises
+#: again. Without it, 60 NVT steps of the 144-atom Cu2S cell at 600 K from its DFT structure grew the triplet groups
+#: in steps of 1/8 and compiled the block four times (34 s), with it twice (23 s); the 200 NVE steps that follow
+#: compile three times either way, at the same speed per step (1,115 and 1,126 atom-steps/s). 1/16 gave the same
+#: counts. The first build stays tight (no padding where nothing grows); the slots added here are masked and cost at
+#: most this fraction more work in the groups that grew. jax-md's neighbour lists reallocate with a capacity
+#: multiplier (default 1.25) the same way; 1/8 is one :func:`bucket` step.
 REGROW_HEADROOM = 1.125
 
 
