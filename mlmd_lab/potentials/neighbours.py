@@ -566,10 +566,8 @@ def _fits(layout: Layout, n_atoms, pair_counts, trip_counts, n_structures) -> bo
     """Whether ``layout`` holds these counts, each with its padding slot (the layout may come from either
     rounding, :func:`bucket` or :func:`graph_capacity`: what matters is room, not how it was rounded)."""
     return (
-        layout.n_structures == n_structures
+        _same_blocks(layout, pair_counts, trip_counts, n_structures)
         and layout.n_atoms > n_atoms
-        and len(layout.pair_blocks) == len(pair_counts)
         and all(old > new for (_, old), new in zip(layout.pair_blocks, pair_counts, strict=True))
-        and len(layout.triplet_groups) == len(trip_counts)
         and all(old > new for (_, _, old), new in zip(layout.triplet_groups, trip_counts, strict=True))
     )
