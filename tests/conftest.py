@@ -7,6 +7,7 @@ server started in a temporary folder for the test session. Each test gets its ow
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -58,6 +59,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("/")[-1], len(rank)))
+
+
+def pytest_collection_finish(session):
+    """Under ``--dist loadgroup`` (in each xdist worker) a test marked ``xdist_group`` must carry its group in its
+    node id: that suffix is how pytest-xdist sends a group to one worker. With pytest 9.2 and pytest-xdist 3.8 it
+    did not, and every group was ignored without a word (pyproject.toml now pins pytest below 9.2); stop the run
+    with the reason instead of running the Slurm tests in two workers at once."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        message = (f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): this pytest "
+                   f"({pytest.__version__}) and pytest-xdist do not work together; install the versions "
+                   "pyproject.toml asks for (bash scripts/test.sh does)")
+        print(message, file=sys.__stderr__, flush=True)  # a worker's exception reaches the log as an xdist crash
+        raise pytest.UsageError(message)
 
 
 def external(sub: str = "") -> Path:

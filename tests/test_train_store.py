@@ -159,13 +159,26 @@ def _emt_labelled(atoms):
     return atoms
 
 
-def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(monkeypatch):
+def _mixed_frames():
+    """12 EMT cells of 32 atoms and 24 small cells of 4 atoms (two size buckets)."""
+    return emt_frames(12, seed=8) + _small_cells(24, seed=9)
+
+
+@pytest.fixture(scope="module")
+def mixed_fit():
+    """One training on :func:`_mixed_frames`, shared by the two mixed-size tests (grouped on one xdist worker):
+    training it once per test cost ~20 s of worker time twice for the same model."""
+    return _fit(_mixed_frames())
+
+
+@pytest.mark.xdist_group("mixed_sizes")
+def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(mixed_fit, monkeypatch):
     """4-atom and 32-atom cells train together; each size keeps records of its own capacities, so memory follows
     the atoms present; padding all to the largest (one bucket) takes over twice as much."""
     from mlmd_lab.train import store as store_module
 
-    frames = emt_frames(12, seed=8) + _small_cells(24, seed=9)
-    mixed = _fit(frames)
+    frames = _mixed_frames()
+    mixed = mixed_fit
     buckets = mixed.storage["buckets"]
     assert [b["atoms"] for b in buckets] == [[4, 4], [32, 32]]
     per_atom = [b["bytes"] / b["atoms_total"] for b in buckets]
@@ -179,14 +192,14 @@ def test_mixed_sizes_are_stored_in_buckets_not_padded_to_the_largest(monkeypatch
     assert padded.storage["bytes"] > 2 * mixed.storage["bytes"]  # 11 x 32 + 21 x 4 atoms padded to 32
 
 
-def test_final_errors_of_mixed_sizes_are_evaluated_per_bucket_and_equal_frame_by_frame():
+@pytest.mark.xdist_group("mixed_sizes")
+def test_final_errors_of_mixed_sizes_are_evaluated_per_bucket_and_equal_frame_by_frame(mixed_fit):
     """The final error pass evaluates each size bucket in its own shapes (the 4-atom cells not padded to 32
     atoms), and its RMSEs equal predictions made one frame at a time."""
     from mlmd_lab.frames import results_of
     from mlmd_lab.train.trainer import evaluate_model
 
-    frames = emt_frames(12, seed=8) + _small_cells(24, seed=9)
-    trainer = _fit(frames)
+    trainer = mixed_fit
     graphs = trainer._final_graphs()
     assert [atoms for atoms, _ in graphs] == [4, 32]
     assert graphs[0][1].layout.n_atoms < graphs[1][1].layout.n_atoms
