@@ -50,6 +50,7 @@ LONGEST_FIRST = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (scripts/test.sh runs two workers), every test on the one real Slurm runs in one worker
     (``--dist loadgroup``): their fixtures start Slurm and cancel all its jobs when done. The longest tests
