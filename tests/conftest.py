@@ -64,16 +64,18 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     """Under ``--dist loadgroup`` (in each xdist worker) a test marked ``xdist_group`` must carry its group in its
-    node id: that suffix is how pytest-xdist sends a group to one worker. With pytest 9.2 and pytest-xdist 3.8 it
-    did not, and every group was ignored without a word (pyproject.toml now pins pytest below 9.2); stop the run
-    with the reason instead of running the Slurm tests in two workers at once."""
+    node id: that suffix is how pytest-xdist sends a group to one worker. Groups were ignored without a word twice:
+    pytest 9.2 no longer reads the node id pytest-xdist 3.8 rewrites (pyproject.toml pins pytest below 9.2), and the
+    Slurm marks were added after pytest-xdist had read the marks (hence ``tryfirst`` above). Stop the run with the
+    reason instead of running the Slurm tests in two workers at once."""
     if not getattr(session.config.option, "loadgroup", False):
         return
     lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
     if lost:
-        message = (f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): this pytest "
-                   f"({pytest.__version__}) and pytest-xdist do not work together; install the versions "
-                   "pyproject.toml asks for (bash scripts/test.sh does)")
+        message = (f"pytest-xdist's --dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): install the "
+                   f"pytest and pytest-xdist that pyproject.toml and scripts/constraints.txt ask for (bash "
+                   f"scripts/test.sh does; this is pytest {pytest.__version__}), and add xdist_group marks in a "
+                   "tryfirst hook or as decorators")
         print(message, file=sys.__stderr__, flush=True)  # a worker's exception reaches the log as an xdist crash
         raise pytest.UsageError(message)
 
