@@ -378,10 +378,11 @@ def test_ensemble_spread_is_logged_and_can_stop_md():
 
 
 def test_compile_s_holds_every_compilation_of_the_run():
-    """MDResult.compile_s holds the starting structure's force call as well as the MD blocks: at least the
-    backend compilations JAX itself records during the run. The force call used to compile inside the timed run,
-    which made a short run's throughput several times too low (Cu2S, 144 atoms, 50 steps: 1.8 ms/atom-step
-    reported, 0.5-0.7 ms with its compilation counted as such)."""
+    """MDResult.compile_s holds every compilation of the run: at least the backend compilations JAX itself records
+    during it. The starting structure's force call used to compile inside the timed run, which made a short run's
+    throughput several times too low (Cu2S, 144 atoms, 50 steps: 1.8 ms/atom-step reported, 0.5-0.7 ms with its
+    compilation counted as such). The starting forces come from the block's own program (its force call alone):
+    one compilation of the potential, not two."""
     import jax
     from conftest import random_cu_s_cell, random_cu_s_model
 
@@ -390,7 +391,7 @@ def test_compile_s_holds_every_compilation_of_the_run():
     recorded = []
 
     def listener(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration" and duration > 0.2:  # not eager one-liners
+        if event == "/jax/core/compile/backend_compile_duration":
             recorded.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -398,8 +399,10 @@ def test_compile_s_holds_every_compilation_of_the_run():
         result = run(model, random_cu_s_cell(), "nve", temperature=300, steps=4, block=4)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert len(recorded) >= 2, recorded  # the force call and the block compiled here
-    assert result.compile_s >= sum(recorded), (result.compile_s, recorded)
+    # programs holding the potential (the block) against eager one-liners (milliseconds)
+    large = [d for d in recorded if d > 0.25 * max(recorded)]
+    assert len(large) == 1 and max(recorded) > 0.5, recorded
+    assert result.compile_s >= sum(large), (result.compile_s, recorded)
     assert result.atom_steps_per_s == pytest.approx(4 * result.atoms.get_global_number_of_atoms()
                                                     / (result.wall_s - result.compile_s))
 

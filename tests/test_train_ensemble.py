@@ -19,7 +19,7 @@ from test_train import FAST, emt_frames
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.frameset import FrameSet
 from mlmd_lab.md import forcefield, run
-from mlmd_lab.md.run import DEFAULT_SKIN, MDStoppedError
+from mlmd_lab.md.run import MDStoppedError
 from mlmd_lab.potentials import HDNNP
 from mlmd_lab.train.ensemble import (
     MIN_CALIBRATION_ATOMS,
@@ -200,7 +200,7 @@ def test_a_retrained_committee_runs_md_from_the_compilation_cache(tmp_path):
 def test_md_thresholds_on_the_calibrated_uncertainty(committee, labelled):
     ensemble = _calibrated(committee, labelled)
     atoms = labelled[0].copy()
-    out = forcefield(ensemble, skin=DEFAULT_SKIN).single_point(atoms)  # MD's lists: its first force call is cached
+    out = forcefield(ensemble).single_point(atoms)
     # a limit between the raw and the calibrated largest uncertainty: only the calibrated committee stops
     limit = 1.2 * float(out["force_std_raw"].max())
     assert float(out["force_std"].max()) > 1.5 * limit

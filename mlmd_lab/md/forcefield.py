@@ -21,8 +21,7 @@ by the engine's skin test (see :func:`neighbours_valid`, the same rule as the AS
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -183,17 +182,6 @@ class ForceField:
             jitted = jax.jit(lambda arrays, R, h, params: self.compute(arrays, layout, R, h, params))
             self._compiled[layout] = partial(jitted, params=self.parameters())
         return self._compiled[layout]
-
-    def compiled_ahead(self, layout: Layout, arrays: dict, positions, cell) -> tuple[Callable, float]:
-        """:meth:`compiled` compiled now for these arguments, ahead of its first call: (f(arrays, positions, cell),
-        seconds spent compiling it or loading it from the persistent cache). For callers that count compilation
-        apart from run time (the MD engine's ``MDResult.compile_s``)."""
-        call = self.compiled(layout)
-        params = call.keywords["params"]
-        t0 = time.perf_counter()
-        executable = call.func.lower(arrays, positions, cell, params).compile()
-        seconds = time.perf_counter() - t0
-        return (lambda arrays, positions, cell: executable(arrays, positions, cell, params)), seconds
 
     def describe(self, layout: Layout | None, lists: str = "neighbour lists on the host") -> str:
         """Where :meth:`compute` runs for ``layout``: the JAX platform and how many CPU devices share the descriptor

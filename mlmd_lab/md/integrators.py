@@ -18,7 +18,8 @@ amu, times in ASE time units (``timestep_fs * ase.units.fs``), pressures eV/Å³
 Why not jax-md's ``simulate``: it does not import with current JAX (see :mod:`mlmd_lab.md.forcefield`), and it
 has no fixed atoms, no degree-of-freedom bookkeeping for them, and no anisotropic barostat.
 
-A step function has the signature ``step(state, constants, key) -> state``; ``force(positions, cell)`` returns a
+A step function has the signature ``step(state, constants, key, initial=None) -> state`` (``initial``: see
+:func:`make_step`); ``force(positions, cell)`` returns a
 dict with energy, forces, virial, extrapolation and force_std (see :class:`~mlmd_lab.md.forcefield.ForceField`).
 """
 
@@ -96,6 +97,8 @@ def make_step(kind: str, force: Callable, anisotropic: bool = False) -> Callable
 
     ``constants`` (a dict of arrays) holds: dt, masses (N, 1), free (N, 1), kT, dof, friction (1/time),
     chain_masses (CHAIN_LENGTH,), pressure (eV/Å³), barostat_rate (compressibility / tau_p, Å³/(eV·time)).
+    The returned ``step(state, constants, key, initial=None)`` takes one step; with ``initial`` (a traced bool)
+    true it only calls ``force`` at the state's own positions and cell (nothing moves, the step count stays).
     """
 
     def kick(state: MDState, c: dict) -> MDState:
@@ -119,32 +122,37 @@ def make_step(kind: str, force: Callable, anisotropic: bool = False) -> Callable
         after = kinetic_energy(momenta, c["masses"], c["free"])
         return state._replace(momenta=momenta, heat=state.heat + after - before)
 
-    def baoab(state: MDState, c: dict, key) -> MDState:
+    # Each step is (before the force call) -> evaluate -> (after it), so that a step can also be taken as the
+    # force call alone (``initial``): the MD block then computes the starting forces with its own force call, and a
+    # run compiles one program instead of two (the potential's forces are most of either program's compile time).
+    def before_baoab(state: MDState, c: dict, key) -> MDState:
         state = drift(kick(state, c), c, 0.5)
-        state = drift(ornstein_uhlenbeck(state, c, key), c, 0.5)
-        return kick(evaluate(state, c), c)
+        return drift(ornstein_uhlenbeck(state, c, key), c, 0.5)
 
-    def nve(state, c, key):
-        return kick(evaluate(drift(kick(state, c), c, 1.0), c), c)
+    def before_nve(state, c, key):
+        return drift(kick(state, c), c, 1.0)
 
-    def langevin(state, c, key):
-        return baoab(state, c, key)
+    def before_nose_hoover(state, c, key):
+        return drift(kick(_chain_half_step(state, c), c), c, 1.0)
 
-    def nose_hoover(state, c, key):
-        state = _chain_half_step(state, c)
-        state = kick(evaluate(drift(kick(state, c), c, 1.0), c), c)
-        return _chain_half_step(state, c)
+    def after_nose_hoover(state, c):
+        return _chain_half_step(kick(state, c), c)
 
-    def npt(state, c, key):
+    def before_npt(state, c, key):
         key_cell, key_thermostat = jax.random.split(key)
-        state = _rescale_cell(state, c, key_cell, anisotropic)
-        return baoab(state, c, key_thermostat)
+        return before_baoab(_rescale_cell(state, c, key_cell, anisotropic), c, key_thermostat)
 
-    steps = {"nve": nve, "langevin": langevin, "nose-hoover": nose_hoover, "npt": npt}
+    halves = {"nve": (before_nve, kick), "langevin": (before_baoab, kick),
+              "nose-hoover": (before_nose_hoover, after_nose_hoover), "npt": (before_npt, kick)}
+    to_force, from_force = halves[kind]
 
-    def step(state: MDState, constants: dict, key) -> MDState:
-        new = steps[kind](state, constants, key)
-        return new._replace(step=state.step + 1)
+    def step(state: MDState, constants: dict, key, initial=None) -> MDState:
+        if initial is None:
+            new = from_force(evaluate(to_force(state, constants, key), constants), constants)
+            return new._replace(step=state.step + 1)
+        moved = jax.lax.cond(initial, lambda s: s, lambda s: to_force(s, constants, key), state)
+        new = jax.lax.cond(initial, lambda s: s, lambda s: from_force(s, constants), evaluate(moved, constants))
+        return new._replace(step=state.step + jnp.where(initial, 0, 1).astype(state.step.dtype))
 
     return step
 

@@ -92,8 +92,8 @@ class MDResult:
             ``md.traj`` (indexable, ``len()``; frames load when accessed).
         steps: steps taken in this call; wall_s: seconds; rebuilds: neighbour-list rebuilds (all of them: on the
             host and on the device), device_rebuilds: those made on the device, inside the compiled blocks.
-        compile_s: seconds spent compiling (included in wall_s): the starting structure's force call and the
-            MD blocks (a program loaded from the persistent compilation cache counts its loading).
+        compile_s: seconds spent compiling (included in wall_s): the MD blocks, whose program also gives the
+            starting structure's forces (a program loaded from the persistent compilation cache counts its loading).
         atom_steps_per_s: throughput (atoms x steps / (wall_s - compile_s)).
         workdir: output folder or None.
         compute: where the forces were computed and the neighbour lists built, e.g. "cpu: descriptor loops split
@@ -405,21 +405,32 @@ class _Engine:
         return p
 
     def _initial_state(self) -> tuple[integ.MDState, float]:
-        """(the state at the start: forces, energy and virial of the starting structure, seconds spent compiling
-        the force call). Compiled ahead of its call, as the blocks are, so that ``MDResult.compile_s`` holds this
-        compilation too (counted as run time, it made a short run's throughput look several times lower: a
-        144-atom Cu2S potential's force call compiles for longer than 50 steps take)."""
+        """(the state at the start: forces, energy and virial of the starting structure, seconds spent compiling).
+
+        The forces come from the MD block's own program, called once with ``initial`` (its force call alone, at the
+        starting positions): a separate force program cost a second compilation of the potential (NVE of 192-atom
+        water with n2p2's H2O potential, alone: 1.6 s besides the block's 2.4 s; the block compiles no longer for
+        it). The block is compiled ahead of this call, so that ``MDResult.compile_s`` holds its
+        compilation (counted as run time, it made a short run's throughput look several times lower)."""
         atoms = self.atoms
         self._rebuild(atoms.positions, atoms.cell.array)
         R, h = jnp.asarray(atoms.positions), jnp.asarray(atoms.cell.array)
-        force_call, compile_s = self.ff.compiled_ahead(self.layout, self.arrays, R, h)
-        out = force_call(self.arrays, R, h)
-        return integ.MDState(
-            positions=R, momenta=jnp.asarray(self.momenta), forces=out["forces"] * self.constants["free"],
-            energy=out["energy"], virial=out["virial"], cell=h, extrapolation=out["extrapolation"],
-            force_std=out["force_std"],
+        shapes = jax.eval_shape(lambda: self.ff.compute(self.arrays, self.layout, R, h, self.constants["potential"]))
+        zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in shapes.items()}
+        blank = integ.MDState(
+            positions=R, momenta=jnp.asarray(self.momenta), forces=zeros["forces"], energy=zeros["energy"],
+            virial=zeros["virial"], cell=h, extrapolation=zeros["extrapolation"], force_std=zeros["force_std"],
             chain_positions=jnp.zeros(integ.CHAIN_LENGTH), chain_velocities=jnp.zeros(integ.CHAIN_LENGTH),
-            heat=jnp.zeros(()), step=jnp.asarray(0, jnp.int64)), compile_s
+            heat=jnp.zeros(()), step=jnp.asarray(0, jnp.int64))
+        fixed, lists = self._split_arrays()
+        args = (blank, self.constants, fixed, lists, jnp.asarray(self.reference[0]), jnp.asarray(self.reference[1]),
+                jnp.asarray(1), jax.random.PRNGKey(self.settings["seed"]), jnp.bool_(True))
+        del fixed, lists
+        block, compile_s = self._block(self.layout, args)
+        out = block(*args)
+        if self.on_device:  # nothing is rebuilt, but the lists it returns are the ones to use (donated on a GPU)
+            self.arrays.update(out[4])
+        return out[0], compile_s
 
     # -- neighbour data ---------------------------------------------------------------------------------
     def _rebuild(self, positions, cell, like: Layout | None = None) -> None:
@@ -485,10 +496,11 @@ class _Engine:
 
         on_device, rebuild_lists = self.on_device, self._lists
 
-        def block(state, constants, fixed, lists, ref_R, ref_h, target, key):
+        def block(state, constants, fixed, lists, ref_R, ref_h, target, key, initial):
             """Up to ``length`` steps from ``state`` with the neighbour lists built at (ref_R, ref_h). Off the device
             route ``lists`` is empty (``fixed`` holds every array) and a step leaving the skin ends the block; on it
-            the lists are rebuilt here (the step is then taken again) and come back with their reference."""
+            the lists are rebuilt here (the step is then taken again) and come back with their reference. With
+            ``initial`` true, only the force call at ``state``'s positions, unchecked (the starting state)."""
             params = constants["potential"]
             skipped = jax.eval_shape(
                 lambda: ff.compute({**fixed, **lists}, layout, state.positions, state.cell, params))
@@ -504,7 +516,7 @@ class _Engine:
                     return jax.lax.cond(valid, lambda: ff.compute({**fixed, **lists}, layout, R, h, params), zeros)
 
                 step_fn = integ.make_step(kind, force, anisotropic)
-                return step_fn(s, constants, jax.random.fold_in(key, s.step))
+                return step_fn(s, constants, jax.random.fold_in(key, s.step), initial)
 
             def rebuilt_lists(R, h, lists):
                 new, ok = rebuild_lists(R, h)
@@ -521,7 +533,8 @@ class _Engine:
                           stop_extrapolation & (jnp.max(new.extrapolation) > 0),
                           jnp.max(new.force_std) > spread_limit]
                 reasons = [_NEIGHBOURS, _NAN, _HOT, _EXTRAPOLATION, _SPREAD]
-                reason = jnp.select(checks, [jnp.int32(r) for r in reasons], jnp.int32(0))
+                reason = jnp.where(initial, jnp.int32(0), jnp.select(checks, [jnp.int32(r) for r in reasons],
+                                                                      jnp.int32(0)))
                 accept = active & (reason == 0)
                 rebuilt = jnp.bool_(False)
                 if on_device:
@@ -538,7 +551,7 @@ class _Engine:
                     reason = jnp.where(rebuilt, jnp.int32(0), reason)
                 s = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), new, s)
                 code = jnp.where(active & ~accept & (reason != 0), reason, code)
-                active = (accept | rebuilt) & (s.step < target)
+                active = (accept | rebuilt) & (s.step < target) & ~initial
                 row = _thermo_row(kind, s, constants, periodic, dof)
                 return (s, active, code, (lists, ref_R, ref_h, fresh, count)), (accept, row)
 
@@ -572,7 +585,7 @@ class _Engine:
                 target = self._next_target(until)
                 fixed, lists = self._split_arrays()
                 args = (self.state, self.constants, fixed, lists, jnp.asarray(self.reference[0]),
-                        jnp.asarray(self.reference[1]), jnp.asarray(target), key)
+                        jnp.asarray(self.reference[1]), jnp.asarray(target), key, jnp.bool_(False))
                 del fixed, lists
                 block, seconds = self._block(self.layout, args)
                 compile_s += seconds
