@@ -18,7 +18,7 @@ amu, times in ASE time units (``timestep_fs * ase.units.fs``), pressures eV/Å³
 Why not jax-md's ``simulate``: it does not import with current JAX (see :mod:`mlmd_lab.md.forcefield`), and it
 has no fixed atoms, no degree-of-freedom bookkeeping for them, and no anisotropic barostat.
 
-A step function has the signature ``step(state, constants, key, initial=None) -> state`` (``initial``: see
+A step function has the signature ``step(state, constants, key, initial) -> state`` (``initial``: see
 :func:`make_step`); ``force(positions, cell)`` returns a
 dict with energy, forces, virial, extrapolation and force_std (see :class:`~mlmd_lab.md.forcefield.ForceField`).
 """
@@ -97,8 +97,8 @@ def make_step(kind: str, force: Callable, anisotropic: bool = False) -> Callable
 
     ``constants`` (a dict of arrays) holds: dt, masses (N, 1), free (N, 1), kT, dof, friction (1/time),
     chain_masses (CHAIN_LENGTH,), pressure (eV/Å³), barostat_rate (compressibility / tau_p, Å³/(eV·time)).
-    The returned ``step(state, constants, key, initial=None)`` takes one step; with ``initial`` (a traced bool)
-    true it only calls ``force`` at the state's own positions and cell (nothing moves, the step count stays).
+    The returned ``step(state, constants, key, initial)`` takes one step; with ``initial`` (a traced bool) true
+    it only calls ``force`` at the state's own positions and cell (nothing moves, the step count stays).
     """
 
     def kick(state: MDState, c: dict) -> MDState:
@@ -146,10 +146,7 @@ def make_step(kind: str, force: Callable, anisotropic: bool = False) -> Callable
               "nose-hoover": (before_nose_hoover, after_nose_hoover), "npt": (before_npt, kick)}
     to_force, from_force = halves[kind]
 
-    def step(state: MDState, constants: dict, key, initial=None) -> MDState:
-        if initial is None:
-            new = from_force(evaluate(to_force(state, constants, key), constants), constants)
-            return new._replace(step=state.step + 1)
+    def step(state: MDState, constants: dict, key, initial) -> MDState:
         moved = jax.lax.cond(initial, lambda s: s, lambda s: to_force(s, constants, key), state)
         new = jax.lax.cond(initial, lambda s: s, lambda s: from_force(s, constants), evaluate(moved, constants))
         return new._replace(step=state.step + jnp.where(initial, 0, 1).astype(state.step.dtype))

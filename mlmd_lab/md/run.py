@@ -422,10 +422,7 @@ class _Engine:
             virial=zeros["virial"], cell=h, extrapolation=zeros["extrapolation"], force_std=zeros["force_std"],
             chain_positions=jnp.zeros(integ.CHAIN_LENGTH), chain_velocities=jnp.zeros(integ.CHAIN_LENGTH),
             heat=jnp.zeros(()), step=jnp.asarray(0, jnp.int64))
-        fixed, lists = self._split_arrays()
-        args = (blank, self.constants, fixed, lists, jnp.asarray(self.reference[0]), jnp.asarray(self.reference[1]),
-                jnp.asarray(1), jax.random.PRNGKey(self.settings["seed"]), jnp.bool_(True))
-        del fixed, lists
+        args = self._block_args(blank, 1, jax.random.PRNGKey(self.settings["seed"]), initial=True)
         block, compile_s = self._block(self.layout, args)
         out = block(*args)
         if self.on_device:  # nothing is rebuilt, but the lists it returns are the ones to use (donated on a GPU)
@@ -475,6 +472,13 @@ class _Engine:
         donate = (3,) if self.on_device and jax.default_backend() != "cpu" else ()
         self._compiled[key] = jax.jit(self._make_block(layout), donate_argnums=donate).lower(*args).compile()
         return self._compiled[key], time.perf_counter() - t0
+
+    def _block_args(self, state: integ.MDState, target: int, key, initial: bool) -> tuple:
+        """The arguments of a block call (see :meth:`_make_block`): from ``state`` up to step ``target``, with the
+        current neighbour arrays and their reference positions and cell."""
+        fixed, lists = self._split_arrays()
+        return (state, self.constants, fixed, lists, jnp.asarray(self.reference[0]), jnp.asarray(self.reference[1]),
+                jnp.asarray(target), key, jnp.bool_(initial))
 
     def _split_arrays(self) -> tuple[dict, dict]:
         """(arrays fixed during a block, neighbour lists the block rebuilds: empty off the device route)."""
@@ -583,10 +587,7 @@ class _Engine:
         try:
             while self.step < until and not out.stop_requested:
                 target = self._next_target(until)
-                fixed, lists = self._split_arrays()
-                args = (self.state, self.constants, fixed, lists, jnp.asarray(self.reference[0]),
-                        jnp.asarray(self.reference[1]), jnp.asarray(target), key, jnp.bool_(False))
-                del fixed, lists
+                args = self._block_args(self.state, target, key, initial=False)
                 block, seconds = self._block(self.layout, args)
                 compile_s += seconds
                 state, code, accepted, rows, lists, ref_R, ref_h, count = block(*args)
