@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -88,6 +89,39 @@ def test_pin_and_stop(tmp_path):
     assert server.status() is None and not psutil.pid_exists(info.pid) or \
         psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE
     assert server.stop() is False
+
+
+def _signal_thread(pid: int, tid: int, signum: int) -> None:
+    """Send ``signum`` to one thread ``tid`` of process ``pid`` (Linux tgkill), as the kernel may when it
+    picks which thread of a process gets a process-wide signal."""
+    import ctypes
+    import platform
+
+    number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
+    if number is None:
+        pytest.skip(f"tgkill's system call number on {platform.machine()} is not listed here")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(number, pid, tid, signum) != 0:
+        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}) failed")
+
+
+def test_server_stops_when_sigterm_reaches_one_of_its_other_threads(tmp_path):
+    """A process-wide SIGTERM may land in any thread; Python runs the handler in the main thread only, so the
+    server's main thread must wake by itself (SecantusDB's own wait never did: the server ran on until killed)."""
+    server = EmbeddedServer(tmp_path)
+    info = server.pin()
+    proc = psutil.Process(info.pid)
+    try:
+        others = [t.id for t in proc.threads() if t.id != info.pid]
+        assert others, "the server runs a single thread: this test needs another one to aim at"
+        _signal_thread(info.pid, others[-1], signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except psutil.TimeoutExpired:
+            pytest.fail("the server did not stop within 15 s of a SIGTERM delivered to one of its other threads")
+    finally:
+        server.stop()
+    assert server.status() is None
 
 
 def test_stale_state_file_is_replaced(tmp_path):
