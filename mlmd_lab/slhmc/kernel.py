@@ -175,21 +175,30 @@ class JaxPropagator:
                 out = ff.compute(arrays, layout, x, h, params)
                 return out["forces"], out["energy"]
 
-            F0, E0 = force(R)
-            F0 = F0 * free
-
+            # One force call site: the loop's first pass only evaluates the forces at R (nothing moves, no step
+            # counted); every later pass is the velocity-Verlet step of _vv_step, same operations in the same
+            # order. A second call site would have XLA compile the whole potential twice in this program.
             def cond(c):
                 return c[5] & (c[0] < n_left)
 
             def body(c):
-                k, R_, P_, F_, E_, _ = c
-                R1, P1, F1, E1 = _vv_step(force, R_, P_, F_, masses, free, dt)
+                k, R_, P_, F_, E_, _, first, E0 = c
+                P_half = P_ + 0.5 * dt * F_
+                R1 = jnp.where(first, R_, R_ + dt * free * P_half / masses)
+                F1, E1 = force(R1)
+                F1 = F1 * free
+                P1 = _trajectory_hook(P_half + 0.5 * dt * F1, dt)
                 ok = neighbours_valid(ff, R1, h, R, h, False)
-                pick = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
-                return (k + ok.astype(k.dtype), pick(R1, R_), pick(P1, P_), pick(F1, F_), pick(E1, E_), ok)
+                step = ok & ~first
+                pick = lambda a, b: jnp.where(step, a, b)  # noqa: E731
+                F1 = jnp.where(first | ok, F1, F_)
+                E1 = jnp.where(first | ok, E1, E_)
+                return (k + step.astype(k.dtype), pick(R1, R_), pick(P1, P_), F1, E1, first | ok,
+                        jnp.asarray(False), jnp.where(first, E1, E0))
 
-            init = (jnp.asarray(0), R, P, F0, E0, jnp.asarray(True))
-            k, R, P, F, E, _ = jax.lax.while_loop(cond, body, init)
+            zero = jnp.zeros((), R.dtype)
+            init = (jnp.asarray(0), R, P, jnp.zeros_like(R), zero, jnp.asarray(True), jnp.asarray(True), zero)
+            k, R, P, F, E, _, _, E0 = jax.lax.while_loop(cond, body, init)
             return k, R, P, E0, E
 
         return segment
