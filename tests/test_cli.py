@@ -45,15 +45,16 @@ def test_n2p2_without_units_fails_with_fix(cli_db):
 
 
 def test_expected_errors_are_one_line(tmp_path):
-    out = cli("--uri", "mongodb://127.0.0.1:1/", "summary")
+    nowhere = "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=500"  # nothing listens: half a second, not 10 s
+    out = cli("--uri", nowhere, "summary")
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "cannot reach MongoDB" in out.stderr
     assert "Traceback" not in out.stderr
     out = cli("--uri", "mysql://x", "summary")
     assert out.returncode == 2 and "not a MongoDB URI" in out.stderr
-    out = cli("--uri", "mongodb://127.0.0.1:1/", "ingest", str(tmp_path / "missing"))
+    out = cli("--uri", nowhere, "ingest", str(tmp_path / "missing"))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    out = cli("ingest", "--units", "furlong,Bohr", str(tmp_path), "--uri", "mongodb://127.0.0.1:1/")
+    out = cli("ingest", "--units", "furlong,Bohr", str(tmp_path), "--uri", nowhere)
     assert out.returncode != 0
 
 

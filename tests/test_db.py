@@ -64,6 +64,19 @@ def test_unreachable_server_names_address_and_fix_and_hides_password():
     assert "check the server is running" in msg and "\n" not in msg
 
 
+def test_the_uris_own_timeout_is_kept_and_an_explicit_one_wins():
+    """A serverSelectionTimeoutMS in the URI is what connect() waits (it passed its own default over it before);
+    the timeout argument, when given, wins. The message says how long it waited."""
+    from mlmd_lab.db import connect
+    from mlmd_lab.db.server import _free_port
+
+    uri = f"mongodb://127.0.0.1:{_free_port()}/?serverSelectionTimeoutMS=300"
+    with pytest.raises(DatabaseError, match=r"within 0\.3 s"):
+        connect(uri)
+    with pytest.raises(DatabaseError, match=r"within 0\.2 s"):
+        connect(uri, timeout=0.2)
+
+
 def test_indexes_exist(db):
     names = {tuple(ix["key"].keys()) for ix in db.frames_collection.list_indexes()}
     assert {("chemsys",), ("formula_reduced",), ("elements",), ("calc_id",), ("signature_id",)} <= names

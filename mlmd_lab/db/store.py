@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from mlmd_lab.db.access import Area, Groups, Users
     from mlmd_lab.db.models import ModelStore
 
+#: Seconds connect() waits for a MongoDB server that does not answer (unless the URI or the call says otherwise).
+DEFAULT_TIMEOUT_S = 10.0
+
 URI_HINT = "expected mongodb://USER:PASSWORD@HOST:PORT/?tls=true (or mongodb+srv://...)"
 
 
@@ -39,7 +42,7 @@ def connect(
     database: str = "mlmd",
     *,
     data_dir: str | os.PathLike | None = None,
-    timeout: float = 10.0,
+    timeout: float | None = None,
 ) -> Database:
     """Open the teacher-data database.
 
@@ -48,7 +51,8 @@ def connect(
             None: ``$MLMD_MONGODB_URI`` if set, else the embedded server of ``data_dir``, started or reused.
         database: database name on the server.
         data_dir: folder of the embedded server (default ``$MLMD_DATA_DIR`` or the user data folder).
-        timeout: seconds to wait for the server before giving up.
+        timeout: seconds to wait for the server before giving up. None: the URI's ``serverSelectionTimeoutMS``
+            if it has one, else :data:`DEFAULT_TIMEOUT_S`.
 
     Raises:
         DatabaseError: malformed URI, unreachable server, failed authentication, or the embedded server
@@ -59,10 +63,13 @@ def connect(
     if uri is None:
         server = EmbeddedServer(data_dir)
         uri = server.ensure_running().uri
-    _check_uri(uri)
+    options = _check_uri(uri)
+    if timeout is None:  # keyword arguments override the URI's options in pymongo: pass the URI's own on
+        timeout = float(options.get("serverSelectionTimeoutMS", DEFAULT_TIMEOUT_S))
+    connect_timeout = float(options.get("connectTimeoutMS", timeout))
     try:
         client: MongoClient = MongoClient(uri, serverSelectionTimeoutMS=int(timeout * 1000),
-                                          connectTimeoutMS=int(timeout * 1000), appname="mlmd_lab",
+                                          connectTimeoutMS=int(connect_timeout * 1000), appname="mlmd_lab",
                                           tz_aware=True)
         client.admin.command("ping")
     except OperationFailure as err:
@@ -97,11 +104,12 @@ def connect(
     return db
 
 
-def _check_uri(uri: str) -> None:
+def _check_uri(uri: str) -> dict[str, Any]:
+    """The URI's options (pymongo's names; times in seconds), or a DatabaseError naming what is wrong."""
     if not uri.startswith(("mongodb://", "mongodb+srv://")):
         raise DatabaseError(f"not a MongoDB URI: {redact(uri)!r}; {URI_HINT}")
     try:
-        pymongo.uri_parser.parse_uri(uri, validate=True, warn=False, connect_timeout=1.0)
+        return dict(pymongo.uri_parser.parse_uri(uri, validate=True, warn=False, connect_timeout=1.0)["options"])
     except (InvalidURI, ConfigurationError, ValueError) as err:
         raise DatabaseError(f"invalid MongoDB URI {redact(uri)!r} ({err}); {URI_HINT}") from None
 
