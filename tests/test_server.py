@@ -91,18 +91,26 @@ def test_pin_and_stop(tmp_path):
     assert server.stop() is False
 
 
-def _signal_thread(pid: int, tid: int, signum: int) -> None:
-    """Send ``signum`` to one thread ``tid`` of process ``pid`` (Linux tgkill), as the kernel may when it
-    picks which thread of a process gets a process-wide signal."""
+def _signal_other_thread(pid: int, signum: int) -> int:
+    """Send ``signum`` to one thread of process ``pid`` other than its main thread (Linux tgkill), as the kernel
+    may when it picks which thread of a process gets a process-wide signal. Returns that thread's id. Threads
+    come and go (a connection's handler ends with it): the oldest that still exists gets the signal."""
     import ctypes
+    import errno
     import platform
 
     number = {"x86_64": 234, "aarch64": 131}.get(platform.machine())
     if number is None:
         pytest.skip(f"tgkill's system call number on {platform.machine()} is not listed here")
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(number, pid, tid, signum) != 0:
-        raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}) failed")
+    others = sorted(t.id for t in psutil.Process(pid).threads() if t.id != pid)
+    assert others, "the server runs a single thread: this test needs another one to aim at"
+    for tid in others:
+        if libc.syscall(number, pid, tid, signum) == 0:
+            return tid
+        if ctypes.get_errno() != errno.ESRCH:  # anything but "that thread has ended" is a failure of the test
+            raise OSError(ctypes.get_errno(), f"tgkill({pid}, {tid}) failed")
+    raise AssertionError(f"every one of the server's other threads {others} ended before the signal")
 
 
 def test_server_stops_when_sigterm_reaches_one_of_its_other_threads(tmp_path):
@@ -112,9 +120,7 @@ def test_server_stops_when_sigterm_reaches_one_of_its_other_threads(tmp_path):
     info = server.pin()
     proc = psutil.Process(info.pid)
     try:
-        others = [t.id for t in proc.threads() if t.id != info.pid]
-        assert others, "the server runs a single thread: this test needs another one to aim at"
-        _signal_thread(info.pid, others[-1], signal.SIGTERM)
+        _signal_other_thread(info.pid, signal.SIGTERM)
         try:
             proc.wait(15)
         except psutil.TimeoutExpired:
