@@ -129,12 +129,21 @@ def _vv_step(force: Callable, R, P, F, masses, free, dt: float):
     """One velocity-Verlet step (kick, drift, force, kick) and the trajectory hook; numpy or JAX arrays.
 
     Returns (R', P', F', E') with F' the masked forces and E' the ML energy at R'."""
-    P_half = P + 0.5 * dt * F
-    R_new = R + dt * free * P_half / masses
+    R_new, P_half = _vv_drift(R, P, F, masses, free, dt)
     F_new, E_new = force(R_new)
     F_new = F_new * free
-    P_new = _trajectory_hook(P_half + 0.5 * dt * F_new, dt)
-    return R_new, P_new, F_new, E_new
+    return R_new, _vv_kick(P_half, F_new, dt), F_new, E_new
+
+
+def _vv_drift(R, P, F, masses, free, dt: float):
+    """The velocity-Verlet step before its force call: (R', P at the half step)."""
+    P_half = P + 0.5 * dt * F
+    return R + dt * free * P_half / masses, P_half
+
+
+def _vv_kick(P_half, F_new, dt: float):
+    """The velocity-Verlet step after its force call (``F_new`` masked): P' with the trajectory hook."""
+    return _trajectory_hook(P_half + 0.5 * dt * F_new, dt)
 
 
 class JaxPropagator:
@@ -176,25 +185,23 @@ class JaxPropagator:
                 return out["forces"], out["energy"]
 
             # One force call site: the loop's first pass only evaluates the forces at R (nothing moves, no step
-            # counted); every later pass is the velocity-Verlet step of _vv_step, same operations in the same
-            # order. A second call site would have XLA compile the whole potential twice in this program.
+            # counted); every later pass is _vv_step's drift, force call and kick. A second call site would have
+            # XLA compile the whole potential twice in this program.
             def cond(c):
                 return c[5] & (c[0] < n_left)
 
             def body(c):
                 k, R_, P_, F_, E_, _, first, E0 = c
-                P_half = P_ + 0.5 * dt * F_
-                R1 = jnp.where(first, R_, R_ + dt * free * P_half / masses)
+                R1, P_half = _vv_drift(R_, P_, F_, masses, free, dt)
+                R1 = jnp.where(first, R_, R1)
                 F1, E1 = force(R1)
                 F1 = F1 * free
-                P1 = _trajectory_hook(P_half + 0.5 * dt * F1, dt)
+                P1 = _vv_kick(P_half, F1, dt)
                 ok = neighbours_valid(ff, R1, h, R, h, False)
-                step = ok & ~first
+                step, keep = ok & ~first, ok | first  # keep: the forces and energy at R1 are the state's
                 pick = lambda a, b: jnp.where(step, a, b)  # noqa: E731
-                F1 = jnp.where(first | ok, F1, F_)
-                E1 = jnp.where(first | ok, E1, E_)
-                return (k + step.astype(k.dtype), pick(R1, R_), pick(P1, P_), F1, E1, first | ok,
-                        jnp.asarray(False), jnp.where(first, E1, E0))
+                return (k + step.astype(k.dtype), pick(R1, R_), pick(P1, P_), jnp.where(keep, F1, F_),
+                        jnp.where(keep, E1, E_), keep, jnp.asarray(False), jnp.where(first, E1, E0))
 
             zero = jnp.zeros((), R.dtype)
             init = (jnp.asarray(0), R, P, jnp.zeros_like(R), zero, jnp.asarray(True), jnp.asarray(True), zero)
