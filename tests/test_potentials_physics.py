@@ -454,14 +454,20 @@ def _evaluate_afresh(model, atoms_list):
     return {k: np.asarray(out[k]) for k in ("energy", "forces", "virial")}
 
 
-def test_chunk_loops_and_tails_give_the_one_piece_result(model, monkeypatch):
-    """Blocks split into many chunks and a tail (chunk of 5) give what one chunk per block gives, to rounding."""
-    from mlmd_lab.potentials import descriptors
+def test_chunk_loops_and_overlapping_last_chunks_give_the_one_piece_result(model, monkeypatch):
+    """Blocks split into chunks of 64 give what one chunk per block gives, to rounding. The graph gets one padding
+    slot per block (not a power of two), so a block's last chunk, which overlaps the one before it (see
+    descriptors._chunks), repeats up to 63 real pairs or triplets: counting them twice fails here."""
+    from mlmd_lab.potentials import descriptors, neighbours
 
     structures = [_zno(seed=21), _zno(rattle=0.3, seed=22)]
+    monkeypatch.setattr(neighbours, "graph_capacity", lambda count: max(int(count) + 1, 8))
+    layout = model.graph(structures).layout
+    caps = [cap for _, cap in layout.pair_blocks] + [cap for *_, cap in layout.triplet_groups]
+    assert all(cap > 64 and cap % 64 > 0 for cap in caps), caps
     monkeypatch.setattr(descriptors, "CHUNK", 1 << 20)
     whole = _evaluate_afresh(model, structures)
-    monkeypatch.setattr(descriptors, "CHUNK", 5)
+    monkeypatch.setattr(descriptors, "CHUNK", 64)
     chunked = _evaluate_afresh(model, structures)
     for key in whole:
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12 * np.abs(whole[key]).max())

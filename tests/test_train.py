@@ -30,7 +30,7 @@ from mlmd_lab.potentials.symfunc import SymmetryFunction
 from mlmd_lab.train.callbacks import Callback
 from mlmd_lab.train.data import labels_of, stack
 from mlmd_lab.train.ensemble import Ensemble
-from mlmd_lab.train.features import block_columns, compute_features, force_subset
+from mlmd_lab.train.features import block_columns, compute_features, force_subset, plan_features
 from mlmd_lab.train.trainer import (
     Trainer,
     TrainingConfig,
@@ -100,6 +100,26 @@ def test_feature_derivatives_match_finite_differences():
             plus.positions[k, x] += h
             minus.positions[k, x] -= h
             assert grad[k, x] == pytest.approx((total(plus) - total(minus)) / (2 * h), rel=1e-6, abs=1e-7)
+
+
+def test_feature_derivatives_in_small_overlapping_chunks_equal_the_one_piece_result(monkeypatch):
+    """Triplet groups walked in chunks of 7 (each group's last chunk overlaps the one before it, see
+    descriptors._chunks) give the per-pair derivatives of one chunk per group, to rounding."""
+    from mlmd_lab.potentials import descriptors
+
+    atoms = emt_frames(1, rattle=0.15, seed=5)[0][:12]
+    functions = generate_symmetry_functions(["Al", "Cu"], 4.0, n_radial=2, n_angular=1, zetas=(1.0, 4.0))
+    model = HDNNP.create(["Al", "Cu"], functions)
+    monkeypatch.setattr(descriptors, "CHUNK", 1 << 20)
+    whole = compute_features(model, [atoms], dtype="float64")[0]
+    monkeypatch.setattr(descriptors, "CHUNK", 7)
+    chunked = compute_features(model, [atoms], dtype="float64")[0]
+    layout = plan_features(model, [atoms])[0]
+    assert any(cap > 7 and cap % 7 for *_, cap in layout.triplet_groups)  # a group ends in an overlapping chunk
+    for a, b in zip(whole.blocks, chunked.blocks, strict=True):
+        scale = max(np.abs(a["dG"]).max(), 1.0)
+        np.testing.assert_allclose(b["dG"], a["dG"], rtol=1e-12, atol=1e-12 * scale)
+    assert max(np.abs(blk["dG"]).max() for blk in whole.blocks) > 0.01  # not all zero
 
 
 _GROUPED_PROGRAM = r"""

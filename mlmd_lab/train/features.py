@@ -330,11 +330,13 @@ def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_
     (o1, cap1), (o2, cap2) = pair_blocks
     K = len(functions)
 
-    def body(start, size, totals):
+    def body(start, size, valid, totals):
         at = offset + start
         ij = jax.lax.dynamic_slice_in_dim(arrays["trip_ij"], at, size)
         ik = jax.lax.dynamic_slice_in_dim(arrays["trip_ik"], at, size)
         mask = jax.lax.dynamic_slice_in_dim(arrays["trip_mask"], at, size)
+        if valid is not None:  # triplets an overlapping last chunk repeats (see _chunks) add nothing
+            mask = mask & valid
         first, second = _triplet_gradients(plan, functions, dT[:, ij], dT[:, ik], mask)
         first = jnp.where(mask[None, None, :], first, 0.0)
         second = jnp.where(mask[None, None, :], second, 0.0)
