@@ -121,6 +121,25 @@ def test_neighbour_rebuilds_do_not_change_the_trajectory():
     assert np.max(np.abs(out["momenta"] - np.asarray(P1))) < 1e-12
 
 
+def test_a_skin_too_small_for_one_step_is_named_once_and_a_working_skin_is_silent():
+    """With a skin far below one step's displacement every trial is rejected before the reference; the warning
+    says why (the skin, and the fix) once, not per trial. The same chain with a sound skin warns of nothing."""
+    import warnings
+
+    atoms, lj = lj_cluster()
+    reference = PairLJ(lj.epsilon, lj.sigma)
+    run = dict(temperature=120.0, n_trials=4, md_steps=5, timestep=5.0, seed=2)
+    with pytest.warns(UserWarning, match="farther than half the neighbour-list skin") as caught:
+        thin = slhmc.run(reference, lj, atoms, skin=1e-5, **run)
+    assert thin.failed.all() and thin.n_reference_calls == 1  # the start only
+    assert sum("skin" in str(w.message) for w in caught) == 1
+    assert "skin= (Å)" in str(caught[0].message) and "timestep= (fs)" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sound = slhmc.run(reference, lj, atoms, skin=1.0, **run)
+    assert not sound.failed.any()
+
+
 def _equations(jaxpr) -> int:
     """Equations of a jaxpr, those of its inner jaxprs (loops, branches, calls) included."""
     count = 0

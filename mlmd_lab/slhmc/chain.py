@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -210,6 +211,7 @@ class _Chain:
         self.trial = 0
         self.state: dict | None = None
         self.retrains: list[dict] = []
+        self._warned: set[str] = set()
 
     # -- state ------------------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -266,7 +268,8 @@ class _Chain:
         old = {"e_ref": s["e_ref"], "e_ml": out["e_ml_start"],
                "kinetic": kernel.kinetic_energy(p, self.masses, self.free[:, None])}
         if out["failed"]:
-            return self._rejected(rng, trial, np.nan, np.nan, "the ML trajectory blew up", p)
+            self._warn_once(trial, out["error"])
+            return self._rejected(rng, trial, np.nan, np.nan, out["error"], p)
         new = {"e_ml": out["e_ml_end"], "kinetic": kernel.kinetic_energy(out["momenta"], self.masses,
                                                                          self.free[:, None])}
         screen = 0.0
@@ -313,6 +316,14 @@ class _Chain:
             self.state = dict(self.state, momenta=np.array(momenta))
         return {"accepted": accepted, "e_ml": proposal["e_ml"], "delta_h": delta_h, "failed": False,
                 "error": "", "result": result}
+
+    def _warn_once(self, trial: int, reason: str) -> None:
+        """Warn the first time a reason for rejecting a trial without a reference call occurs in this run (a
+        chain may reject thousands of trials for one reason)."""
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"SLHMC trial {trial} was rejected without a reference call: {reason} (later trials "
+                          "rejected for this reason are not reported again)", stacklevel=2)
 
     def _rejected(self, rng, trial: int, e_ml: float, delta_h: float, error: str, momenta) -> dict:
         rng.uniform()  # the uniform an accept/reject would draw: the stream does not depend on failures

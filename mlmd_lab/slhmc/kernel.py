@@ -42,11 +42,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlmd_lab.errors import MLMDError
 from mlmd_lab.md.forcefield import ForceField, neighbours_valid
+
+#: Why a trial whose ML trajectory went non-finite was rejected (no reference call is made for it).
+BLEW_UP = "the ML trajectory blew up (non-finite energy, positions or momenta)"
 
 
 # ------------------------------------------------------------------------------------------- the seams
@@ -222,10 +225,20 @@ class JaxPropagator:
             k = int(k)
             e_start = float(E0) if e_start is None else e_start
             if k == 0 or not np.isfinite(float(E)):
-                return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": np.nan, "failed": True}
+                return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": np.nan, "failed": True,
+                        "error": self._failure(np.isfinite(float(E)))}
             R, P, e_end = np.asarray(R_j), np.asarray(P_j), float(E)
             done += k
         return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": e_end, "failed": False}
+
+    def _failure(self, finite: bool) -> str:
+        """Why a segment took no step: lists rebuilt at once left behind by the first step (finite energy: a skin
+        too small for one step), or a trajectory that blew up."""
+        if not finite:
+            return BLEW_UP
+        return (f"one {self.dt / units.fs:g} fs ML step moved an atom farther than half the neighbour-list skin "
+                f"({self.ff.skin:g} Å) right after the lists were rebuilt, so no step could be taken: give a larger "
+                f"skin= (Å) or a shorter timestep= (fs)")
 
     def energy(self, atoms: Atoms) -> float:
         """ML energy (eV) of a structure (for the log after volume moves)."""
@@ -263,7 +276,8 @@ class CalculatorPropagator:
         for _ in range(self.n_steps):
             R, P, F, E = _vv_step(self._force, R, P, F, self.masses, self.free, self.dt)
         failed = not (np.isfinite(E) and np.all(np.isfinite(R)) and np.all(np.isfinite(P)))
-        return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": E, "failed": failed}
+        return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": E, "failed": failed,
+                "error": BLEW_UP if failed else ""}
 
     def energy(self, atoms: Atoms) -> float:
         self.atoms.cell = atoms.cell

@@ -54,7 +54,8 @@ class SLHMCResult:
         kinds: (n_trials,) "md" (NVE trial) or "volume" (ln V move).
         screened: (n_trials,) bool, rejected by delayed acceptance on the ML energy (no reference call).
         failed: (n_trials,) bool, the proposal was rejected because the reference failed on it (recorded with
-            its error in ``reference.traj``) or the ML trajectory blew up (non-finite; no reference call made).
+            its error in ``reference.traj``) or the ML trajectory failed (no reference call made; a warning names the
+            reason the first time it occurs: a trajectory gone non-finite, or a skin too small for one step).
         n_reference_calls: reference calculations made for this chain (the initial state included; calls
             answered from the workdir's cache on resume are not counted twice).
         states: chain states as Atoms (reference energy, forces, stress attached), one per trial; with a
