@@ -232,13 +232,14 @@ class JaxPropagator:
         return {"positions": R, "momenta": P, "e_ml_start": e_start, "e_ml_end": e_end, "failed": False}
 
     def _failure(self, finite: bool) -> str:
-        """Why a segment took no step: lists rebuilt at once left behind by the first step (finite energy: a skin
-        too small for one step), or a trajectory that blew up."""
+        """Why a segment took no step: its first step left the lists just rebuilt (finite energy: a skin too small
+        for one step, or a trajectory running away), or the energy went non-finite."""
         if not finite:
             return BLEW_UP
         return (f"one {self.dt / units.fs:g} fs ML step moved an atom farther than half the neighbour-list skin "
-                f"({self.ff.skin:g} Å) right after the lists were rebuilt, so no step could be taken: give a larger "
-                f"skin= (Å) or a shorter timestep= (fs)")
+                f"({self.ff.skin:g} Å) right after the lists were rebuilt, so no step could be taken (a skin too "
+                f"small for the timestep, or a trajectory running away): give a larger skin= (Å) or a shorter "
+                f"timestep= (fs)")
 
     def energy(self, atoms: Atoms) -> float:
         """ML energy (eV) of a structure (for the log after volume moves)."""
