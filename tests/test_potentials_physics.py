@@ -455,9 +455,10 @@ def _evaluate_afresh(model, atoms_list):
 
 
 def test_chunk_loops_and_overlapping_last_chunks_give_the_one_piece_result(model, monkeypatch):
-    """Blocks split into chunks of 64 give what one chunk per block gives, to rounding. The graph gets one padding
-    slot per block (not a power of two), so a block's last chunk, which overlaps the one before it (see
-    descriptors._chunks), repeats up to 63 real pairs or triplets: counting them twice fails here."""
+    """Blocks split into chunks of 64 (forward and backward loops) give what one chunk per block gives, to
+    rounding. The graph gets one padding slot per block (not a power of two), so a block's last chunk, which
+    overlaps the one before it (see descriptors._chunks), repeats up to 63 real pairs or triplets: counting them
+    twice fails here."""
     from mlmd_lab.potentials import descriptors, neighbours
 
     structures = [_zno(seed=21), _zno(rattle=0.3, seed=22)]
@@ -465,9 +466,11 @@ def test_chunk_loops_and_overlapping_last_chunks_give_the_one_piece_result(model
     layout = model.graph(structures).layout
     caps = [cap for _, cap in layout.pair_blocks] + [cap for *_, cap in layout.triplet_groups]
     assert all(cap > 64 and cap % 64 > 0 for cap in caps), caps
-    monkeypatch.setattr(descriptors, "CHUNK", 1 << 20)
+    for name in ("CHUNK", "GRADIENT_CHUNK"):  # the forward and the backward loops
+        monkeypatch.setattr(descriptors, name, 1 << 20)
     whole = _evaluate_afresh(model, structures)
-    monkeypatch.setattr(descriptors, "CHUNK", 64)
+    for name in ("CHUNK", "GRADIENT_CHUNK"):
+        monkeypatch.setattr(descriptors, name, 64)
     chunked = _evaluate_afresh(model, structures)
     for key in whole:
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-12, atol=1e-12 * np.abs(whole[key]).max())
@@ -483,7 +486,7 @@ from test_potentials_physics import _model, _zno, _evaluate_afresh
 assert jax.local_device_count("cpu") == 3, jax.devices()
 model = _model()
 model.fit_scaling([_zno(seed=1), _zno(seed=2)])
-descriptors.CHUNK, descriptors.MIN_CHUNKS_PER_DEVICE = 8, 1
+descriptors.CHUNK, descriptors.GRADIENT_CHUNK, descriptors.MIN_CHUNKS_PER_DEVICE = 8, 8, 1
 structures = [_zno(seed=31), _zno(rattle=0.3, seed=32)]
 assert descriptors.cpu_shards(model.graph(structures).layout) == 3
 split = _evaluate_afresh(model, structures)
