@@ -192,7 +192,8 @@ def _chunks(total: int, body, carry, shard=None, gradient: bool = False):
     bitwise equal. The price is at most one chunk of repeated, masked work per block and evaluation. A total up to
     one chunk is one static piece, as before.
 
-    ``shard`` = (s, n): only this shard's share of the chunks (s may be traced: the device's index)."""
+    ``shard`` = (s, n): only this shard's share of the chunks (s may be traced: the device's index).
+    ``gradient``: a loop of the backward pass (chunks of :data:`GRADIENT_CHUNK` on the CPU)."""
     if total <= 0:
         return carry
     size = chunk_size(gradient)
