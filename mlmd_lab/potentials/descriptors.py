@@ -111,7 +111,8 @@ GPU_CHUNK = 1 << 17
 
 #: Pairs or triplets per step of the backward pass's loops on the CPU (their pullback, :func:`_pair_gradient`).
 #: Why smaller than :data:`CHUNK`: a step there holds the forward values of the chunk and their cotangents, several
-#: times the (K, chunk) arrays of a forward step, and at 1,024 entries they no longer stay in a core's cache.
+#: times the (K, chunk) arrays of a forward step, and at 1,024 entries they apparently no longer stay in a core's
+#: cache (2 MB of L2 here): the time per entry jumps there, as the forward loops' does between 1,024 and 1,536.
 #: Measured (``benchmarks/bench_md.py --worker``, 1,080-atom water, n2p2's H2O potential, 60 NVE steps, median of
 #: 3, one thread): float64 297 -> 217 µs/atom-step with 512, float32 168 -> 133; whole force calls (one thread):
 #: 1,024: 268 ms, 768: 258, 512: 225, 384: 218, 256: 217, 128: 234 in float64; 512: 129 ms, 256: 133, 128: 150 in
