@@ -184,11 +184,12 @@ def skin_holds(positions, cell, reference_positions, reference_cell, cutoff: flo
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, fill, where, first,
+def _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, where, first, room,
                 out_a, out_b, counts):
-    """Unordered neighbour pairs {j, k} of one central atom by element-triple group: counted into ``counts`` (G,)
-    and, with ``fill``, written as pair slots ``where[p]`` into ``out_a``/``out_b`` from ``first[g]`` on (j carries
-    the lower element e1)."""
+    """Unordered neighbour pairs {j, k} of one central atom by element-triple group, in pair order: counted into
+    ``counts`` (G,) and written as pair slots ``where[p]`` into ``out_a``/``out_b`` from ``first[g]`` on (j carries
+    the lower element e1), at most ``room[g]`` of them (the counting pass's figure: a disagreement is reported by
+    the counts, never written past the atom's slots)."""
     local = np.empty(starts[atom + 1] - starts[atom], np.int64)
     m = 0
     for p in range(starts[atom], starts[atom + 1]):
@@ -212,7 +213,7 @@ def _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide
                 dz = vec[q, 2] - vec[p, 2]
                 if dx * dx + dy * dy + dz * dz >= rc * rc:
                     continue
-            if fill:
+            if counts[g] < room[g]:
                 k = first[g] + counts[g]
                 if e[p] > e[q]:
                     out_a[k], out_b[k] = where[q], where[p]
@@ -221,26 +222,79 @@ def _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide
             counts[g] += 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _by_element(atom, starts, dist, vec, e, n_elements, cutoff_ang):
+    """One central atom's neighbours inside ``cutoff_ang``, grouped by element (pair order within an element) as
+    contiguous arrays: (segment starts (E + 1,), x, y, z, distance (m,) each)."""
+    seg = np.zeros(n_elements + 1, np.int64)
+    for p in range(starts[atom], starts[atom + 1]):
+        if dist[p] < cutoff_ang:
+            seg[e[p] + 1] += 1
+    for k in range(n_elements):
+        seg[k + 1] += seg[k]
+    m = seg[n_elements]
+    slot = seg[:n_elements].copy()
+    lx, ly, lz, ld = np.empty(m), np.empty(m), np.empty(m), np.empty(m)
+    for p in range(starts[atom], starts[atom + 1]):
+        if dist[p] < cutoff_ang:
+            k = slot[e[p]]
+            lx[k], ly[k], lz[k], ld[k] = vec[p, 0], vec[p, 1], vec[p, 2], dist[p]
+            slot[e[p]] += 1
+    return seg, lx, ly, lz, ld
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _count_triplets(starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang):
-    """Triplets per central atom and group (n_atoms, G), atoms in parallel (numba threads)."""
+    """Triplets per central atom and group (n_atoms, G), atoms in parallel (numba threads).
+
+    The same rule as :func:`_visit_atom` (and bitwise the same arithmetic: r_jk^2 from the difference of the two
+    pair vectors, summed x, y, z; the sign of a difference does not change its square), but visited by element
+    pair: each atom's neighbours are first copied, grouped by element, into contiguous arrays, so the innermost
+    loop has one group, one cutoff and no branch (a loop the compiler can vectorise). Why not :func:`_visit_atom`:
+    measured 53 -> 11 ms for 1,080-atom water (n2p2's H2O potential, skin 0.5 Å, one thread); the counts of both
+    are equal (tests/test_neighbours.py). The fill keeps the pair-order visit (it fixes the triplets' order)."""
     n_atoms = starts.size - 1
+    n_elements = table.shape[1]
     counts = np.zeros((n_atoms, n_groups), np.int64)
-    none = np.zeros(0, np.int32)
     for atom in numba.prange(n_atoms):
-        _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, False, none,
-                    counts[atom], none, none, counts[atom])
+        seg, lx, ly, lz, ld = _by_element(atom, starts, dist, vec, e, n_elements, cutoff_ang)
+        c = species[atom]
+        for e1 in range(n_elements):
+            for e2 in range(e1, n_elements):
+                g = table[c, e1, e2]
+                if g < 0:
+                    continue
+                rc = group_rc[g]
+                rc2 = rc * rc
+                total = 0
+                for x in range(seg[e1], seg[e1 + 1]):
+                    if ld[x] >= rc:
+                        continue
+                    first = x + 1 if e1 == e2 else seg[e2]
+                    if group_wide[g]:
+                        for y in range(first, seg[e2 + 1]):
+                            total += ld[y] < rc
+                        continue
+                    px, py, pz = lx[x], ly[x], lz[x]
+                    for y in range(first, seg[e2 + 1]):
+                        dx = lx[y] - px
+                        dy = ly[y] - py
+                        dz = lz[y] - pz
+                        total += (ld[y] < rc) & (dx * dx + dy * dy + dz * dz < rc2)
+                counts[atom, g] += total
     return counts
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _fill_triplets(starts, dist, vec, e, species, table, group_rc, group_wide, n_groups, cutoff_ang, where, first,
-                   out_a, out_b):
-    """Writes every atom's triplets from its slots ``first`` (n_atoms, G) on, atoms in parallel."""
+                   room, out_a, out_b):
+    """Writes every atom's triplets from its slots ``first`` (n_atoms, G) on, at most ``room`` (n_atoms, G) of
+    them, atoms in parallel; returns the triplets found per atom and group (n_atoms, G)."""
+    found = np.zeros((starts.size - 1, n_groups), np.int64)
     for atom in numba.prange(starts.size - 1):
-        counts = np.zeros(n_groups, np.int64)
-        _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, True, where,
-                    first[atom], out_a, out_b, counts)
+        _visit_atom(atom, starts, dist, vec, e, species, table, group_rc, group_wide, cutoff_ang, where,
+                    first[atom], room[atom], out_a, out_b, found[atom])
+    return found
 
 
 class _Triplets:
@@ -265,7 +319,12 @@ class _Triplets:
         """Write the triplets as pair slots ``where[p]``, group g's from ``offsets[g]`` on."""
         first = np.cumsum(self.per_atom, axis=0) - self.per_atom + np.asarray(offsets, np.int64)[None, :]
         with _PARALLEL:
-            _fill_triplets(*self.args, where, first, out_a, out_b)
+            found = _fill_triplets(*self.args, where, first, self.per_atom, out_a, out_b)
+        if not np.array_equal(found, self.per_atom):  # a defect of the two passes, never expected
+            atom = int(np.flatnonzero((found != self.per_atom).any(axis=1))[0])
+            raise MLMDError(f"triplet lists: the counting and the writing pass disagree for atom {atom} "
+                            f"({self.per_atom[atom].tolist()} against {found[atom].tolist()} per group); this is a "
+                            "bug of mlmd_lab.potentials.neighbours, please report it with the structure")
 
 
 #: One parallel numba region at a time per process: numba's fallback threading layer (workqueue, where neither
