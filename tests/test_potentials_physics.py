@@ -592,6 +592,91 @@ def test_an_outgrown_md_layout_grows_with_headroom_where_it_overflowed(model):
     np.testing.assert_array_equal(grown.pair_mask.sum(), tight.pair_mask.sum())  # the same pairs, more padding
 
 
+def _evaluate_graph_afresh(model, graph):
+    """Energies, forces and virials of ``graph`` through a newly traced evaluate (monkeypatched settings apply)."""
+    from mlmd_lab.potentials.model import evaluate
+
+    function = jax.jit(lambda params, arrays: evaluate(model.energy_function(), model.padding_distance, params,
+                                                       arrays, graph.layout, True))
+    out = function(model.parameters(), graph.arrays())
+    return {k: np.asarray(out[k]) for k in ("energy", "forces", "virial")}
+
+
+def test_real_entries_fill_the_first_slots_and_their_counts_are_recorded(model):
+    """Graph.pair_count / trip_count: every pair block and triplet group holds its real entries in its first slots,
+    then padding only, in a batch of two structures (an evaluation graph) and in an MD graph (lean)."""
+    builder = model.neighbour_builder(skin=0.4)
+    general = model.graph([_zno(seed=81), _zno(rattle=0.3, seed=82)])
+    lean = builder.build_one(*model.structure(_zno(rattle=0.3, seed=83)))
+    for graph in (general, lean):
+        assert graph.pair_count.dtype == np.int32 and graph.trip_count.dtype == np.int32
+        assert graph.pair_count.sum() > 100 and graph.trip_count.sum() > 1000
+        for (o, c), n in zip(graph.layout.pair_blocks, graph.pair_count, strict=True):
+            assert n < c and graph.pair_mask[o:o + n].all() and not graph.pair_mask[o + n:o + c].any()
+        for (_, o, c), n in zip(graph.layout.triplet_groups, graph.trip_count, strict=True):
+            real = graph.trip_ij[o:o + c] != graph.trip_ik[o:o + c]  # padding repeats one pair
+            assert n < c and real[:n].all() and not real[n:].any()
+
+
+def test_descriptor_loops_stop_after_the_last_real_entry(model, monkeypatch):
+    """With the counts, the loops visit only the chunks that hold real entries and give the energies, forces and
+    virials of visiting every slot bit for bit (the padding's chunks add exact zeros), on blocks of several chunks
+    followed by several chunks of padding. So that the test can fail: a count that leaves out the last chunk with
+    real entries of one group changes the forces (the counts do bound the loops)."""
+    import dataclasses
+
+    from mlmd_lab.potentials import descriptors, neighbours
+
+    monkeypatch.setattr(neighbours, "graph_capacity", lambda count: 3 * max(int(count), 8) + 200)
+    for name in ("CHUNK", "GRADIENT_CHUNK"):  # the forward and the backward loops
+        monkeypatch.setattr(descriptors, name, 64)
+    graph = model.graph([_zno(seed=84), _zno(rattle=0.3, seed=85)])
+    caps = [c for _, c in graph.layout.pair_blocks] + [c for *_, c in graph.layout.triplet_groups]
+    counts = list(graph.pair_count) + list(graph.trip_count)
+    assert all(c - n >= 2 * 64 for c, n in zip(caps, counts, strict=True))  # whole chunks of padding everywhere
+    counted = _evaluate_graph_afresh(model, graph)
+    every = _evaluate_graph_afresh(model, dataclasses.replace(graph, pair_count=None, trip_count=None))
+    for key in counted:
+        np.testing.assert_array_equal(counted[key], every[key], err_msg=key)
+    g = int(np.argmax(graph.trip_count % 64))  # a group whose last visited chunk is partly real
+    short = graph.trip_count.copy()
+    short[g] -= short[g] % 64
+    assert short[g] < graph.trip_count[g]
+    cut = _evaluate_graph_afresh(model, dataclasses.replace(graph, trip_count=short))
+    assert np.abs(cut["forces"] - counted["forces"]).max() > 1e-6
+
+
+def test_a_fresh_md_layout_gets_spare_room_within_a_memory_limit(model):
+    """build_one(spare=True), as the MD engine's host route and the SLHMC proposals build: every block and group
+    gets SPARE more room than its count (then bucket rounding), the results of the tight layout (to rounding: the
+    reduction of pair gradients to atoms runs over chunks of the whole pair array, whose boundaries move with the
+    blocks' offsets), and the next build of nearby positions reuses the layout (no new compilation). Large systems
+    get less: the spare slots stay within SPARE_BYTES."""
+    from mlmd_lab.potentials.neighbours import SPARE, SPARE_BYTES, bucket, spare_fraction
+
+    builder = model.neighbour_builder(skin=0.4)
+    atoms = _zno(rattle=0.3, seed=86).repeat((2, 1, 1))
+    tight = builder.build_one(*model.structure(atoms))
+    roomy = builder.build_one(*model.structure(atoms), spare=True)
+    for (_, c), n in zip(roomy.layout.pair_blocks, roomy.pair_count, strict=True):
+        assert c == bucket(int(np.ceil(n * (1 + SPARE))))
+    for (*_, c), n in zip(roomy.layout.triplet_groups, roomy.trip_count, strict=True):
+        assert c == bucket(int(np.ceil(n * (1 + SPARE))))
+    assert sum(c for *_, c in roomy.layout.triplet_groups) > sum(c for *_, c in tight.layout.triplet_groups)
+    a, b = model.evaluate_graph(tight), model.evaluate_graph(roomy)
+    for key in ("energy", "forces", "virial"):
+        np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-13 * np.abs(a[key]).max(), err_msg=key)
+    nearby = atoms.copy()
+    nearby.rattle(0.05, seed=87)
+    again = builder.build_one(*model.structure(nearby), roomy.layout, spare=True)
+    assert again.layout == roomy.layout and not np.array_equal(again.trip_count, roomy.trip_count)
+    assert spare_fraction([1000], [20_000]) == SPARE
+    pairs, trips = [5_000_000] * 4, [40_000_000] * 5  # ~69,000 atoms of water
+    fraction = spare_fraction(pairs, trips)
+    assert 0 < fraction < SPARE / 4
+    assert fraction * (64 * sum(pairs) + 8 * sum(trips)) <= SPARE_BYTES * (1 + 1e-12)
+
+
 def test_positions_path_equals_the_pair_vector_path(model):
     """evaluate's position form (pair vectors built in the loops, gradients straight to positions and cells, virial
     as sum r (x) dE/dr + cell^T dE/dcell) gives the pair-vector form's energies, forces and virials: two structures

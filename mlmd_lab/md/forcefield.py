@@ -95,7 +95,7 @@ class ForceField:
         return np.array([index[s] for s in symbols], np.int64)
 
     def build(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, species: np.ndarray,
-              like: Layout | None = None, headroom: float = 1.0) -> tuple[dict, Layout]:
+              like: Layout | None = None, headroom: float = 1.0, spare: bool = False) -> tuple[dict, Layout]:
         """Padded neighbour arrays (model units, numpy) and their static layout, within cutoff + skin.
 
         Args:
@@ -105,10 +105,12 @@ class ForceField:
             species: (N,) element indices.
             like: a previous layout to reuse when the new lists fit (no recompilation).
             headroom: capacities for this many times the counts (for lists later rebuilt on the device).
+            spare: a fresh layout gets spare room (:data:`~mlmd_lab.potentials.neighbours.SPARE`): fewer
+                compilations, no extra time per step (the descriptor loops stop at the real counts).
         """
         lf = self.length_factor
         graph = self.builder.build_one(np.asarray(positions) / lf, np.asarray(cell) / lf, np.asarray(pbc), species,
-                                       like, headroom)
+                                       like, headroom, spare)
         arrays = graph.arrays()  # lean: no trip_i / trip_mask (the descriptors derive them)
         dt = np.float64 if self.dtype == "float64" else np.float32
         arrays = {k: (v.astype(dt) if v.dtype == np.float64 else v) for k, v in arrays.items()}

@@ -94,6 +94,9 @@ class MDResult:
             host and on the device), device_rebuilds: those made on the device, inside the compiled blocks.
         compile_s: seconds spent compiling (included in wall_s): the MD blocks, whose program also gives the
             starting structure's forces (a program loaded from the persistent compilation cache counts its loading).
+        compilations: MD block programs compiled (or loaded from that cache) in this call: one per neighbour
+            layout the run needed (lists that outgrow their capacities need a new one, see
+            :data:`~mlmd_lab.potentials.neighbours.SPARE`).
         atom_steps_per_s: throughput (atoms x steps / (wall_s - compile_s)).
         workdir: output folder or None.
         compute: where the forces were computed and the neighbour lists built, e.g. "cpu: descriptor loops split
@@ -113,10 +116,12 @@ class MDResult:
     settings: dict = field(default_factory=dict)
     compute: str = ""
     device_rebuilds: int = 0
+    compilations: int = 0
 
     def __repr__(self) -> str:
         return (f"MDResult({self.steps} steps of {len(self.atoms)} atoms, {self.wall_s:.1f} s, "
-                f"{self.atom_steps_per_s:.3g} atom-steps/s, {self.rebuilds} neighbour rebuilds)")
+                f"{self.atom_steps_per_s:.3g} atom-steps/s, {self.rebuilds} neighbour rebuilds, "
+                f"{self.compilations} compiled in {self.compile_s:.1f} s)")
 
 
 def run(potential, atoms: Atoms, ensemble: str = "nve", temperature: float | None = None,
@@ -441,9 +446,15 @@ class _Engine:
         if self.on_device and (why := unsuitable(self.ff.builder, cell / lf, self.atoms.pbc, len(self.atoms))):
             self.on_device, self.route = False, f"neighbour lists on the host from step {self.step} ({why})"
         headroom = DEVICE_HEADROOM if self.on_device else 1.0
-        arrays, self.layout = self.ff.build(positions, cell, self.atoms.pbc, self.species, like, headroom)
+        # Spare room on the host route only: the device route visits every slot (it has no counts, see below).
+        arrays, self.layout = self.ff.build(positions, cell, self.atoms.pbc, self.species, like, headroom,
+                                            spare=not self.on_device)
         if self.on_device:
             arrays["pair_shift"] = arrays["pair_shift"].astype(np.int32)  # the type the device lists carry
+            # The device rebuilds the lists inside a block: the host's counts of real entries would go stale, so
+            # the descriptor loops visit every slot there (descriptors._chunks).
+            arrays.pop("pair_count", None)
+            arrays.pop("trip_count", None)
         self.arrays = self.ff.to_device(arrays, self.layout)  # on the CPU: used in place, once for all devices
         if self.on_device:
             self._lists = self.ff.device_lists(self.layout, self.species, self.atoms.pbc, positions, cell)
@@ -572,6 +583,7 @@ class _Engine:
         start = time.perf_counter()
         out = _Outputs(workdir, self.settings, fresh=fresh, restart_step=self.step)
         compile_s = 0.0
+        compiled_before = len(self._compiled)
         if self.state is None:
             self.state, compile_s = self._initial_state()
         self.settings["requested_until"] = self.step + steps
@@ -637,6 +649,7 @@ class _Engine:
         result = MDResult(
             atoms=self._atoms(), thermo=out.thermo(), trajectory=out.frames(), steps=taken, wall_s=wall,
             rebuilds=self.rebuilds, device_rebuilds=self.device_rebuilds, compile_s=compile_s,
+            compilations=sum(1 for key in list(self._compiled)[compiled_before:] if key[0] == "block"),
             atom_steps_per_s=taken * len(self.atoms) / max(wall - compile_s, 1e-9), workdir=out.workdir,
             stopped=_REASONS.get(stopped) if stopped else (_BY_CALLBACK if out.stop_requested else None),
             settings=dict(self.settings), compute=self.ff.describe(self.layout, self.route))

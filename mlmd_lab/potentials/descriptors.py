@@ -155,7 +155,7 @@ def symmetry_functions(plan: DescriptorPlan, layout: Layout, arrays, d, shards: 
     return [G.T.astype(d.dtype) for G in _features(plan, layout, shards, index, d.T)]
 
 
-_INDEX_NAMES = ("pair_i", "trip_ij", "trip_ik", "trip_i", "trip_mask")
+_INDEX_NAMES = ("pair_i", "trip_ij", "trip_ik", "trip_i", "trip_mask", "pair_count", "trip_count")
 
 
 def accumulator_dtype(dtype):
@@ -164,8 +164,9 @@ def accumulator_dtype(dtype):
 
 
 def _blocks(plan: DescriptorPlan, layout: Layout):
-    """Every descriptor block as (element c, n2p2 column indices, kind, offset, capacity, functions), where kind is
-    "radial" (pairs of block (c, e)) or "angular" (triplets of group (c, e1, e2))."""
+    """Every descriptor block as (element c, n2p2 column indices, kind, offset, capacity, functions, slot), where
+    kind is "radial" (pairs of block (c, e), slot c * E + e of ``pair_count``) or "angular" (triplets of group
+    (c, e1, e2), slot g of ``trip_count``)."""
     E = len(plan.elements)
     out = []
     for c in range(E):
@@ -173,14 +174,22 @@ def _blocks(plan: DescriptorPlan, layout: Layout):
             entries = plan.radial(c, e)
             if entries:
                 offset, cap = layout.pair_blocks[c * E + e]
-                out.append((c, tuple(k for k, _ in entries), "radial", offset, cap, tuple(sf for _, sf in entries)))
-    for (c, e1, e2), offset, cap in layout.triplet_groups:
+                out.append((c, tuple(k for k, _ in entries), "radial", offset, cap, tuple(sf for _, sf in entries),
+                            c * E + e))
+    for g, ((c, e1, e2), offset, cap) in enumerate(layout.triplet_groups):
         entries = plan.angular(c, e1, e2)
-        out.append((c, tuple(k for k, _ in entries), "angular", offset, cap, tuple(sf for _, sf in entries)))
+        out.append((c, tuple(k for k, _ in entries), "angular", offset, cap, tuple(sf for _, sf in entries), g))
     return out
 
 
-def _chunks(total: int, body, carry, shard=None, gradient: bool = False):
+def _real_count(index, kind: str, slot: int):
+    """The block's real entries (a traced int32), or None where the graph does not say (then its whole capacity
+    is visited). They fill the block's first slots (:class:`~mlmd_lab.potentials.neighbours.Graph`)."""
+    counts = index.get("pair_count" if kind == "radial" else "trip_count")
+    return None if counts is None else counts[slot]
+
+
+def _chunks(total: int, body, carry, shard=None, gradient: bool = False, count=None):
     """carry = body(start, size, valid, carry) over [0, total) in chunks of :func:`chunk_size` entries (one loop).
 
     ``valid`` is None (every entry of the chunk is new) or a (size,) bool array. A total that is not a multiple of
@@ -194,7 +203,16 @@ def _chunks(total: int, body, carry, shard=None, gradient: bool = False):
     one chunk is one static piece, as before.
 
     ``shard`` = (s, n): only this shard's share of the chunks (s may be traced: the device's index).
-    ``gradient``: a loop of the backward pass (chunks of :data:`GRADIENT_CHUNK` on the CPU)."""
+    ``gradient``: a loop of the backward pass (chunks of :data:`GRADIENT_CHUNK` on the CPU).
+    ``count``: how many of the ``total`` entries are real (traced; they come first, the rest is padding whose body
+    adds nothing): the loop stops after the chunk that holds the last real one, so padding costs no time. Those
+    chunks are the first chunks of the whole range, unchanged, so the sums are the same. The shards split the
+    chunks that are visited (an even share of real work, where a split of the capacity gave the padding to the
+    last shard). None: every chunk.
+
+    Why: each new capacity is a new XLA compilation of the MD block or a force call (5-20 s), so capacities are
+    rounded up (:func:`~mlmd_lab.potentials.neighbours.bucket`, powers of two for single points) and kept while
+    the counts fit; before this, every padded slot cost the time of a real one."""
     if total <= 0:
         return carry
     size = chunk_size(gradient)
@@ -204,7 +222,9 @@ def _chunks(total: int, body, carry, shard=None, gradient: bool = False):
             return body(0, total, None, c)
 
         return whole(carry) if shard is None else jax.lax.cond(s == n - 1, whole, lambda c: c, carry)
-    count = -(-total // size)
+    chunks = -(-total // size)
+    if count is not None:
+        chunks = jnp.minimum((jnp.asarray(count, jnp.int32) + (size - 1)) // size, chunks)
     ragged = total % size != 0
 
     def step(k, c):
@@ -214,7 +234,7 @@ def _chunks(total: int, body, carry, shard=None, gradient: bool = False):
         start = jnp.minimum(first, total - size)
         return body(start, size, start + jnp.arange(size) >= first, c)
 
-    return jax.lax.fori_loop(s * count // n, (s + 1) * count // n, step, carry)
+    return jax.lax.fori_loop(s * chunks // n, (s + 1) * chunks // n, step, carry)
 
 
 #: Blocks smaller than this many chunks per CPU device are not split across devices.
@@ -316,13 +336,14 @@ def _block_sums(plan, layout, index, dT, shard=None):
     acc = accumulator_dtype(dT.dtype)
     N = layout.n_atoms
     rows = []
-    for _, cols, kind, offset, cap, functions in _blocks(plan, layout):
+    for _, cols, kind, offset, cap, functions, slot in _blocks(plan, layout):
 
         def body(start, size, valid, total, kind=kind, functions=functions, offset=offset):
             atoms, local, args, _ = _chunk(plan, kind, functions, index, dT, offset, start, size, valid)
             return total.at[:, atoms].add(local(*args).astype(acc))
 
-        rows.append(_chunks(cap, body, jnp.zeros((len(cols), N), acc), shard))
+        rows.append(_chunks(cap, body, jnp.zeros((len(cols), N), acc), shard,
+                            count=_real_count(index, kind, slot)))
     return rows
 
 
@@ -352,7 +373,7 @@ def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
     """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar."""
     acc = accumulator_dtype(dT.dtype)
     d_bar = jnp.zeros(dT.shape, acc)
-    for c, cols, kind, offset, cap, functions in _blocks(plan, layout):
+    for c, cols, kind, offset, cap, functions, slot in _blocks(plan, layout):
         g_bar = cotangents[c][np.asarray(cols)].astype(dT.dtype)  # (K, N): this block's rows
 
         def body(start, size, valid, total, kind=kind, functions=functions, offset=offset, g_bar=g_bar):
@@ -365,7 +386,7 @@ def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
             ij, ik = where
             return total.at[:, ij].add(grads[0].astype(acc)).at[:, ik].add(grads[1].astype(acc))
 
-        d_bar = _chunks(cap, body, d_bar, shard, gradient=True)
+        d_bar = _chunks(cap, body, d_bar, shard, gradient=True, count=_real_count(index, kind, slot))
     return d_bar
 
 
@@ -423,7 +444,7 @@ def symmetry_functions_at(plan: DescriptorPlan, layout: Layout, arrays, position
 
 
 _POSITION_INDEX = ("pair_i", "pair_j", "pair_shift", "pair_struct", "pair_mask", "trip_ij", "trip_ik", "trip_i",
-                   "trip_mask")
+                   "trip_mask", "pair_count", "trip_count")
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -54,6 +54,26 @@ SMALL_CAPACITY = 4096
 #: multiplier (default 1.25) the same way; 1/8 is one :func:`bucket` step.
 REGROW_HEADROOM = 1.125
 
+#: A fresh MD layout built with ``spare`` (:meth:`NeighbourBuilder.build_one`; the MD engine's host route and the
+#: SLHMC proposals) holds this fraction more than its counts in every block and group, within
+#: :data:`SPARE_BYTES`. Why: padding costs memory but no time (the descriptor loops stop at the real count,
+#: ``Graph.pair_count``), while each new layout is a compilation. Measured (n2p2's Cu2S potential, 144 atoms, one
+#: thread, tutorial 04's runs: 60 NVT steps at 600 K from the DFT structure, then 200 NVE steps): 5 compilations
+#: without spare slots, 3 with them. jax-md's neighbour lists allocate 1.25 times their count the same way.
+SPARE = 0.125
+#: The spare slots' memory limit (bytes, counted as 8 per triplet slot and 64 per pair slot with its pair
+#: vectors): systems beyond ~3,000 atoms of water get a smaller fraction (69,120 atoms: ~0.6 %, 0.24 KB/atom),
+#: which keeps their memory per atom; their counts fluctuate less and a recompilation is a smaller part of their
+#: run.
+SPARE_BYTES = 16 * 2**20
+
+
+def spare_fraction(pair_counts, trip_counts) -> float:
+    """The spare fraction a fresh MD layout of these counts gets: :data:`SPARE`, less where the spare slots would
+    take more than :data:`SPARE_BYTES`."""
+    size = 64 * int(np.sum(pair_counts)) + 8 * int(np.sum(trip_counts))
+    return min(SPARE, SPARE_BYTES / max(size, 1))
+
 
 def graph_capacity(count: int) -> int:
     """Capacity of an evaluation graph's atom, pair or triplet slots (single points, batches, the calculator): a
@@ -99,7 +119,10 @@ class Graph:
     graphs), pair_struct (P,), pair_mask (P,), trip_ij/trip_ik (T,) pair indices, trip_i (T,) central atom,
     trip_mask (T,). ``n_real`` holds the real atom count per structure. Atom, pair and triplet indices are int32
     (a 69,120-atom water box has 1.8e8 triplets: 4-byte indices halve their memory). Padded triplets point at pair
-    0 twice (trip_ij == trip_ik, which no real triplet has) and are masked.
+    0 twice (trip_ij == trip_ik, which no real triplet has) and are masked. ``pair_count`` (E*E,) and
+    ``trip_count`` (G,) (int32) hold how many real entries each pair block and triplet group has: they fill its
+    first slots, the rest of its capacity is padding, and the descriptor loops stop there (padding costs memory,
+    not time).
     """
 
     positions: np.ndarray
@@ -117,11 +140,13 @@ class Graph:
     trip_mask: np.ndarray | None
     layout: Layout
     n_real: np.ndarray
+    pair_count: np.ndarray | None = None
+    trip_count: np.ndarray | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The array fields (what the jit-compiled functions take)."""
         names = ("positions", "cells", "species", "atom_struct", "pair_i", "pair_j", "pair_shift", "pair_struct",
-                 "pair_mask", "trip_ij", "trip_ik", "trip_i", "trip_mask")
+                 "pair_mask", "trip_ij", "trip_ik", "trip_i", "trip_mask", "pair_count", "trip_count")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -410,12 +435,13 @@ class NeighbourBuilder:
         return i, j, block, triplets.counts
 
     def build_one(self, positions, cell, pbc, species, capacities: Layout | None = None,
-                  headroom: float = 1.0) -> Graph:
+                  headroom: float = 1.0, spare: bool = False) -> Graph:
         """One structure's graph built lean, for MD: triplets are counted, then written straight into their padded
         slots (no unpadded copy, no sort), and the graph has no ``trip_i``/``trip_mask`` (None: the descriptors
         derive them). Peak memory is the output: 8 bytes per triplet slot. Same pairs and triplets, in the same
         slots, as :meth:`build` of one structure. ``headroom`` multiplies the counts the capacities are sized for
-        (lists rebuilt on the device must hold the counts of later positions)."""
+        (lists rebuilt on the device must hold the counts of later positions). ``spare``: a fresh layout (one that
+        does not reuse or grow ``capacities``) gets :data:`SPARE` more room."""
         species = np.asarray(species, np.int64)
         i, j, S, D = pair_list(positions, cell, pbc, self.cutoff)
         dist = np.sqrt(np.einsum("ij,ij->i", D, D))
@@ -429,7 +455,7 @@ class NeighbourBuilder:
                                  len(self.group_keys), self.cutoff_angular)
         counts = triplets.counts if triplets is not None else np.zeros(0, np.int64)
         graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True,
-                          headroom=headroom)
+                          headroom=headroom, spare=spare)
         if triplets is not None:
             where = _slots(block, np.array([o for o, _ in graph.layout.pair_blocks], np.int64), self.n_elements)
             offsets = np.array([o for _, o, _ in graph.layout.triplet_groups], np.int64)
@@ -496,10 +522,11 @@ class NeighbourBuilder:
         return self.pack(structures, raws, capacities)
 
     def pack(self, structures, raws: list[_Raw], capacities: Layout | None = None, trip_counts=None,
-             lean: bool = False, headroom: float = 1.0) -> Graph:
+             lean: bool = False, headroom: float = 1.0, spare: bool = False) -> Graph:
         """Pad and concatenate structures' raw neighbour data. ``trip_counts`` (per group) stands in for the raws'
         triplets when they are filled later (:meth:`build_one`); ``lean`` leaves trip_i and trip_mask out (None);
-        pair and triplet capacities hold ``headroom`` times the counts."""
+        pair and triplet capacities hold ``headroom`` times the counts; ``spare``: a fresh layout gets
+        :func:`spare_fraction` more."""
         E = self.n_elements
         n_real = np.array([len(s[3]) for s in structures], np.int64)
         atom_offsets = np.r_[0, np.cumsum(n_real)[:-1]]
@@ -515,9 +542,10 @@ class NeighbourBuilder:
         pair_need = [math.ceil(n * headroom) for n in pair_counts]
         trip_need = [math.ceil(n * headroom) for n in trip_counts]
         capacity = bucket if lean else graph_capacity  # lean graphs are MD's (see graph_capacity)
+        extra = 1.0 + (spare_fraction(pair_need, trip_need) if spare else 0.0)
         atom_cap = capacity(n_atoms)
-        pair_caps = [capacity(n) for n in pair_need]
-        trip_caps = [capacity(n) for n in trip_need]
+        pair_caps = [capacity(math.ceil(n * extra)) for n in pair_need]
+        trip_caps = [capacity(math.ceil(n * extra)) for n in trip_need]
         layout = self._layout(atom_cap, len(structures), pair_caps, trip_caps)
         if capacities is not None and _fits(capacities, n_atoms, pair_need, trip_need, len(structures)):
             layout = capacities
@@ -578,7 +606,8 @@ class NeighbourBuilder:
             cells[s] = cell
         # Padded triplets point at a padded pair (masked), so their gathers stay in range.
         return Graph(positions=positions, cells=cells, species=species, atom_struct=atom_struct, layout=layout,
-                     n_real=n_real, **g)
+                     n_real=n_real, pair_count=pair_counts.astype(np.int32),
+                     trip_count=np.asarray(trip_counts, np.int64).astype(np.int32), **g)
 
 
 def aligned_zeros(n: int, dtype) -> np.ndarray:

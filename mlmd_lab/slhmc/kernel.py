@@ -218,7 +218,7 @@ class JaxPropagator:
         R, P, h = np.asarray(positions, np.float64), np.asarray(momenta, np.float64), np.asarray(cell, np.float64)
         done, e_start, e_end = 0, None, np.nan
         while done < self.n_steps:
-            arrays, self.layout = self.ff.build(R, h, self.pbc, self.species, self.layout)
+            arrays, self.layout = self.ff.build(R, h, self.pbc, self.species, self.layout, spare=True)
             self.rebuilds += 1
             k, R_j, P_j, E0, E = self._segment(self.layout)(arrays, jnp.asarray(R), jnp.asarray(P), jnp.asarray(h),
                                                            jnp.asarray(self.n_steps - done), self.ff.parameters())

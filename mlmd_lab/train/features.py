@@ -309,19 +309,22 @@ def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
             dv = jnp.where(arrays["pair_mask"][sl, None], dv, 0.0)
             cols = np.array([where[b][k] for k, _ in entries])
             blocks[b] = blocks[b].at[:, cols, :].add(dv[:, :, None] * unit[sl, None, :])
-    for (c, e1, e2), offset, cap in layout.triplet_groups:
+    counts = arrays.get("trip_count")  # real triplets per group: the loops stop there (descriptors._chunks)
+    for g, ((c, e1, e2), offset, cap) in enumerate(layout.triplet_groups):
         entries = plan.angular(c, e1, e2)
         targets = [(c * E + e, np.array([where[c * E + e][k] for k, _ in entries])) for e in (e1, e2)]
         sums = _angular_derivatives(plan, layout, arrays, d.T, tuple(sf for _, sf in entries), offset, cap,
-                                    tuple(layout.pair_blocks[b] for b, _ in targets))
+                                    tuple(layout.pair_blocks[b] for b, _ in targets),
+                                    None if counts is None else counts[g])
         for (b, cols), total in zip(targets, sums, strict=True):
             blocks[b] = blocks[b].at[:, cols, :].add(total)
     return G, blocks
 
 
-def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_blocks):
+def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_blocks, count=None):
     """One angular group's derivatives summed per pair: ((cap_1, K, 3) with respect to d_ij over the pairs of the
-    block of e1, (cap_2, K, 3) with respect to d_ik over the block of e2). dT is (3, P).
+    block of e1, (cap_2, K, 3) with respect to d_ik over the block of e2). dT is (3, P); ``count``: the group's
+    real triplets (traced; None visits the whole capacity).
 
     Why a loop over chunks of triplets (:func:`~mlmd_lab.potentials.descriptors._chunks`, as the MD descriptors):
     the derivatives of a whole group at once are (6, K, triplets) arrays of ~300 MB for a 192-atom water frame,
@@ -344,7 +347,7 @@ def _angular_derivatives(plan, layout, arrays, dT, functions, offset, cap, pair_
                 totals[1].at[ik - o2].add(jnp.transpose(second, (2, 1, 0))))
 
     init = (jnp.zeros((cap1, K, 3), dT.dtype), jnp.zeros((cap2, K, 3), dT.dtype))
-    return _chunks(cap, body, init)
+    return _chunks(cap, body, init, count=count)
 
 
 def _triplet_gradients(plan, functions, d_ij, d_ik, mask):
