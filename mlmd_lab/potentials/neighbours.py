@@ -59,7 +59,8 @@ REGROW_HEADROOM = 1.125
 #: :data:`SPARE_BYTES`. Why: padding costs memory but no time (the descriptor loops stop at the real count,
 #: ``Graph.pair_count``), while each new layout is a compilation. Measured (n2p2's Cu2S potential, 144 atoms, one
 #: thread, tutorial 04's runs: 60 NVT steps at 600 K from the DFT structure, then 200 NVE steps): 5 compilations
-#: without spare slots, 3 with them. jax-md's neighbour lists allocate 1.25 times their count the same way.
+#: without spare slots, 2 with them (``benchmarks/bench_layouts.py``). jax-md's neighbour lists allocate 1.25 times
+#: their count the same way.
 SPARE = 0.125
 #: The spare slots' memory limit (bytes, counted as 8 per triplet slot and 64 per pair slot with its pair
 #: vectors): systems beyond ~3,000 atoms of water get a smaller fraction (69,120 atoms: ~0.6 %, 0.24 KB/atom),
