@@ -39,6 +39,7 @@ from mlmd_lab.potentials.descriptors import (
     _column,
     _power_rows,
     _radial_values,
+    _real_count,
     pair_vectors,
     symmetry_functions,
 )
@@ -309,13 +310,12 @@ def _frame_derivatives(plan, far, columns, arrays, layout: Layout):
             dv = jnp.where(arrays["pair_mask"][sl, None], dv, 0.0)
             cols = np.array([where[b][k] for k, _ in entries])
             blocks[b] = blocks[b].at[:, cols, :].add(dv[:, :, None] * unit[sl, None, :])
-    counts = arrays.get("trip_count")  # real triplets per group: the loops stop there (descriptors._chunks)
     for g, ((c, e1, e2), offset, cap) in enumerate(layout.triplet_groups):
         entries = plan.angular(c, e1, e2)
         targets = [(c * E + e, np.array([where[c * E + e][k] for k, _ in entries])) for e in (e1, e2)]
         sums = _angular_derivatives(plan, layout, arrays, d.T, tuple(sf for _, sf in entries), offset, cap,
                                     tuple(layout.pair_blocks[b] for b, _ in targets),
-                                    None if counts is None else counts[g])
+                                    _real_count(arrays, "angular", g))  # the loops stop after its real triplets
         for (b, cols), total in zip(targets, sums, strict=True):
             blocks[b] = blocks[b].at[:, cols, :].add(total)
     return G, blocks
