@@ -449,18 +449,25 @@ class NeighbourBuilder:
         e = species[j]
         block = species[i] * self.n_elements + e
         none = np.zeros(0, np.int32)
-        raw = _Raw(i, j, S.astype(np.float64), block, none, none, none)
+        raw = _Raw(i, j, S, block, none, none, none)  # integer image shifts: pack stores them as int8 or so
         triplets = None
         if self.group_keys:
             triplets = _Triplets(i, dist, D, e, species, self._table, self._group_rc, self._group_wide,
                                  len(self.group_keys), self.cutoff_angular)
         counts = triplets.counts if triplets is not None else np.zeros(0, np.int64)
+        del i, j, S
         graph = self.pack([(positions, cell, pbc, species)], [raw], capacities, trip_counts=counts, lean=True,
                           headroom=headroom, spare=spare)
+        del raw
         if triplets is not None:
             where = _slots(block, np.array([o for o, _ in graph.layout.pair_blocks], np.int64), self.n_elements)
+            # The triplet slots are written (and take memory) now: the pairs' indices, shifts and blocks go
+            # first, so that the peak holds the graph and the pair distances and vectors only (69,120 atoms of
+            # water: ~40 bytes a pair here instead of ~120).
+            del block
+            where = where.astype(np.int32)
             offsets = np.array([o for _, o, _ in graph.layout.triplet_groups], np.int64)
-            triplets.fill(where.astype(np.int32), offsets, graph.trip_ij, graph.trip_ik)
+            triplets.fill(where, offsets, graph.trip_ij, graph.trip_ik)
         return graph
 
     def _regrown(self, old: Layout, atom_cap: int, pair_need, trip_need) -> Layout:
