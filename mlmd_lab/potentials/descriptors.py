@@ -306,17 +306,18 @@ def _slice(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
 
 
-def _chunk(plan, kind, functions, index, dT, offset, start, size, valid=None):
+def _chunk(plan, kind, functions, index, dT, offset, start, size, valid=None, base=0):
     """One chunk of a block: (central atoms (size,), a local function of the chunk's pair vectors giving the values
-    (K, size), its arguments ((3, size) each), and where they sit in the pair list). Values are 0 where ``valid``
-    (size,) is False (entries an earlier chunk already gave, see :func:`_chunks`), and so are their derivatives."""
+    (K, size), its arguments ((3, size) each), and where they sit in dT). Values are 0 where ``valid`` (size,) is
+    False (entries an earlier chunk already gave, see :func:`_chunks`), and so are their derivatives. dT holds the
+    vectors of pair slots [base, base + dT.shape[1]) (:func:`_centre_ranges`)."""
     at = offset + start
     if kind == "radial":
         def radial(dd):
             rows = _radial_rows(plan, functions, jnp.sqrt(jnp.sum(dd * dd, axis=0)))
             return rows if valid is None else jnp.where(valid[None, :], rows, 0.0)
 
-        return _slice(index["pair_i"], at, size), radial, (_slice(dT, at, size),), at
+        return _slice(index["pair_i"], at, size), radial, (_slice(dT, at - base, size),), at - base
     ij, ik = _slice(index["trip_ij"], at, size), _slice(index["trip_ik"], at, size)
     # Without trip_mask / trip_i (the MD engine drops them to save 5 bytes per triplet) they follow from the pairs:
     # padded triplets repeat one pair, and a triplet's central atom is its first pair's.
@@ -324,6 +325,10 @@ def _chunk(plan, kind, functions, index, dT, offset, start, size, valid=None):
     if valid is not None:
         mask = mask & valid
     atoms = _slice(index["trip_i"], at, size) if "trip_i" in index else index["pair_i"][ij]
+    if base:
+        # A padded triplet's pair (slot 0) may lie before this centre's range: clipped into it, it stays masked
+        # (its two pairs stay equal) and adds nothing.
+        ij, ik = (jnp.clip(x - base, 0, dT.shape[1] - 1) for x in (ij, ik))
 
     def angular(a, b):
         return _triplet_rows(plan, functions, a, b, mask)
@@ -331,15 +336,19 @@ def _chunk(plan, kind, functions, index, dT, offset, start, size, valid=None):
     return atoms, angular, (dT[:, ij], dT[:, ik]), (ij, ik)
 
 
-def _block_sums(plan, layout, index, dT, shard=None):
-    """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only); dT is (3, P)."""
+def _block_sums(plan, layout, index, dT, shard=None, centre=None, base=0):
+    """Per block, its functions summed on the central atoms (K, N) (this shard's chunks only); dT is (3, P), or
+    with ``centre`` the blocks of that central element only and dT the vectors of its pair slots from ``base`` on
+    (:func:`_centre_ranges`)."""
     acc = accumulator_dtype(dT.dtype)
     N = layout.n_atoms
     rows = []
-    for _, cols, kind, offset, cap, functions, slot in _blocks(plan, layout):
+    for c, cols, kind, offset, cap, functions, slot in _blocks(plan, layout):
+        if centre is not None and c != centre:
+            continue
 
         def body(start, size, valid, total, kind=kind, functions=functions, offset=offset):
-            atoms, local, args, _ = _chunk(plan, kind, functions, index, dT, offset, start, size, valid)
+            atoms, local, args, _ = _chunk(plan, kind, functions, index, dT, offset, start, size, valid, base)
             return total.at[:, atoms].add(local(*args).astype(acc))
 
         rows.append(_chunks(cap, body, jnp.zeros((len(cols), N), acc), shard,
@@ -369,15 +378,18 @@ def _assemble(plan, layout, sums, acc):
     return features
 
 
-def _pair_gradient(plan, layout, index, dT, cotangents, shard=None):
-    """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar."""
+def _pair_gradient(plan, layout, index, dT, cotangents, shard=None, centre=None, base=0):
+    """d_bar (3, P) = sum over this shard's chunks of (dG/dd)^T G_bar; with ``centre``, over the blocks of that
+    central element only, for the pair slots dT holds (from ``base`` on, as :func:`_block_sums`)."""
     acc = accumulator_dtype(dT.dtype)
     d_bar = jnp.zeros(dT.shape, acc)
     for c, cols, kind, offset, cap, functions, slot in _blocks(plan, layout):
+        if centre is not None and c != centre:
+            continue
         g_bar = cotangents[c][np.asarray(cols)].astype(dT.dtype)  # (K, N): this block's rows
 
         def body(start, size, valid, total, kind=kind, functions=functions, offset=offset, g_bar=g_bar):
-            atoms, local, args, where = _chunk(plan, kind, functions, index, dT, offset, start, size, valid)
+            atoms, local, args, where = _chunk(plan, kind, functions, index, dT, offset, start, size, valid, base)
             _, pullback = jax.vjp(local, *args)
             grads = pullback(g_bar[:, atoms])
             if kind == "radial":
@@ -432,10 +444,11 @@ def symmetry_functions_at(plan: DescriptorPlan, layout: Layout, arrays, position
         list over elements of (n_atoms, n_features[c]) arrays in ``dtype``, as :func:`symmetry_functions`.
 
     Why a second entry point (the MD engine's and :meth:`HDNNP.evaluate_graph`'s): every device builds the pair
-    vectors (3, P) itself from the positions (in loops over chunks, again in the backward pass rather than keeping
-    them), and reduces its share of the pair gradient to atoms (3, N) and cells (B, 3, 3) before the sum over
-    devices. So only (3, N) arrays cross between devices, and a force call needs two (3, P) arrays per device
-    beyond the index arrays: 49 KB per atom at 69,120 atoms of water in float64 on 2 devices, against 108 KB/atom
+    vectors (3, P) itself from the positions (in loops over chunks, one central element's pairs at a time, again
+    in the backward pass rather than keeping them: :func:`_centre_ranges`), and reduces its share of the pair
+    gradient to atoms (3, N) and cells (B, 3, 3) before the sum over devices. So only (3, N) arrays cross between
+    devices, and a force call needs two (3, P_c) arrays per device beyond the index arrays (P_c: the pairs of the
+    element with the most): 40 KB per atom at 69,120 atoms of water in float64 on 2 devices, against 108 KB/atom
     through :func:`pair_vectors` (benchmarks/bench_md.py).
     """
     index = {k: arrays[k] for k in _POSITION_INDEX if k in arrays}
@@ -464,24 +477,26 @@ def _features_at_bwd(plan, layout, far, dtype, residuals, cotangents):
     return None, RT_bar.astype(RT.dtype), cells_bar.astype(cells.dtype)
 
 
-def _vectors_t(index, RT, cells, dtype, far):
+def _vectors_t(index, RT, cells, dtype, far, pairs=None):
     """Pair vectors (3, P) in ``dtype`` from positions RT (3, N) and cells (B, 3, 3); padded slots get (far, 0, 0).
     Computed from float64 positions where given (exact differences in a large box also in the mixed mode).
+    ``pairs`` = (lo, hi): the vectors of those pair slots only, (3, hi - lo).
 
     Built in a loop over chunks of pairs: XLA on the CPU does not fuse gathers into their consumers, so one
     expression over all pairs kept every gathered row and converted shift as a (P,) buffer (measured: 9 of them
     beside the result)."""
-    size_p = index["pair_i"].shape[0]
+    lo, hi = pairs if pairs is not None else (0, index["pair_i"].shape[0])
 
     def body(start, size, valid, dT):  # rewrites what an overlapping chunk wrote with the same values
-        i, j = (_slice(index[k], start, size) for k in ("pair_i", "pair_j"))
-        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], start, size, axis=0).T.astype(RT.dtype)
-        d = RT[:, j] - RT[:, i] + _image_offsets(index, cells, shift, start, size)
+        at = lo + start
+        i, j = (_slice(index[k], at, size) for k in ("pair_i", "pair_j"))
+        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], at, size, axis=0).T.astype(RT.dtype)
+        d = RT[:, j] - RT[:, i] + _image_offsets(index, cells, shift, at, size)
         far_vector = jnp.zeros((3, 1), d.dtype).at[0, 0].set(far)
-        d = jnp.where(_slice(index["pair_mask"], start, size)[None, :], d, far_vector)
+        d = jnp.where(_slice(index["pair_mask"], at, size)[None, :], d, far_vector)
         return jax.lax.dynamic_update_slice_in_dim(dT, d.astype(dtype), start, axis=1)
 
-    return _chunks(size_p, body, jnp.zeros((3, size_p), dtype))
+    return _chunks(hi - lo, body, jnp.zeros((3, hi - lo), dtype))
 
 
 def _image_offsets(index, cells, shift, start, size):
@@ -492,19 +507,64 @@ def _image_offsets(index, cells, shift, start, size):
     return jnp.einsum("cp,pca->ap", shift, h)
 
 
+def _centre_ranges(layout: Layout) -> list[tuple[int, int, int]]:
+    """(central element c, first pair slot, end) of each element's pair blocks (c, 0) ... (c, E - 1), which lie
+    one after another; elements without pair slots are left out. Every triplet of a group (c, e1, e2) joins two
+    pairs of that range.
+
+    Why the position route works one central element at a time: a force call's largest buffers beside the
+    neighbour indices are the pair vectors and their gradient, (3, P) each and one per CPU device; built for one
+    element's pairs at a time they take that share of P (water: 2/3, the hydrogens' pairs), the program reusing
+    the memory for the next element. The backward pass runs the elements as branches of a loop
+    (:func:`_position_gradient`): as straight-line code XLA merged its vector loops with the forward pass's
+    identical ones (common subexpressions), which kept every element's vectors alive until the end. Measured
+    (69,120 atoms of water, float64, 2 devices): XLA's temporary buffers 487 -> 330 MiB per device, the MD run's
+    peak 45.9 -> 41.3 KB/atom (``benchmarks/bench_md.py``), the same forces bit for bit and the same speed."""
+    E = layout.n_elements
+    out = []
+    for c in range(E):
+        blocks = layout.pair_blocks[c * E : (c + 1) * E]
+        lo, hi = blocks[0][0], blocks[-1][0] + blocks[-1][1]
+        if hi > lo:
+            out.append((c, lo, hi))
+    return out
+
+
 def _block_sums_at(plan, layout, far, dtype, index, RT, cells, shard=None):
-    """:func:`_block_sums` of the pair vectors of positions RT (3, N) (each device builds them for itself)."""
-    return _block_sums(plan, layout, index, _vectors_t(index, RT, cells, dtype, far), shard)
+    """:func:`_block_sums` of the pair vectors of positions RT (3, N) (each device builds them for itself, one
+    central element's pairs at a time: :func:`_centre_ranges`)."""
+    sums = {}
+    for c, lo, hi in _centre_ranges(layout):
+        dT = _vectors_t(index, RT, cells, dtype, far, (lo, hi))
+        keys = [k for k, block in enumerate(_blocks(plan, layout)) if block[0] == c]
+        sums.update(zip(keys, _block_sums(plan, layout, index, dT, shard, centre=c, base=lo), strict=True))
+    return [sums[k] for k in range(len(_blocks(plan, layout)))]
 
 
 def _position_gradient(plan, layout, far, dtype, index, RT, cells, cotangents, shard=None):
-    """(RT_bar (3, N), cells_bar (B, 3, 3)) of this shard's chunks: the pair gradient d_bar (3, P) of
+    """(RT_bar (3, N), cells_bar (B, 3, 3)) of this shard's chunks: the pair gradient d_bar of
     :func:`_pair_gradient`, then d = r_j - r_i + shift . cell gives r_j += d_bar, r_i -= d_bar and
     dE/dh_ca = sum_p shift_pc d_bar_pa. Each device reduces its own d_bar to atoms before the sum over devices, so
-    only (3, N) arrays cross between them."""
-    d_bar = _pair_gradient(plan, layout, index, _vectors_t(index, RT, cells, dtype, far), cotangents, shard)
-    # Reduced to atoms and cells chunk by chunk (see _vectors_t). Padded pair slots join a padding atom to itself
-    # with no shift: what they add there cancels, so no mask is needed.
+    only (3, N) arrays cross between them. One central element's pairs at a time (:func:`_centre_ranges`)."""
+    acc = accumulator_dtype(jnp.dtype(dtype))
+
+    def centre(c, lo, hi, carry):
+        dT = _vectors_t(index, RT, cells, dtype, far, (lo, hi))
+        d_bar = _pair_gradient(plan, layout, index, dT, cotangents, shard, centre=c, base=lo)
+        return _to_atoms(index, cells, d_bar, lo, carry)
+
+    branches = [partial(centre, *r) for r in _centre_ranges(layout)]
+    carry = (jnp.zeros(RT.shape, acc), jnp.zeros(cells.shape, acc))
+    if not branches:
+        return carry
+    # Branches of a loop, not straight-line code: one element's buffers at a time (see _centre_ranges).
+    return jax.lax.fori_loop(0, len(branches), lambda k, carry: jax.lax.switch(k, branches, carry), carry)
+
+
+def _to_atoms(index, cells, d_bar, lo, carry):
+    """carry (RT_bar (3, N), cells_bar (B, 3, 3)) plus the pair gradient d_bar (3, n) of pair slots lo ... lo + n
+    reduced to atoms and cells, chunk by chunk (see :func:`_vectors_t`). Padded pair slots join a padding atom to
+    itself with no shift: what they add there cancels, so no mask is needed."""
     acc = d_bar.dtype
 
     def body(start, size, valid, carry):
@@ -512,16 +572,16 @@ def _position_gradient(plan, layout, far, dtype, index, RT, cells, cotangents, s
         g = _slice(d_bar, start, size)
         if valid is not None:  # an overlapping chunk's repeated pairs add nothing
             g = jnp.where(valid[None, :], g, 0.0)
-        i, j = (_slice(index[k], start, size) for k in ("pair_i", "pair_j"))
-        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], start, size, axis=0).astype(acc)  # (C, 3)
+        at = lo + start
+        i, j = (_slice(index[k], at, size) for k in ("pair_i", "pair_j"))
+        shift = jax.lax.dynamic_slice_in_dim(index["pair_shift"], at, size, axis=0).astype(acc)  # (C, 3)
         RT_bar = RT_bar.at[:, j].add(g).at[:, i].add(-g)
         if cells.shape[0] == 1:
             return RT_bar, cells_bar + (shift.T @ g.T)[None]
         outer = shift[:, :, None] * g.T[:, None, :]
-        return RT_bar, cells_bar.at[_slice(index["pair_struct"], start, size)].add(outer)
+        return RT_bar, cells_bar.at[_slice(index["pair_struct"], at, size)].add(outer)
 
-    start = (jnp.zeros(RT.shape, acc), jnp.zeros(cells.shape, acc))
-    return _chunks(d_bar.shape[1], body, start)
+    return _chunks(d_bar.shape[1], body, carry)
 
 
 _features_at.defvjp(_features_at_fwd, _features_at_bwd)
