@@ -19,6 +19,7 @@ with :func:`read_log`), ``restart.npz`` (written atomically), ``settings.json``.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import jax
@@ -482,7 +484,9 @@ class _Engine:
         # host memory (ForceField.to_device), which XLA must not write into.
         donate = (3,) if self.on_device and jax.default_backend() != "cpu" else ()
         self._compiled[key] = jax.jit(self._make_block(layout), donate_argnums=donate).lower(*args).compile()
-        return self._compiled[key], time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        _return_freed_memory()
+        return self._compiled[key], seconds
 
     def _block_args(self, state: integ.MDState, target: int, key, initial: bool) -> tuple:
         """The arguments of a block call (see :meth:`_make_block`): from ``state`` up to step ``target``, with the
@@ -731,6 +735,27 @@ class _Engine:
         fields = {name: jnp.asarray(saved[name]) for name in integ.MDState._fields}
         self.state = integ.MDState(**fields)
         self.step = int(saved["step"])
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim(0)``; nothing elsewhere).
+
+    Why, after compiling an MD block: XLA's compiler frees what it allocated, but the freed pages stay in the
+    process (glibc keeps them for reuse), and the block's buffers, allocated next, come on top of them. Measured
+    (69,120 atoms of water, float64, 2 devices, compilation cache off, ``ru_maxrss``): peak 43.4 -> 40.1 KB/atom.
+    Costs a few milliseconds per compilation."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _thermo_row(kind: str, s: integ.MDState, c: dict, periodic: bool, dof: int):
