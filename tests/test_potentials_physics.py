@@ -728,7 +728,7 @@ def test_a_force_call_holds_one_central_elements_pair_vectors_at_a_time():
     """The position route builds the pair vectors (3, P) and their gradient one central element's pairs at a time,
     and builds the vectors again in the backward pass rather than keeping the forward pass's (descriptors.
     _centre_ranges). So a compiled MD force call's temporary buffers stay below two float64 (3, P) arrays, which
-    the former whole-range program needed (measured: 57.8 bytes per pair slot for 1,080 atoms of n2p2's water,
+    the former whole-range program needed (measured: 57.8 bytes per pair slot for 8,640 atoms of n2p2's water,
     38.7 now; here 55.8 and 33.8). XLA reports the buffers it plans (``memory_analysis``), per CPU device; no
     timing involved."""
     from mlmd_lab.md.forcefield import forcefield
