@@ -10,7 +10,9 @@ less its compilation, less a run of 0 steps (the start: first neighbour build an
 (the LAMMPS row's method); the JSON also has the whole-run figure. Reported per configuration: atom-steps/s, µs
 per atom-step, µs per atom-step per core (wall time x cores), the ratio to n2p2, neighbour rebuilds, compile
 time, peak memory (RSS of the whole process) and peak memory per atom. A second table times one neighbour
-rebuild on each route.
+rebuild on each route. Thread scaling, 1,080 atoms: 2 threads (two JAX CPU devices sharing each force call) over
+1 thread, beside the machine's ceiling, two independent 1-thread runs at once, one per core
+(:func:`run_process_pair`, ``--no-pair`` skips it), and the CPU time per atom-step of every thread.
 
 References, measured in the same run on the same core:
 
@@ -43,6 +45,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,11 +60,15 @@ LAMMPS = Path(os.environ.get("MLMD_TEST_LAMMPS") or ROOT / ".." / "shared" / "to
 
 
 def _setup(platform: str, threads: int) -> None:
+    """JAX's platform and this process's cores (``threads`` of them; ``MLMD_BENCH_CORE``: that one core, for
+    :func:`run_process_pair`), set before JAX starts."""
     if platform == "cpu":
         os.environ["JAX_PLATFORMS"] = "cpu"
         if threads == 1:
             os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:threads]))
+        cores = sorted(os.sched_getaffinity(0))
+        core = os.environ.get("MLMD_BENCH_CORE")
+        os.sched_setaffinity(0, {cores[int(core)]} if core is not None else set(cores[:threads]))
 
 
 #: Timed runs per small-system configuration (the median is reported).
@@ -92,27 +99,31 @@ def throughput_worker(platform: str, threads: int, dtype: str, repeat: int, step
     run(model, atoms, "nve", steps=block, **kw)
     n = len(atoms)
     # The machine is shared and noisy: small systems are timed REPEATS times and the median is reported.
-    timings, starts = [], []
+    timings, starts, start_cpu = [], [], []
     for _ in range(REPEATS if n <= 10_000 else 1):
         gc.collect()  # the previous run's neighbour data go before the next run builds its own
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = run(model, atoms, "nve", steps=steps, **kw)
-        wall = time.perf_counter() - t0
-        timings.append((wall - result.compile_s, wall, result))
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        timings.append((wall - result.compile_s, wall, result, cpu))
         if n <= 10_000:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             empty = run(model, atoms, "nve", steps=0, **kw)
             starts.append(time.perf_counter() - t0 - empty.compile_s)  # compile_s: the force call's loading
+            start_cpu.append(time.process_time() - c0)
     timings.sort(key=lambda t: t[0])
-    whole, wall, result = timings[len(timings) // 2]
+    whole, wall, result, cpu = timings[len(timings) // 2]
     start = statistics.median(starts) if starts else 0.0
     timed = whole - start
+    # CPU time of every thread of this process (compilation left in: none here, the warm-up run compiled).
+    cpu_timed = cpu - (statistics.median(start_cpu) if start_cpu else 0.0)
     return {
         "platform": platform, "device": str(jax.devices()[0]), "threads": threads if platform == "cpu" else None,
         "dtype": dtype, "atoms": n, "steps": steps, "skin_A": skin, "wall_s": wall, "compile_s": result.compile_s,
         "start_s": start, "rebuilds": result.rebuilds, "device_rebuilds": result.device_rebuilds,
         "atom_steps_per_s": steps * n / timed, "us_per_atom_step": timed / (steps * n) * 1e6,
         "us_per_atom_step_whole_run": whole / (steps * n) * 1e6, "repeats": len(timings),
+        "cpu_us_per_atom_step": cpu_timed / (steps * n) * 1e6, "core": os.environ.get("MLMD_BENCH_CORE"),
         "us_per_atom_step_all": [t[0] / (steps * n) * 1e6 for t in timings],
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "peak_kb_per_atom": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1.024 / n,
@@ -334,6 +345,27 @@ def run_committee(steps: int) -> None:
     print(f"wrote {write_json('bench_md_committee', {'machine': machine_info(), 'results': results})}")
 
 
+def run_process_pair(dtype: str, steps: int, skin: float) -> list[dict]:
+    """The ceiling of thread scaling on this machine: two independent one-thread MD runs of the 1,080-atom water
+    at once, one pinned to each core (``MLMD_BENCH_CORE``), as two processes. Their time per atom-step beside one
+    run alone says how much two busy cores slow each other down here (shared caches, memory, the host); what is
+    left of the gap between that and the two-thread (two JAX CPU devices in one process) row is the in-process
+    cost of splitting one force call."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--worker", "cpu", "1", dtype, "1", str(steps), str(skin), "auto"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MLMD_BENCH_CORE": str(core)}) for core in (0, 1)]
+    out = []
+    for core, proc in enumerate(procs):
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            print(f"[process pair {dtype}, core {core}] failed:\n{stderr[-3000:]}", file=sys.stderr)
+            continue
+        out.append(dict(json.loads(stdout.strip().splitlines()[-1]), pair=True))
+    return out
+
+
 def run_one_device(steps: int, skin: float) -> None:
     """One JAX CPU device (MLMD_CPU_DEVICES=1, as in each test worker) on 2 cores, 1,080 atoms, float64: XLA's
     thread pool at its default size (the cores: PJRT_NPROC=2) against one thread (what mlmd_lab.jaxconfig sets
@@ -381,6 +413,8 @@ def main() -> None:
                              "retrained committee (bench_md_committee.json)")
     parser.add_argument("--committee-steps", type=int, default=40)
     parser.add_argument("--committee-worker", nargs=2, metavar=("MODE", "STEPS"))
+    parser.add_argument("--no-pair", action="store_true",
+                        help="skip the two independent 1-thread processes at once (run_process_pair)")
     parser.add_argument("--one-device", action="store_true",
                         help="only one JAX CPU device on 2 cores, XLA's thread pool of 2 threads (PJRT_NPROC=2, "
                              "XLA's default) against 1 (mlmd_lab's); bench_md_one_device.json")
@@ -441,6 +475,8 @@ def main() -> None:
             r = run_json_worker(cmd, f"{platform}/{threads}/{dtype}/x{repeat ** 3}/{route}")
             if r is not None:
                 results.append(r)
+        pairs = [] if args.no_pair else [r for d in ("float64", "float32")
+                                         for r in run_process_pair(d, args.steps, args.skin)]
         rebuilds = []
         places = [("cpu", 2, 1), ("cpu", 2, 2)] + ([("gpu", 0, 1), ("gpu", 0, 2)] if gpu else [])
         for platform, threads, repeat in places:
@@ -482,6 +518,30 @@ def main() -> None:
         scaling = {d: one[d] / two[d] for d in one if d in two}
         for d, x in scaling.items():
             print(f"2 threads over 1 thread, 1080 atoms, {d}: {x:.2f}x (target >= 1.7)")
+        if pairs:
+            print_table(["dtype", "core", "µs/atom-step", "CPU µs/atom-step", "alone µs/atom-step",
+                         "slowdown beside the other"],
+                        [[r["dtype"], r["core"], r["us_per_atom_step"], r["cpu_us_per_atom_step"], one.get(r["dtype"]),
+                          r["us_per_atom_step"] / one[r["dtype"]] if r["dtype"] in one else None] for r in pairs],
+                        title="Two independent 1-thread MD runs at once (two processes, one per core): the "
+                              "machine's ceiling for 2 cores")
+            for d in sorted({r["dtype"] for r in pairs}):
+                both = [r["us_per_atom_step"] for r in pairs if r["dtype"] == d]
+                if d in one and len(both) == 2:
+                    ceiling = 2 * one[d] / statistics.mean(both)
+                    scaling[f"{d}_two_processes"] = ceiling
+                    print(f"two 1-thread processes at once over one alone (throughput), {d}: {ceiling:.2f}x; "
+                          f"2 threads in one process: {scaling.get(d, float('nan')):.2f}x")
+        cpu_rows = [r for r in results if r["platform"] == "cpu" and r["atoms"] == 1080 and "cpu_us_per_atom_step" in r]
+        if cpu_rows:
+            print_table(["config", "µs/atom-step", "CPU µs/atom-step (all threads)", "CPU over 1t's"],
+                        [[f"{r['threads']}t {r['dtype']}", r["us_per_atom_step"], r["cpu_us_per_atom_step"],
+                          r["cpu_us_per_atom_step"] / next((o["cpu_us_per_atom_step"] for o in cpu_rows
+                                                            if o["threads"] == 1 and o["dtype"] == r["dtype"]),
+                                                           float("nan"))] for r in cpu_rows],
+                        title="CPU time per atom-step, 1,080 atoms (the work two JAX CPU devices add to split one "
+                              "force call)")
+        results += pairs
         scan = []
         for skin in args.skin_scan or []:
             for dtype in ("float64", "float32"):
