@@ -536,11 +536,10 @@ def main() -> None:
                           f"2 threads in one process: {scaling.get(d, float('nan')):.2f}x")
         cpu_rows = [r for r in results if r["platform"] == "cpu" and r["atoms"] == 1080 and "cpu_us_per_atom_step" in r]
         if cpu_rows:
+            one_cpu = {r["dtype"]: r["cpu_us_per_atom_step"] for r in cpu_rows if r["threads"] == 1}
             print_table(["config", "µs/atom-step", "CPU µs/atom-step (all threads)", "CPU over 1t's"],
                         [[f"{r['threads']}t {r['dtype']}", r["us_per_atom_step"], r["cpu_us_per_atom_step"],
-                          r["cpu_us_per_atom_step"] / next((o["cpu_us_per_atom_step"] for o in cpu_rows
-                                                            if o["threads"] == 1 and o["dtype"] == r["dtype"]),
-                                                           float("nan"))] for r in cpu_rows],
+                          r["cpu_us_per_atom_step"] / one_cpu.get(r["dtype"], float("nan"))] for r in cpu_rows],
                         title="CPU time per atom-step, 1,080 atoms (the work two JAX CPU devices add to split one "
                               "force call)")
         results += pairs
